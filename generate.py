@@ -1,0 +1,325 @@
+"""
+Audio doppelgängers: positive pairs from randomly perturbed synthesizer parameters
+(Cherep & Singh, Algorithm 1).
+
+    theta   ~ U(0, 1)^m                       random point in the synth's normalized parameter space
+    z1, z2  ~ N(0, I)
+    theta_i = clip(theta + delta * z_i, eps, 1)
+    audio_i = synth(theta_i)                  two sounds that are alike, but not the same
+
+Used two ways: train.py imports `PairSampler` for on-the-fly synthesis, and the command line
+writes pairs to disk for listening and analysis.
+
+    python generate.py --synth voice --delta 0.25 --pairs 1000 --out pairs/
+    python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
+    python generate.py --gallery gallery/ --synth voice --delta 0 0.01 0.05 0.1 0.25 0.5 --pairs 4
+    python generate.py --benchmark --synth voice voicefm parametric --batch-size 256
+
+One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz (theta,
+theta_a, theta_b of shape (pairs, m), synth, delta, seed, sample_rate). Several synths or deltas
+write OUT/<synth>/delta_<delta>/ in that layout each.
+
+Three faults of synthax 0.2.2 are worked around here:
+  * synth.init draws parameters uniformly in the human range and then applies each parameter's
+    curve, so its normalized values are not U(0,1): theta is sampled here instead.
+  * AudioMixer's normalize_if_clipping divides the whole batch by sound 0's peak: replaced by a
+    per-sound version, so every sound is scaled by its own peak only if it clips.
+  * The Noise module renders one fixed buffer (seed 0) for every sound and every call: replaced by
+    a module that draws fresh noise from a flax rng stream, one key per pair. Both sounds of a pair
+    share that key, so delta = 0 still gives identical doppelgängers.
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+# JAX would otherwise grab 75% of a GPU that PyTorch shares with it in train.py.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import synthax.modules.mixers
+import synthax.synth
+from synthax.config import SynthConfig
+from synthax.modules.oscillators import Noise
+
+EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normalized value
+SYNTHS = ("voice", "voicefm", "parametric")
+CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
+
+
+# -----------------------------------------------------------------------------
+# synthax fixes (see the module docstring)
+
+def normalize_if_clipping(signal):
+    """Scale each sound by its own peak, and only if it clips."""
+    peak = jnp.max(jnp.abs(signal), axis=1, keepdims=True)
+    return jnp.where(peak > 1.0, signal / jnp.maximum(peak, 1e-12), signal)
+
+
+class FreshNoise(Noise):
+    """White noise drawn per call from the 'noise' rng stream: one buffer per sound."""
+
+    def setup(self):
+        pass
+
+    def __call__(self):
+        key = self.make_rng("noise")
+        return jax.random.uniform(key, (self.batch_size, int(self.buffer_size)), minval=-1.0, maxval=1.0)
+
+
+synthax.modules.mixers.normalize_if_clipping = normalize_if_clipping
+synthax.synth.Noise = FreshNoise  # looked up by name when a synth's setup() builds its modules
+
+
+def make_synth(name, config):
+    if name == "voice":
+        return synthax.synth.Voice(config=config)  # 78 parameters
+    if name == "voicefm":
+        return synthax.synth.VoiceExpanded(config=config)  # 130 parameters
+    if name == "parametric":
+        return synthax.synth.ParametricSynth(config=config, sine=2, square_saw=2, fm_sine=1, fm_square_saw=1)  # 340
+    raise ValueError(f"unknown synth {name!r} (choose from {', '.join(SYNTHS)})")
+
+
+# -----------------------------------------------------------------------------
+# the pair sampler
+
+class PairSampler:
+    """Draws batches of doppelgänger pairs; every batch is a pure function of (seed, stream, rank, step).
+
+    sample(step, rank=0, stream=0) -> (audio_a, audio_b, theta, theta_a, theta_b) as float32 numpy
+    arrays of shape (B, T) and (B, m). stream 0 is for training; other streams (e.g. 1 for
+    validation) are key spaces that training never draws from.
+    """
+
+    def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0):
+        self.synth_name, self.delta, self.batch_size, self.seed = synth, float(delta), batch_size, seed
+        self.sample_rate, self.seconds = sample_rate, seconds
+        config = SynthConfig(batch_size=batch_size, sample_rate=sample_rate, buffer_size_seconds=seconds,
+                             control_rate=CONTROL_RATE)
+        self.synth = make_synth(synth, config)
+        # init only gives the parameter tree's structure; its values are not U(0,1) and are discarded
+        # eval_shape: only the tree's structure is needed, and a real init takes ~10 s of eager JAX
+        params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
+        leaves, self.treedef = jax.tree_util.tree_flatten(params)
+        self.shapes = [leaf.shape[1:] for leaf in leaves]  # per sound: (), (n_input,), (n_out, n_in)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.m = sum(self.sizes)
+        self._pair = jax.jit(self._make_pair)
+
+    def unflatten(self, theta):
+        """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
+        parts = jnp.split(theta, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
+        leaves = [p.reshape((theta.shape[0],) + s) for p, s in zip(parts, self.shapes)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def render(self, theta, noise_key):
+        return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
+
+    def _make_pair(self, key, delta):
+        k_theta, k_z, k_noise = jax.random.split(key, 3)
+        B, m = self.batch_size, self.m
+        theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
+        z = jax.random.normal(k_z, (2, B, m))
+        theta_a = jnp.clip(theta + delta * z[0], EPS, 1.0)
+        theta_b = jnp.clip(theta + delta * z[1], EPS, 1.0)
+        # both sides share the noise key: the pair differs only by its parameters. vmap over the
+        # two sides compiles one synth graph instead of two.
+        audio_a, audio_b = jax.vmap(lambda t: self.render(t, k_noise))(jnp.stack([theta_a, theta_b]))
+        return audio_a, audio_b, theta, theta_a, theta_b
+
+    def key(self, step, rank=0, stream=0):
+        key = jax.random.PRNGKey(self.seed)
+        for i in (stream, rank, step):
+            key = jax.random.fold_in(key, i)
+        return key
+
+    def sample(self, step, rank=0, stream=0):
+        out = self._pair(self.key(step, rank, stream), jnp.float32(self.delta))
+        return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def die(msg):
+    print(f"generate.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def delta_dirname(delta):
+    return f"delta_{delta:g}"
+
+
+def write_pairs(out, sampler, n_pairs, batch_size, progress):
+    import soundfile as sf
+    thetas = {"theta": [], "theta_a": [], "theta_b": []}
+    n_written, step = 0, 0
+    while n_written < n_pairs:
+        audio_a, audio_b, *theta = sampler.sample(step)
+        k = min(batch_size, n_pairs - n_written)
+        for i in range(k):
+            sf.write(os.path.join(out, f"{n_written + i:06d}_a.wav"), audio_a[i], sampler.sample_rate, subtype="PCM_16")
+            sf.write(os.path.join(out, f"{n_written + i:06d}_b.wav"), audio_b[i], sampler.sample_rate, subtype="PCM_16")
+        for name, t in zip(thetas, theta):
+            thetas[name].append(t[:k])
+        n_written += k
+        step += 1
+        progress.update(k)
+    np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items()},
+             synth=sampler.synth_name, delta=sampler.delta, seed=sampler.seed, sample_rate=sampler.sample_rate)
+
+
+def log_mel_png(path, audio, sample_rate):
+    """The training frontend's view of a sound (VGGish log-mel), drawn for a person."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torchaudio
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=512, win_length=400, hop_length=160,
+                                               f_min=125, f_max=7500, n_mels=64, power=1.0, mel_scale="htk")
+    spec = torch.log(mel(torch.from_numpy(audio)) + 0.01).numpy()
+    fig, ax = plt.subplots(figsize=(3, 1.6), dpi=80)
+    ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
+    ax.set_axis_off()
+    fig.subplots_adjust(0, 0, 1, 1)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_gallery(out, args):
+    import html
+    import soundfile as sf
+    sections = []
+    for synth in args.synth:
+        sampler = PairSampler(synth, 0.0, args.pairs, args.sample_rate, args.seconds, args.seed)
+        for delta in args.delta:
+            sampler.delta = delta  # same theta and noise for every delta: only the perturbation grows
+            audio_a, audio_b, *_ = sampler.sample(0)
+            rows = []
+            for i in range(args.pairs):
+                cells = []
+                for side, audio in (("a", audio_a[i]), ("b", audio_b[i])):
+                    stem = f"{synth}_{delta_dirname(delta)}_{i:02d}_{side}"
+                    sf.write(os.path.join(out, stem + ".wav"), audio, args.sample_rate, subtype="PCM_16")
+                    log_mel_png(os.path.join(out, stem + ".png"), audio, args.sample_rate)
+                    cells.append(f'<td><img src="{stem}.png" alt="{stem}"><br>'
+                                 f'<audio controls preload="none" src="{stem}.wav"></audio></td>')
+                rows.append(f"<tr><th>pair {i}</th>{''.join(cells)}</tr>")
+            sections.append(f"<h2>{html.escape(synth)}, &delta; = {delta:g}</h2>\n"
+                            f"<table><tr><th></th><th>a</th><th>b</th></tr>{''.join(rows)}</table>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Audio doppelgängers</title>
+<style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px;text-align:center}} img{{width:240px}}</style>
+</head><body>
+<h1>Audio doppelgängers</h1>
+<p>Each pair shares a random parameter vector &theta;; each side adds its own Gaussian perturbation of
+size &delta;. Images are the 64-band log-mel spectrograms the encoder sees. Seed {args.seed}.</p>
+{chr(10).join(sections)}
+<p id="status">loading</p>
+<script>
+window.addEventListener("load", () => {{
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.getElementById("status").textContent = `images loaded: ${{ok}}/${{imgs.length}}`;
+}});
+</script>
+</body></html>
+"""
+    with open(os.path.join(out, "index.html"), "w") as f:
+        f.write(page)
+
+
+def benchmark(args):
+    print(f"{'synth':<11} {'m':>4} {'batch':>6} {'compile s':>10} {'sounds/s':>10} {'x realtime':>11}")
+    for synth in args.synth:
+        t0 = time.time()
+        sampler = PairSampler(synth, args.delta[0], args.batch_size, args.sample_rate, args.seconds, args.seed)
+        sampler.sample(0)
+        compile_s = time.time() - t0
+        steps, t0 = 0, time.time()
+        while steps < 3 or time.time() - t0 < args.benchmark_seconds:
+            sampler.sample(steps + 1)
+            steps += 1
+        sounds_per_s = 2 * args.batch_size * steps / (time.time() - t0)  # a pair is two sounds
+        print(f"{synth:<11} {sampler.m:>4} {args.batch_size:>6} {compile_s:>10.1f} {sounds_per_s:>10.0f} "
+              f"{sounds_per_s * args.seconds:>11.0f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
+    p.add_argument("--delta", nargs="+", type=float, default=[0.25], help="perturbation size(s) delta >= 0 (default 0.25)")
+    p.add_argument("--pairs", type=int, default=1000, help="pairs per (synth, delta) (default 1000)")
+    p.add_argument("--out", help="output folder; must be empty or absent unless --force")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="sounds synthesized per JAX call (default 64)")
+    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--seconds", type=float, default=1.0)
+    p.add_argument("--gallery", metavar="DIR", help="write a listening page DIR/index.html instead of pairs")
+    p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
+    p.add_argument("--benchmark-seconds", type=float, default=10.0)
+    args = p.parse_args()
+
+    for s in args.synth:
+        if s not in SYNTHS:
+            die(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")
+    for d in args.delta:
+        if not math.isfinite(d) or d < 0:
+            die(f"delta must be a finite number >= 0, got {d}")
+    if args.pairs <= 0:
+        die(f"--pairs must be > 0, got {args.pairs}")
+    if args.batch_size <= 0 or args.sample_rate <= 0 or not args.seconds > 0:
+        die("--batch-size, --sample-rate and --seconds must be > 0")
+    if args.benchmark:
+        return benchmark(args)
+    out = args.gallery or args.out
+    if not out:
+        die("give --out DIR (or --gallery DIR, or --benchmark)")
+    out = os.path.abspath(out)
+    if os.path.isfile(out):
+        die(f"{out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not args.force:
+        die(f"{out} is not empty (use --force to replace it)")
+
+    # Build everything in a temporary sibling folder and move it into place at the end:
+    # an interrupted run leaves no half-written output and never harms what was there.
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
+    except OSError as e:
+        die(f"cannot write to {parent}: {e.strerror}")
+    try:
+        if args.gallery:
+            write_gallery(tmp, args)
+        else:
+            from tqdm import tqdm
+            combos = [(s, d) for s in args.synth for d in args.delta]
+            with tqdm(total=len(combos) * args.pairs, unit="pair", desc="generate") as progress:
+                for synth in args.synth:
+                    sampler = PairSampler(synth, 0.0, min(args.batch_size, args.pairs), args.sample_rate,
+                                          args.seconds, args.seed)
+                    for delta in args.delta:
+                        sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
+                        d = tmp if len(combos) == 1 else os.path.join(tmp, synth, delta_dirname(delta))
+                        os.makedirs(d, exist_ok=True)
+                        write_pairs(d, sampler, args.pairs, sampler.batch_size, progress)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {os.path.join(out, 'index.html') if args.gallery else out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+import synthax.functional
+from synthax.config import SynthConfig
+from synthax.modules.envelopes import ADSR
+from synthax.modules.oscillators import Noise
+
+import generate
+from conftest import ROOT, assert_one_line_error, run
+
+B = 8
+
+
+@pytest.fixture(scope="module")
+def voice():
+    return generate.PairSampler("voice", 0.25, B)
+
+
+@pytest.mark.parametrize("synth,m", [("voice", 78), ("voicefm", 130), ("parametric", 340)])
+def test_parameter_counts(synth, m):
+    assert generate.PairSampler(synth, 0.1, 2).m == m
+
+
+def test_batch_shapes_ranges_and_peaks(voice):
+    audio_a, audio_b, theta, theta_a, theta_b = voice.sample(0)
+    for audio in (audio_a, audio_b):
+        assert audio.shape == (B, 16000) and audio.dtype == np.float32
+        assert np.isfinite(audio).all()
+        peaks = np.abs(audio).max(axis=1)
+        assert (peaks <= 1.0 + 1e-6).all() and (peaks > 0).all()
+    for t in (theta, theta_a, theta_b):
+        assert t.shape == (B, 78)
+        assert t.min() >= generate.EPS and t.max() <= 1.0
+
+
+def test_delta_zero_gives_identical_pairs():
+    s = generate.PairSampler("voice", 0.0, 4)
+    audio_a, audio_b, theta, theta_a, theta_b = s.sample(3)
+    np.testing.assert_array_equal(theta_a, theta_b)
+    np.testing.assert_array_equal(theta, theta_a)
+    np.testing.assert_array_equal(audio_a, audio_b)
+
+
+def expected_abs_diff(delta, n=400_000, seed=0):
+    """E|clip(θ + δ z1) − clip(θ + δ z2)| for θ ~ U(ε, 1), z ~ N(0, 1), by Monte Carlo in numpy."""
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(generate.EPS, 1, n)
+    a = np.clip(theta + delta * rng.standard_normal(n), generate.EPS, 1)
+    b = np.clip(theta + delta * rng.standard_normal(n), generate.EPS, 1)
+    return np.abs(a - b).mean()
+
+
+def test_perturbation_matches_clipped_gaussian(voice):
+    means = []
+    for delta in (0.01, 0.05, 0.25, 0.5):
+        voice.delta = delta
+        diffs = np.concatenate([np.abs(ta - tb).ravel() for _, _, _, ta, tb in (voice.sample(s) for s in range(4))])
+        means.append(diffs.mean())
+        # 4 x 8 x 78 = 2496 draws: the standard error is below 0.006 at every delta
+        assert abs(diffs.mean() - expected_abs_diff(delta)) < 0.02 + 0.05 * delta, (delta, diffs.mean())
+    voice.delta = 0.25
+    assert means == sorted(means) and means[0] < means[-1] / 10
+
+
+def test_theta_is_uniform_unlike_synthax_init(voice):
+    theta = np.concatenate([voice.sample(s)[2].ravel() for s in range(3)])
+    counts, _ = np.histogram(theta, bins=10, range=(0, 1))
+    assert counts.min() > 0.7 * len(theta) / 10  # flat histogram
+    assert abs(theta.mean() - 0.5) < 0.02
+    # the library fault being avoided: init's normalized attack has mean E[sqrt(U)] = 2/3, not 1/2
+    params = ADSR(config=SynthConfig(batch_size=4000, buffer_size_seconds=0.1)).init(
+        jax.random.PRNGKey(0), np.full(4000, 0.05, np.float32))
+    assert abs(float(params["params"]["attack"].mean()) - 2 / 3) < 0.02
+
+
+def test_normalization_is_per_sound():
+    x = np.zeros((2, 100), np.float32)
+    x[0, 10], x[1, 20] = 0.5, 3.0  # sound 0 does not clip, sound 1 does
+    fixed = np.asarray(generate.normalize_if_clipping(x))
+    assert fixed[0].max() == pytest.approx(0.5) and fixed[1].max() == pytest.approx(1.0)
+    # synthax 0.2.2 decides by sound 0's peak, so sound 1 stays at 3.0
+    assert np.asarray(synthax.functional.normalize_if_clipping(x))[1].max() == pytest.approx(3.0)
+
+
+def test_each_sound_gets_its_own_noise(voice):
+    config = SynthConfig(batch_size=3, sample_rate=16000, buffer_size_seconds=0.1)
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    n1 = np.asarray(generate.FreshNoise(config=config).apply({}, rngs={"noise": k1}))
+    n2 = np.asarray(generate.FreshNoise(config=config).apply({}, rngs={"noise": k2}))
+    assert not np.allclose(n1[0], n1[1]) and not np.allclose(n1, n2)
+    assert abs(n1.std() - 1 / math.sqrt(3)) < 0.02  # U(-1, 1)
+    # synthax's own Noise: one buffer for every sound (the fault being fixed)
+    stock = np.asarray(Noise(config=config).apply({}))
+    np.testing.assert_array_equal(stock[0], stock[1])
+    # through the whole synth: identical parameters in every row, different noise => different audio
+    theta = np.tile(np.full((1, voice.m), 0.5, np.float32), (B, 1))
+    audio = np.asarray(voice.render(theta, jax.random.PRNGKey(0)))
+    assert np.abs(audio[0] - audio[1]).max() > 1e-4
+
+
+def test_keys_depend_on_seed_rank_step_and_stream(voice):
+    a0 = voice.sample(5, rank=0)[0]
+    np.testing.assert_array_equal(a0, generate.PairSampler("voice", 0.25, B).sample(5, rank=0)[0])
+    for other in (voice.sample(5, rank=1)[0], voice.sample(6, rank=0)[0], voice.sample(5, rank=0, stream=1)[0],
+                  generate.PairSampler("voice", 0.25, B, seed=1).sample(5)[0]):
+        assert not np.allclose(a0, other)
+
+
+def test_cli_sweep_writes_files_that_round_trip(tmp_path):
+    out = tmp_path / "pairs"
+    run(ROOT / "generate.py", "--synth", "voice", "--delta", "0.1", "0.5", "--pairs", "3", "--batch-size", "2",
+        "--out", out)
+    assert sorted(p.name for p in (out / "voice").iterdir()) == ["delta_0.1", "delta_0.5"]
+    d = out / "voice" / "delta_0.5"
+    assert sorted(p.name for p in d.iterdir()) == [f"{i:06d}_{s}.wav" for i in range(3) for s in "ab"] + ["params.npz"]
+    params = np.load(d / "params.npz")
+    assert str(params["synth"]) == "voice" and float(params["delta"]) == 0.5 and int(params["sample_rate"]) == 16000
+    assert params["theta_a"].shape == (3, 78)
+    # the files hold exactly what the sampler draws for that seed (16-bit PCM rounding aside)
+    s = generate.PairSampler("voice", 0.5, 2)
+    audio_a, audio_b, theta, theta_a, _ = s.sample(0)
+    np.testing.assert_allclose(params["theta_a"][:2], theta_a, atol=1e-7)
+    for i in range(2):
+        x, sr = sf.read(d / f"{i:06d}_a.wav", dtype="float32")
+        assert sr == 16000 and x.shape == (16000,)
+        np.testing.assert_allclose(x, audio_a[i], atol=1.5 / 32768)
+    # same theta across deltas: only the perturbation differs
+    np.testing.assert_array_equal(np.load(out / "voice" / "delta_0.1" / "params.npz")["theta"], params["theta"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--synth", "nope"], "unknown synth"),
+    (["--delta", "-0.1"], "delta"),
+    (["--delta", "inf"], "delta"),
+    (["--pairs", "0"], "--pairs"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    p = run(ROOT / "generate.py", "--out", tmp_path / "o", *args, check=False)
+    assert needle in assert_one_line_error(p)
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_non_empty_out_and_unwritable_out(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    p = run(ROOT / "generate.py", "--pairs", "1", "--out", tmp_path, check=False)
+    assert "not empty" in assert_one_line_error(p)
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    (tmp_path / "ro").write_text("a file")
+    p = run(ROOT / "generate.py", "--pairs", "1", "--out", tmp_path / "ro" / "sub", check=False)
+    assert "cannot write" in assert_one_line_error(p)
+
+
+def test_gallery_loads_in_headless_chromium(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is needed (Debian package chromium; .ci/run installs it)"
+    out = tmp_path / "gallery"
+    run(ROOT / "generate.py", "--gallery", out, "--synth", "voice", "--delta", "0", "0.5", "--pairs", "2")
+    html = (out / "index.html").read_text()
+    refs = re.findall(r'src="([^"]+)"', html)
+    assert len([r for r in refs if r.endswith(".wav")]) == 8 and len([r for r in refs if r.endswith(".png")]) == 8
+    for r in refs:
+        assert (out / r).is_file(), r
+        if r.endswith(".wav"):
+            assert sf.info(out / r).samplerate == 16000
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom",
+                          (out / "index.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert "images loaded: 8/8" in dom, dom[-500:]

@@ -1,0 +1,564 @@
+"""
+Contrastive pretraining of a ResNet18 on audio doppelgängers (Cherep & Singh, §3.3-3.4).
+
+Each step draws a fresh batch of synthetic positive pairs (generate.py's PairSampler, on the fly in
+a background thread), embeds both sides, and minimises Wang & Isola's alignment + uniformity loss
+on the L2-normalized 512-d embeddings. The same script trains on real audio (--data) for the
+paper's baselines.
+
+    # laptop CPU, a few minutes
+    python train.py --synth voice --delta 0.25 --batch-size 32 --epochs 2 --sounds-per-epoch 1280 --out runs/cpu
+    # the paper: 2 GPUs x 768 per GPU, 200 epochs x 100,000 sounds, lr 0.12 x 1536 / 256 = 0.72
+    torchrun --nproc_per_node=2 train.py --synth voice --delta 0.25 --out runs/voice_d0.25
+    # several machines: run this on each node (node_rank 0..N-1); the global batch is
+    # nodes x procs x --batch-size and the lr scales with it
+    torchrun --nnodes=2 --nproc_per_node=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py --synth voice --delta 0.25 --out runs/voice_2nodes
+    # continue a run exactly where its last checkpoint stopped
+    python train.py --resume runs/cpu --epochs 4
+    # the paper's "Random Init." baseline: export an untrained encoder
+    python train.py --epochs 0 --out runs/random
+    # real audio baselines (VGGSound-style folder), positives from augmentation or mixing
+    python train.py --data /path/to/audio --positives aug --out runs/real_aug
+    python train.py --data /path/to/audio --positives mix5 --out runs/real_mix5
+    # speed: on-the-fly synthesis vs the same batches pre-generated in memory
+    python train.py --benchmark --batch-size 64
+
+A run folder holds config.json, log.csv, checkpoint.pt (written atomically every epoch and every
+--save-every minutes) and encoder.pt: a TorchScript encoder that any program loads with
+torch.jit.load(path) and calls on a float32 (B, T) 16 kHz mono waveform to get (B, 512).
+"""
+import argparse
+import collections
+import csv
+import glob
+import io
+import json
+import math
+import os
+import queue
+import random
+import resource
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchaudio
+import torchvision
+
+SAMPLE_RATE = 16000
+N_FRAMES, N_MELS = 96, 64  # VGGish input: 0.96 s of 10-ms frames x 64 mel bands
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+
+# -----------------------------------------------------------------------------
+# model: log-mel frontend + ResNet18, exported together as one TorchScript file
+
+class LogMel(nn.Module):
+    """VGGish log-mel: 25 ms periodic Hann window, 10 ms hop, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=SAMPLE_RATE, n_fft=512, win_length=400, hop_length=160, f_min=125.0, f_max=7500.0,
+            n_mels=N_MELS, window_fn=torch.hann_window, power=1.0, center=False, mel_scale="htk")
+        self.n_frames = N_FRAMES  # attributes, not globals: TorchScript compiles forward()
+
+    def forward(self, x):  # (B, 16000) -> (B, 1, 96, 64)
+        mel = self.mel(x)[:, :, :self.n_frames]  # 98 frames in 1 s without centering; VGGish keeps 96
+        return torch.log(mel + 0.01).transpose(1, 2).unsqueeze(1)
+
+
+class Encoder(nn.Module):
+    """Waveform (B, T) at 16 kHz -> embedding (B, 512). Sounds shorter than 1 s are zero-padded;
+    longer ones are cut into 1-s windows (a last partial window is kept if at least 0.5 s long,
+    zero-padded) and the window embeddings are averaged."""
+
+    def __init__(self, dim: int = 512):
+        super().__init__()
+        self.frontend = LogMel()
+        self.sample_rate = SAMPLE_RATE
+        self.net = torchvision.models.resnet18(num_classes=dim)  # fc 512 -> 512, as the authors' code
+        self.net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # 1 channel in
+
+    def embed(self, x):  # exactly 1-s inputs, as in training
+        return self.net(self.frontend(x))
+
+    def forward(self, x):
+        B, T = x.shape
+        sr = self.sample_rate
+        n = max(1, T // sr + int(T % sr >= sr // 2))
+        x = F.pad(x, (0, max(0, n * sr - T)))[:, :n * sr]
+        e = self.embed(x.reshape(B * n, sr))
+        return e.reshape(B, n, -1).mean(dim=1)
+
+
+def export_encoder(state_dict, path, config):
+    """TorchScript file with the config inside: one torch.jit.load call, no import of this script."""
+    enc = Encoder()
+    enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
+    scripted = torch.jit.script(enc.cpu().eval())
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf, _extra_files={"config.json": json.dumps(config)})
+    atomic_write(path, buf.getvalue())
+
+
+# -----------------------------------------------------------------------------
+# loss (Wang & Isola 2020), on L2-normalized embeddings
+
+def align_loss(x, y, alpha=2.0):
+    return (x - y).norm(p=2, dim=1).pow(alpha).mean()
+
+
+def uniform_loss(x, t=2.0):
+    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()  # over distinct pairs i < j
+
+
+def gather(x):
+    """All ranks' embeddings, with gradients, so uniformity spans the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def contrastive_loss(e_a, e_b, alpha=2.0, t=2.0, lam_align=1.0, lam_unif=1.0):
+    # Alignment is a mean over local pairs; DDP's gradient averaging makes it the global mean.
+    # all_gather's backward sums the gradients of every rank's (identical) uniformity term,
+    # which DDP's averaging turns back into the gradient of one global uniformity term.
+    e_a, e_b = F.normalize(e_a.float(), dim=1), F.normalize(e_b.float(), dim=1)
+    align = align_loss(e_a, e_b, alpha)
+    unif = (uniform_loss(gather(e_a), t) + uniform_loss(gather(e_b), t)) / 2
+    return lam_align * align + lam_unif * unif, align, unif
+
+
+# -----------------------------------------------------------------------------
+# data: every batch is a pure function of (seed, stream, rank, step), so ranks never share
+# batches and a resumed run sees exactly the stream it would have seen
+
+class RealAudio:
+    """A folder of audio files; a pair is two views of random 1-s crops of one file."""
+
+    def __init__(self, root, positives, batch_size, seed, augment):
+        files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                       if f.lower().endswith(AUDIO_EXTENSIONS))
+        if not files:
+            raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
+        import soundfile as sf
+        self.info = []
+        for f in files:
+            try:
+                i = sf.info(f)
+            except Exception as e:
+                raise ValueError(f"unreadable audio file {f}: {str(e).splitlines()[0]}")
+            if i.frames == 0:
+                raise ValueError(f"empty audio file {f}")
+            self.info.append((f, i.samplerate, i.frames))
+        order = np.random.default_rng(seed).permutation(len(files))
+        n_val = max(1, len(files) // 10) if len(files) > 1 else 0  # 90/10 split by file
+        self.splits = {1: order[:n_val], 0: order[n_val:]} if n_val else {0: order, 1: order}
+        self.positives, self.batch_size, self.seed, self.augment = positives, batch_size, seed, augment
+
+    def crop(self, i, rng):
+        """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
+        import soundfile as sf
+        path, sr, frames = self.info[i]
+        n = math.ceil(sr * 1.0)
+        start = int(rng.integers(0, max(1, frames - n + 1)))
+        x, _ = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
+        x = torch.from_numpy(x.mean(axis=1))
+        if sr != SAMPLE_RATE:
+            x = torchaudio.functional.resample(x, sr, SAMPLE_RATE)
+        return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
+
+    def view(self, i, rng, k):
+        """k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips."""
+        x = sum(self.crop(i, rng) for _ in range(k))
+        return x / max(1.0, float(x.abs().max()))
+
+    def sample(self, step, rank=0, stream=0):
+        rng = np.random.default_rng([self.seed, stream, rank, step])
+        files = rng.choice(self.splits[stream], size=self.batch_size)
+        a, b = [], []
+        for i in files:
+            if self.positives == "aug":  # two augmentations of one crop
+                x = self.crop(i, rng)
+                a.append(x), b.append(x.clone())
+            elif self.positives == "jitter":  # two crops of one file
+                a.append(self.crop(i, rng)), b.append(self.crop(i, rng))
+            else:  # mix5 / mix10
+                k = int(self.positives[3:])
+                a.append(self.view(i, rng, k)), b.append(self.view(i, rng, k))
+        return torch.stack(a).numpy(), torch.stack(b).numpy()
+
+
+class Prefetcher:
+    """Draws batches in a background thread so the model never waits for synthesis.
+    A thread, not DataLoader workers: a forked worker deadlocks once JAX has run."""
+
+    def __init__(self, source, steps, rank, stream, augment=None, depth=3):
+        self.q = queue.Queue(maxsize=depth)
+        self.source, self.steps, self.rank, self.stream, self.augment = source, steps, rank, stream, augment
+        self.thread = threading.Thread(target=self.work, daemon=True)
+        self.thread.start()
+
+    def work(self):
+        try:
+            for step in self.steps:
+                a, b = self.source.sample(step, self.rank, self.stream)[:2]
+                a, b = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+                if self.augment is not None:  # each view augmented independently, seeded by its step
+                    torch.manual_seed(hash((self.stream, self.rank, step)) % 2**63)  # main thread draws none
+                    a, b = self.augment(a), self.augment(b)
+                self.q.put((step, a, b))
+        except BaseException as e:  # surface it in the main thread instead of hanging
+            self.q.put(e)
+
+    def __iter__(self):
+        for _ in self.steps:
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+# -----------------------------------------------------------------------------
+# the paper's augmentation chain (App. B), torch-audiomentations in mini-batches of <= 100
+
+def make_augment(ir_dir=None, seed=0):
+    raise NotImplementedError
+
+
+# -----------------------------------------------------------------------------
+# small utilities
+
+def die(msg, code=2):
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def atomic_write(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def peak_memory_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--synth", default="voice", help="voice (78 params), voicefm (130) or parametric (340)")
+    g.add_argument("--delta", type=float, default=0.25, help="perturbation size delta for the doppelgänger pairs")
+    g.add_argument("--data", help="train on a folder of real audio instead of a synth (read recursively)")
+    g.add_argument("--positives", default="aug", choices=["aug", "jitter", "mix5", "mix10"],
+                   help="real audio: two augmentations of a crop, two crops of a file, or views that "
+                        "layer 5 / 10 crops of a file (VGGSound-Mix)")
+    g.add_argument("--aug", action="store_true", help="apply the paper's effect chain to both views "
+                   "(always on with --data --positives aug)")
+    g.add_argument("--ir-dir", help="impulse responses for the reverb augmentation (default: synthetic rooms)")
+    g.add_argument("--sounds-per-epoch", type=int, default=100_000, help="pairs per epoch, split 90/10 train/val")
+    g = p.add_argument_group("optimisation (paper defaults)")
+    g.add_argument("--epochs", type=int, default=200)
+    g.add_argument("--batch-size", type=int, default=768, help="pairs per process; global = procs x this")
+    g.add_argument("--lr", type=float, default=None, help="default 0.12 x global batch / 256")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum; the paper is silent, the authors' code uses 0, Wang & Isola 0.9; "
+                        "0.9 is the usual choice with this loss and learning-rate scaling")
+    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--milestones", type=float, nargs="+", default=[0.775, 0.85, 0.925],
+                   help="lr x gamma at these fractions of the epochs")
+    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--alpha", type=float, default=2.0, help="alignment exponent")
+    g.add_argument("--t", type=float, default=2.0, help="uniformity temperature")
+    g.add_argument("--lam-align", type=float, default=1.0)
+    g.add_argument("--lam-unif", type=float, default=1.0)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/default", help="run folder")
+    g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on for cuda)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log rows")
+    g.add_argument("--save-every", type=float, default=30.0, help="minutes between mid-epoch checkpoints")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpoint kept)")
+    g.add_argument("--benchmark", action="store_true", help="on-the-fly vs pre-generated batches: steps/s, sounds/s")
+    g.add_argument("--benchmark-steps", type=int, default=10)
+    args = p.parse_args(argv)
+    for a in p._actions:  # a second pass with no defaults tells which flags were given
+        a.default = argparse.SUPPRESS
+    return args, set(vars(p.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    args, given = parse_args()
+    resume_ckpt = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(path):
+            die(f"no checkpoint to resume at {path}")
+        resume_ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # the run's own config wins; only these may change when it is continued
+        may_change = {"epochs", "max_steps", "log_every", "save_every", "device", "amp"}
+        saved = {k: v for k, v in resume_ckpt["config"].items() if k in vars(args) and k not in given & may_change}
+        args = argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "device": args.device})
+        if "device" not in given and args.device.startswith("cuda") and not torch.cuda.is_available():
+            args.device = "cpu"
+
+    # DDP from torchrun's environment; a plain `python train.py` is a world of one
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # one voice in the console
+
+    # bad input: one line, exit 2 (every rank checks, so none hangs waiting for another)
+    from generate import SYNTHS, PairSampler
+    if args.data is None and args.synth not in SYNTHS:
+        die(f"unknown synth {args.synth!r} (choose from {', '.join(SYNTHS)})")
+    if not math.isfinite(args.delta) or args.delta < 0:
+        die(f"--delta must be a finite number >= 0, got {args.delta}")
+    if args.batch_size < 2:
+        die(f"--batch-size must be >= 2 (uniformity needs pairs of embeddings), got {args.batch_size}")
+    if args.epochs < 0 or args.sounds_per_epoch <= 0:
+        die("--epochs must be >= 0 and --sounds-per-epoch > 0")
+    if args.data is not None and not os.path.isdir(args.data):
+        die(f"--data {args.data} is not a folder")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die("--device cuda asked for, but torch sees no GPU")
+
+    if args.device.startswith("cuda"):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    global_batch = args.batch_size * world
+    lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
+    steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
+    val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
+    total_steps = steps_per_epoch * args.epochs
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    # data
+    augment = None
+    if args.aug or (args.data is not None and args.positives == "aug"):
+        try:
+            augment = make_augment(args.ir_dir, args.seed)
+        except ValueError as e:
+            die(str(e))
+    try:
+        if args.data is not None:
+            source = RealAudio(args.data, args.positives, args.batch_size, args.seed, augment)
+        else:
+            source = PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed)
+    except ValueError as e:
+        die(str(e))
+
+    # model
+    model = Encoder().to(device)
+    if ddp and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    milestones = sorted({max(1, round(f * args.epochs)) for f in args.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.gamma)
+    step = 0
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scheduler.load_state_dict(resume_ckpt["scheduler"])
+        step = resume_ckpt["step"]
+        torch.set_rng_state(resume_ckpt["rng"]["torch"])
+        np.random.set_state(resume_ckpt["rng"]["numpy"])
+        random.setstate(resume_ckpt["rng"]["python"])
+        scheduler.milestones = collections.Counter(milestones)  # a run extended by --epochs gets new milestones
+    raw_model = model
+
+    # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
+    # computes the log of small mel energies in float32
+    net = raw_model.net
+    if ddp:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    def embed_pair(a, b):
+        # one forward over both views: BatchNorm sees the whole pair batch
+        spec = raw_model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            e = net(spec)
+        return e[: len(a)], e[len(a):]
+
+    if args.benchmark:
+        return benchmark(args, source, embed_pair, optimizer, rank, augment)
+
+    out = args.out
+    config = {**vars(args), "world_size": world, "global_batch": global_batch, "lr": lr,
+              "steps_per_epoch": steps_per_epoch, "val_steps": val_steps, "milestones_epochs": milestones}
+    if master:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            die(f"cannot create run folder {out}: {e.strerror}")
+        if resume_ckpt is None and os.path.exists(os.path.join(out, "checkpoint.pt")):
+            die(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+        atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
+    log_path = os.path.join(out, "log.csv")
+    fields = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
+    if master:
+        rows = []
+        if resume_ckpt is not None and os.path.exists(log_path):  # drop rows past the checkpoint
+            with open(log_path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(log_path, buf.getvalue().encode())
+
+    def save(step):
+        if master:
+            atomic_torch_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "step": step, "config": config,
+                               "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                       "python": random.getstate()}},
+                              os.path.join(out, "checkpoint.pt"))
+
+    def log(row):
+        if master:
+            with open(log_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerow(row)
+
+    def all_mean(*xs):
+        t = torch.stack([x.detach().float() for x in xs])
+        if ddp:
+            dist.all_reduce(t)
+            t /= world
+        return t.tolist()
+
+    # the ranks must draw different batches: a cheap fingerprint of each rank's first batch
+    if ddp:
+        first = torch.tensor([float(np.asarray(source.sample(step, rank)[0]).sum())], dtype=torch.float64)
+        fp = [torch.zeros_like(first) for _ in range(world)]
+        dist.all_gather(fp, first)
+        if len({float(f) for f in fp}) != world:
+            die("two ranks drew the same batch")
+        print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
+
+    print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
+          f"{global_batch}, lr {lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}")
+    last_save = time.time()
+    stop_at = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    t0, sounds = time.time(), 0
+    while step < stop_at:
+        epoch = step // steps_per_epoch
+        end = min(stop_at, (epoch + 1) * steps_per_epoch)
+        raw_model.train()
+        for s, a, b in Prefetcher(source, range(step, end), rank, 0, augment):
+            e_a, e_b = embed_pair(a, b)
+            loss, align, unif = contrastive_loss(e_a, e_b, args.alpha, args.t, args.lam_align, args.lam_unif)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_v, align_v, unif_v = all_mean(loss, align, unif)  # same numbers on every rank
+            if not math.isfinite(loss_v):
+                print(f"train.py: error: non-finite loss at step {s}; stopping, the last good checkpoint "
+                      f"({os.path.join(out, 'checkpoint.pt')}) is kept", file=sys.stderr)
+                sys.exit(1)
+            optimizer.step()
+            step, sounds = s + 1, sounds + 2 * global_batch
+            if step % args.log_every == 0 and step % steps_per_epoch != 0:
+                rate = sounds / (time.time() - t0)
+                log(dict(step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss_v, align=align_v,
+                         unif=unif_v, val_align="", val_unif="", sounds_per_s=f"{rate:.1f}"))
+                print(f"step {step} epoch {epoch} loss {loss_v:.4f} align {align_v:.4f} unif {unif_v:.4f} "
+                      f"{rate:.0f} sounds/s")
+            if time.time() - last_save > 60 * args.save_every:
+                save(step)
+                last_save = time.time()
+        if step % steps_per_epoch == 0:  # a whole epoch: validate on the fixed held-out batches
+            scheduler.step()
+            raw_model.eval()
+            va, vu = [], []
+            with torch.no_grad():
+                for _, a, b in Prefetcher(source, range(val_steps), rank, 1, augment):
+                    _, align, unif = contrastive_loss(*embed_pair(a, b), args.alpha, args.t)
+                    va.append(align), vu.append(unif)
+            val_align, val_unif = all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
+            rate = sounds / (time.time() - t0)
+            log(dict(step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss_v, align=align_v,
+                     unif=unif_v, val_align=val_align, val_unif=val_unif, sounds_per_s=f"{rate:.1f}"))
+            print(f"epoch {epoch} done: loss {loss_v:.4f} val align {val_align:.4f} val unif {val_unif:.4f} "
+                  f"{rate:.0f} sounds/s")
+        save(step)
+        last_save = time.time()
+
+    if master:
+        if resume_ckpt is None and step == 0:
+            save(step)  # --epochs 0: the random initialisation is the run
+        export_encoder(raw_model.state_dict(), os.path.join(out, "encoder.pt"), config)
+        print(f"wrote {os.path.join(out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def benchmark(args, source, embed_pair, optimizer, rank, augment):
+    """Training speed with on-the-fly synthesis vs the same number of batches already in memory.
+    A ratio near 1 means the background thread hides the synthesis."""
+    n = args.benchmark_steps
+
+    def train_step(a, b):
+        loss = contrastive_loss(*embed_pair(a, b), args.alpha, args.t)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # waits for the device
+
+    t0 = time.time()
+    first = source.sample(0, rank)
+    gen_s = time.time() - t0
+    t0 = time.time()
+    for _ in range(2):
+        train_step(torch.from_numpy(first[0]), torch.from_numpy(first[1]))  # warm-up
+    t0 = time.time()
+    batches = [tuple(torch.from_numpy(x) for x in source.sample(s, rank)[:2]) for s in range(1, n + 1)]
+    synth_rate = 2 * args.batch_size * n / (time.time() - t0)
+    t0 = time.time()
+    for a, b in batches:
+        train_step(a, b)
+    pre = n / (time.time() - t0)
+    t0 = time.time()
+    for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, 0, augment):
+        train_step(a, b)
+    fly = n / (time.time() - t0)
+    sounds = 2 * args.batch_size
+    print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
+    print(f"synthesis alone:        {synth_rate:8.1f} sounds/s")
+    print(f"pre-generated batches:  {pre:8.3f} steps/s {pre * sounds:8.1f} sounds/s")
+    print(f"on-the-fly synthesis:   {fly:8.3f} steps/s {fly * sounds:8.1f} sounds/s")
+    print(f"ratio on-the-fly / pre-generated: {fly / pre:.3f}   peak memory {peak_memory_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

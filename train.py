@@ -42,14 +42,21 @@ import resource
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchaudio
+import torchaudio.functional as AF
 import torchvision
+from torch_audiomentations import ApplyImpulseResponse, Compose, HighPassFilter, LowPassFilter, Shift
+from torch_audiomentations.core.transforms_interface import BaseWaveformTransform
+from torch_audiomentations.utils.io import Audio
+from torch_audiomentations.utils.object_dict import ObjectDict
 
 SAMPLE_RATE = 16000
 N_FRAMES, N_MELS = 96, 64  # VGGish input: 0.96 s of 10-ms frames x 64 mel bands
@@ -149,7 +156,6 @@ class RealAudio:
                        if f.lower().endswith(AUDIO_EXTENSIONS))
         if not files:
             raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
-        import soundfile as sf
         self.info = []
         for f in files:
             try:
@@ -166,7 +172,6 @@ class RealAudio:
 
     def crop(self, i, rng):
         """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
-        import soundfile as sf
         path, sr, frames = self.info[i]
         n = math.ceil(sr * 1.0)
         start = int(rng.integers(0, max(1, frames - n + 1)))
@@ -213,7 +218,8 @@ class Prefetcher:
                 a, b = self.source.sample(step, self.rank, self.stream)[:2]
                 a, b = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
                 if self.augment is not None:  # each view augmented independently, seeded by its step
-                    torch.manual_seed(hash((self.stream, self.rank, step)) % 2**63)  # main thread draws none
+                    seed = hash((self.stream, self.rank, step)) % 2**63
+                    torch.manual_seed(seed), random.seed(seed)  # the library draws from both; the main thread from neither
                     a, b = self.augment(a), self.augment(b)
                 self.q.put((step, a, b))
         except BaseException as e:  # surface it in the main thread instead of hanging
@@ -230,8 +236,131 @@ class Prefetcher:
 # -----------------------------------------------------------------------------
 # the paper's augmentation chain (App. B), torch-audiomentations in mini-batches of <= 100
 
-def make_augment(ir_dir=None, seed=0):
-    raise NotImplementedError
+# torch-audiomentations 0.12 on torchaudio >= 2.9: ApplyImpulseResponse loads IR files with the removed
+# torchaudio.info, and PitchShift at 16 kHz can only reach +-0.41 semitones within +-2 (its "fast"
+# ratios 125/128 and 128/125) at ~8 s per 100 sounds. IRs are read with soundfile and handed over in
+# memory; pitch is shifted by a phase vocoder + FFT resampling to a uniform draw in +-2 semitones.
+CHUNK = 100  # the paper augments in mini-batches of <= 100 sounds
+
+
+# -----------------------------------------------------------------------------
+# impulse responses
+
+def load_irs(ir_dir, sample_rate):
+    """All audio files under ir_dir (recursive) as mono 1-D tensors at sample_rate."""
+    root = Path(ir_dir)
+    if not root.is_dir():
+        raise ValueError(f"ir_dir {str(root)!r} is not an existing directory.")
+    exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not paths:
+        raise ValueError(f"ir_dir {str(root)!r} contains no audio files that soundfile reads (.wav, .flac, ...).")
+    irs = []
+    for p in paths:
+        try:
+            data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # (frames, channels)
+        except Exception as e:
+            raise ValueError(f"Could not decode impulse response {str(p)!r}: {e}") from None
+        ir = torch.from_numpy(data).mean(dim=1)  # downmix to mono
+        if ir.numel() == 0 or not torch.isfinite(ir).all() or ir.abs().max() == 0:
+            raise ValueError(f"Impulse response {str(p)!r} is empty, silent or not finite.")
+        irs.append(AF.resample(ir, sr, sample_rate) if sr != sample_rate else ir)
+    return irs
+
+
+def synthetic_irs(sample_rate, n=32, seed=0):
+    """Exponentially decaying noise with RT60 ~ U(0.1, 1.0) s, plus a direct-path impulse."""
+    g = torch.Generator().manual_seed(seed)
+    irs = []
+    for rt60 in (0.1 + 0.9 * torch.rand(n, generator=g)).tolist():
+        t = torch.arange(int(rt60 * sample_rate)) / sample_rate
+        ir = torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60)  # -60 dB at t = rt60
+        ir[0] = 1.0
+        irs.append(ir)
+    return irs
+
+
+class InMemoryImpulseResponse(ApplyImpulseResponse):
+    """ApplyImpulseResponse fed with tensors instead of file paths. Its Audio() loader accepts
+    {"samples", "sample_rate"} dicts without touching torchaudio I/O, so the library's own
+    randomize_parameters (IR choice, padding) and apply_transform (FFT convolution) run as is."""
+
+    def __init__(self, irs, sample_rate, p=0.5):
+        BaseWaveformTransform.__init__(self, p=p, sample_rate=sample_rate, output_type="dict")  # skip path scan
+        # unit energy, so reverb roughly preserves loudness whatever the source level of the IR
+        self.ir_paths = [{"samples": (ir / ir.norm())[None], "sample_rate": sample_rate} for ir in irs]
+        self.audio = Audio(sample_rate, mono=True)
+        self.convolve_mode = "full"  # library defaults; output is cropped to the input length
+        self.compensate_for_propagation_delay = False
+
+
+# -----------------------------------------------------------------------------
+# pitch shift
+
+def pitch_shift(x, semitones, n_fft=512, hop=128):
+    """Shift x (..., T) by `semitones` keeping its length: phase-vocoder stretch to L = T * 2^(st/12)
+    samples, then band-limited FFT resampling back to T. Any ratio L/T is exact to 1/T (< 0.001 st);
+    torchaudio.functional.pitch_shift instead sinc-resamples int(sr * r) -> sr, whose gcd is ~1,
+    and spends seconds building a ~1 GB kernel per call. Same plain phase vocoder as torchaudio's, so
+    same phasiness: e.g. a pure tone starting at t=0 comes out ~4 dB quieter when shifted up."""
+    T = x.shape[-1]
+    L = round(T * 2 ** (semitones / 12))
+    if L == T:
+        return x
+    window = torch.hann_window(n_fft, device=x.device)
+    spec = torch.stft(x, n_fft, hop, window=window, return_complex=True)
+    phase_advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=x.device)[:, None]
+    spec = AF.phase_vocoder(spec, T / L, phase_advance)
+    y = torch.istft(spec, n_fft, hop, window=window, length=L)
+    # resample L -> T samples by cropping/zero-padding the spectrum: pitch * L/T, length T
+    Y = torch.fft.rfft(y)
+    k = T // 2 + 1
+    Y = Y[..., :k] if Y.shape[-1] >= k else torch.nn.functional.pad(Y, (0, k - Y.shape[-1]))
+    return torch.fft.irfft(Y, T) * (T / L)
+
+
+class UniformPitchShift(BaseWaveformTransform):
+    """Per-example pitch shift with semitones ~ U(min, max); the base class does the p=0.5 selection."""
+    supports_target = False
+
+    def __init__(self, min_semitones=-2.0, max_semitones=2.0, p=0.5, sample_rate=None):
+        super().__init__(p=p, sample_rate=sample_rate, output_type="dict")
+        self.min_semitones, self.max_semitones = min_semitones, max_semitones
+
+    def randomize_parameters(self, samples=None, sample_rate=None, targets=None, target_rate=None):
+        lo, hi = self.min_semitones, self.max_semitones
+        self.transform_parameters["semitones"] = (lo + (hi - lo) * torch.rand(len(samples))).tolist()
+
+    def apply_transform(self, samples=None, sample_rate=None, targets=None, target_rate=None):
+        out = torch.stack([pitch_shift(s, st)
+                           for s, st in zip(samples, self.transform_parameters["semitones"])])
+        return ObjectDict(samples=out, sample_rate=sample_rate, targets=targets, target_rate=target_rate)
+
+
+# -----------------------------------------------------------------------------
+
+def make_transforms(sample_rate=16000, ir_dir=None, seed=0, p=0.5):
+    irs = load_irs(ir_dir, sample_rate) if ir_dir is not None else synthetic_irs(sample_rate, seed=seed)
+    kw = dict(p=p, sample_rate=sample_rate, output_type="dict")  # "dict": no deprecation warnings
+    return {
+        "highpass": HighPassFilter(min_cutoff_freq=20.0, max_cutoff_freq=800.0, **kw),
+        "lowpass": LowPassFilter(min_cutoff_freq=1200.0, max_cutoff_freq=8000.0, **kw),
+        "pitch": UniformPitchShift(-2.0, 2.0, p=p, sample_rate=sample_rate),
+        "shift": Shift(min_shift=-0.25, max_shift=0.25, shift_unit="fraction", rollover=True, **kw),
+        "reverb": InMemoryImpulseResponse(irs, sample_rate, p=p),
+    }
+
+
+def make_augment(ir_dir=None, seed=0, sample_rate=SAMPLE_RATE):
+    chain = Compose(list(make_transforms(sample_rate, ir_dir, seed).values()), output_type="dict")
+
+    def augment(x):
+        """x: (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5."""
+        assert x.ndim == 2, f"expected (B, T), got {tuple(x.shape)}"
+        return torch.cat([chain(c[:, None], sample_rate=sample_rate).samples[:, 0]  # library wants (B, C, T)
+                          for c in x.split(CHUNK)])
+
+    return augment
 
 
 # -----------------------------------------------------------------------------

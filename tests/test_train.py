@@ -1,0 +1,215 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import train
+from conftest import ROOT, assert_one_line_error, run
+
+TINY = ["--synth", "voice", "--batch-size", "4", "--sounds-per-epoch", "40", "--log-every", "1"]
+
+
+def test_loss_matches_direct_formulas():
+    g = torch.Generator().manual_seed(0)
+    e_a, e_b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    loss, align, unif = train.contrastive_loss(e_a, e_b, alpha=2.0, t=2.0, lam_align=1.0, lam_unif=1.0)
+    a = (e_a / e_a.norm(dim=1, keepdim=True)).double().numpy()
+    b = (e_b / e_b.norm(dim=1, keepdim=True)).double().numpy()
+    align_ref = np.mean([np.linalg.norm(a[i] - b[i]) ** 2 for i in range(6)])
+
+    def unif_ref(x):
+        return np.log(np.mean([np.exp(-2 * np.sum((x[i] - x[j]) ** 2)) for i in range(6) for j in range(i + 1, 6)]))
+    unif_direct = (unif_ref(a) + unif_ref(b)) / 2
+    assert align.item() == pytest.approx(align_ref, rel=1e-5)
+    assert unif.item() == pytest.approx(unif_direct, rel=1e-5)
+    assert loss.item() == pytest.approx(align_ref + unif_direct, rel=1e-5)
+    # alpha, t and the weights are honoured
+    loss2, align2, unif2 = train.contrastive_loss(e_a, e_b, alpha=1.0, t=2.0, lam_align=0.5, lam_unif=2.0)
+    assert align2.item() == pytest.approx(np.mean([np.linalg.norm(a[i] - b[i]) for i in range(6)]), rel=1e-5)
+    assert loss2.item() == pytest.approx(0.5 * align2.item() + 2 * unif_direct, rel=1e-5)
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
+    torch.manual_seed(0)
+    model = train.Encoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    t = torch.linspace(0, 1, 16000)
+    base = torch.stack([torch.sin(2 * torch.pi * f * t) for f in (110, 220, 440, 880, 1760, 3520)])
+    a, b = base, base * 0.8 + 0.05 * torch.randn(base.shape)
+    losses = []
+    for _ in range(6):
+        e = model(torch.cat([a, b]))
+        loss = train.contrastive_loss(e[:6], e[6:])[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_frontend_is_vggish_shaped():
+    spec = train.LogMel()(torch.zeros(2, 16000))
+    assert spec.shape == (2, 1, 96, 64)
+    assert torch.allclose(spec, torch.log(torch.tensor(0.01)))  # log(mel + 0.01) of silence
+    model = train.Encoder()
+    assert model.net.conv1.in_channels == 1 and model.net.fc.out_features == 512
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    import train
+    g = torch.Generator().manual_seed(0)
+    full_a, full_b = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    # single process, whole batch (before the process group exists: nothing to gather)
+    fa, fb = full_a.clone().requires_grad_(), full_b.clone().requires_grad_()
+    ref = train.contrastive_loss(fa, fb)[0]
+    ref.backward()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # this rank's half, uniformity over the gathered global batch
+    sl = slice(rank * 4, rank * 4 + 4)
+    la, lb = full_a[sl].clone().requires_grad_(), full_b[sl].clone().requires_grad_()
+    loss, align, unif = train.contrastive_loss(la, lb)
+    loss.backward()
+    mean_align = align.detach().clone()
+    dist.all_reduce(mean_align)
+    global_loss = mean_align / world + unif.detach()
+    assert torch.allclose(global_loss, ref.detach(), atol=1e-6), (global_loss, ref)
+    # each rank's gradient is world x the single-process gradient, which DDP's averaging undoes
+    assert torch.allclose(la.grad, world * fa.grad[sl], atol=1e-6)
+    assert torch.allclose(lb.grad, world * fb.grad[sl], atol=1e-6)
+    print(f"rank {rank} ok {global_loss.item():.6f} {ref.item():.6f}")
+    dist.destroy_process_group()
+""")
+
+
+def torchrun(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_two_process_loss_equals_one_process_loss_on_the_concatenated_batch(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    p = torchrun(worker, ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count(" ok ") == 2
+
+
+def test_torchrun_two_processes_train_and_export(tmp_path):
+    out = tmp_path / "ddp"
+    p = torchrun("train.py", *TINY, "--epochs", "1", "--sounds-per-epoch", "24", "--out", out)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "DDP: 2 processes (gloo), each drawing its own batches" in p.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == 8
+    assert config["lr"] == pytest.approx(0.12 * 8 / 256)
+    rows = (out / "log.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s"
+    assert len(rows) == 1 + 2  # 24 * 0.9 // 8 = 2 steps, one logged each
+    assert rows[-1].split(",")[6] != ""  # validation at the end of the epoch
+    assert torch.jit.load(str(out / "encoder.pt"))(torch.zeros(1, 16000)).shape == (1, 512)
+
+
+def test_resume_continues_exactly(tmp_path):
+    run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "4", "--out", tmp_path / "straight")
+    run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path / "stopped")
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["step"] == 2
+    run(ROOT / "train.py", "--resume", tmp_path / "stopped", "--max-steps", "4")
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    log_a = (tmp_path / "straight" / "log.csv").read_text().splitlines()
+    log_b = (tmp_path / "stopped" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:6] for r in log_a] == [r.split(",")[:6] for r in log_b]  # same losses, no duplicate rows
+
+
+def test_exported_encoder_loads_without_train_py(tmp_path):
+    out = tmp_path / "random"
+    run(ROOT / "train.py", "--epochs", "0", "--out", out)
+    probe = textwrap.dedent(f"""
+        import sys, torch, numpy as np
+        enc = torch.jit.load({str(out / 'encoder.pt')!r})
+        torch.manual_seed(1)
+        xs = [torch.randn(2, T) for T in (8000, 16000, 80000)]
+        with torch.no_grad():
+            np.savez({str(tmp_path / 'emb.npz')!r}, *[enc(x).numpy() for x in xs])
+        assert "train" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, timeout=300)
+    embs = np.load(tmp_path / "emb.npz")
+    model = train.Encoder()
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    model.eval()
+    torch.manual_seed(1)
+    for i, T in enumerate((8000, 16000, 80000)):
+        x = torch.randn(2, T)
+        assert embs[f"arr_{i}"].shape == (2, 512)
+        with torch.no_grad():
+            np.testing.assert_allclose(embs[f"arr_{i}"], model(x).numpy(), rtol=1e-4, atol=1e-4)
+    # 5 s = the mean of five 1-s windows; 0.5 s = zero-padded to 1 s
+    x = torch.randn(1, 80000)
+    with torch.no_grad():
+        windows = torch.stack([model.embed(x[:, i * 16000:(i + 1) * 16000]) for i in range(5)]).mean(0)
+        torch.testing.assert_close(model(x), windows, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x[:, :8000]), model.embed(torch.nn.functional.pad(x[:, :8000], (0, 8000))))
+
+
+def write_audio_folder(d):
+    d.mkdir()
+    (d / "sub").mkdir()
+    t = np.arange(int(2.5 * 16000)) / 16000
+    for i, f0 in enumerate((220, 330, 440, 550)):
+        sf.write(d / f"tone{i}.wav", (0.5 * np.sin(2 * np.pi * f0 * t)).astype(np.float32), 16000)
+    t44 = np.arange(int(1.5 * 44100)) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 300 * t44), np.sin(2 * np.pi * 600 * t44)], axis=1) * 0.3
+    sf.write(d / "sub" / "stereo44k.flac", stereo.astype(np.float32), 44100)
+    sf.write(d / "short.wav", np.zeros(4000, np.float32), 16000)  # shorter than 1 s: zero-padded
+
+
+@pytest.mark.parametrize("positives", ["jitter", "mix5"])
+def test_real_audio_folder_trains(tmp_path, positives):
+    write_audio_folder(tmp_path / "audio")
+    source = train.RealAudio(str(tmp_path / "audio"), positives, 4, 0, None)
+    assert len(source.info) == 6
+    a, b = source.sample(0)
+    assert a.shape == b.shape == (4, 16000) and np.isfinite(a).all() and np.abs(a).max() <= 1.0
+    a2, _ = source.sample(0)
+    np.testing.assert_array_equal(a, a2)  # a batch is a function of (seed, stream, rank, step)
+    out = tmp_path / "run"
+    run(ROOT / "train.py", "--data", tmp_path / "audio", "--positives", positives, "--batch-size", "4",
+        "--epochs", "1", "--sounds-per-epoch", "10", "--out", out)
+    assert (out / "encoder.pt").is_file()
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    # t = 1e9 makes every uniformity term exp(-huge) = 0, so the loss is log(0) = -inf
+    p = run(ROOT / "train.py", *TINY, "--epochs", "1", "--t", "1e9", "--out", tmp_path / "r", check=False)
+    assert p.returncode == 1 and "non-finite loss at step 0" in p.stderr
+    assert not (tmp_path / "r" / "checkpoint.pt").exists() and not (tmp_path / "r" / "encoder.pt").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--synth", "nope"], "unknown synth"),
+    (["--delta", "-1"], "--delta"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--data", "/nonexistent/folder"], "not a folder"),
+    (["--data", "EMPTY"], "no audio files"),
+    (["--data", "BROKEN"], "unreadable audio file"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.wav").write_bytes(b"RIFF not really a wav")
+    args = [{"EMPTY": tmp_path / "empty", "BROKEN": tmp_path / "broken"}.get(a, a) for a in args]
+    p = run(ROOT / "train.py", "--out", tmp_path / "out", *args, check=False)
+    assert needle in assert_one_line_error(p)

@@ -649,6 +649,7 @@ def main():
         export_encoder(raw_model.state_dict(), os.path.join(out, "encoder.pt"), config)
         print(f"wrote {os.path.join(out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
     if ddp:
+        dist.barrier()  # leave together: no rank tears down gloo while another still exports
         dist.destroy_process_group()
 
 

@@ -37,3 +37,20 @@ def assert_one_line_error(p):
 def data_dir():
     assert DATA.is_dir(), f"real audio missing at {DATA}"
     return DATA
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A briefly pretrained encoder from the real train.py (voice, delta 0.25): 18 steps of 8 pairs."""
+    out = tmp_path_factory.mktemp("runs") / "voice_d0.25"
+    run(ROOT / "train.py", "--synth", "voice", "--delta", "0.25", "--batch-size", "8", "--epochs", "1",
+        "--sounds-per-epoch", "160", "--log-every", "6", "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_run(tmp_path_factory):
+    """The paper's "Random Init." baseline: train.py --epochs 0."""
+    out = tmp_path_factory.mktemp("runs") / "random"
+    run(ROOT / "train.py", "--epochs", "0", "--out", out)
+    return out

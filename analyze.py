@@ -1,0 +1,910 @@
+"""
+Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgängers" (Cherep & Singh).
+
+One script, six subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR
+and prints a short summary. Nothing downloads: every model is read from a local path.
+
+  # Fig. 1: positive-pair cosine similarity vs delta per synth, and a PCA of the pairs per delta
+  python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
+  python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
+  python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
+
+  # Fig. 2A: spectral features of synthetic sets, real clips and K-segment mixtures of real clips
+  python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \
+      --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
+
+  # Fig. 2B: causal-uncertainty proxies from an Audio Spectrogram Transformer with local weights
+  python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \
+      --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
+
+  # Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
+  python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \
+      --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
+  python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
+
+  # Fig. 5 and Fig. 3: final validation align/unif and probe scores vs delta, from train.py runs
+  python analyze.py training --runs runs/* --results probes/results.json --out figs/training
+
+  # everything the given inputs allow, with every figure and table in DIR/report.md
+  python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \
+      --runs runs/* --results probes/results.json --out report/
+
+Sets: --set NAME=PATH reads every audio file under PATH (recursively: wav, flac, ogg, mp3, aiff),
+or, for fad, a probe.py embedding cache PATH.npz (key `embeddings`). NAME=mixK:PATH makes the
+paper's "Mix" set from PATH: each clip becomes the sum of K random 1-s segments of one file.
+--max-files N keeps a fixed, seeded subset of N files per set.
+
+uncertainty: class probabilities are a softmax over the logits of a single-label head; a multi-label
+(AudioSet, sigmoid) head's sigmoid outputs are normalized to sum 1 (--activation overrides).
+
+Embedders (--embedder): `mfcc` = mean and std over time of 20 MFCCs at 16 kHz (no weights);
+`encoder:PATH` = an encoder.pt exported by train.py (TorchScript); `clap` = LAION-CLAP through the
+laion_clap package and local weights (--clap-checkpoint FILE). In `pairs`, mfcc features are
+z-scored per dimension over all sounds of the sweep before the cosine similarity: raw MFCC
+statistics are dominated by the energy coefficient, which inflates every similarity, random pairs
+included.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads, ever
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+# torch, torchaudio, essentia and transformers are imported where they are used: importing them
+# takes seconds, and a bad input should fail at once
+
+SR = 16000
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+FRAME, HOP = 2048, 512  # spectral features: 128 ms frames at 16 kHz
+SILENCE = 1e-8          # frame mean power below this (after level normalization) is skipped
+OE_CLIP = (1e-3, 1e3)   # odd/even ratio range: Essentia returns FLT_MAX when even harmonics vanish
+FEATURES = ["inharmonicity", "odd_even_ratio", "pitch_salience", "flatness", "flux", "complexity"]
+PROXIES = ["H_cu", "H_p", "S_conf"]
+
+
+def die(msg):
+    print(f"analyze.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# -----------------------------------------------------------------------------
+# atomic outputs: a reader never sees half a file, and a crash never truncates an old one
+
+def write_text(path, text):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_csv(path, rows, cols):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_fig(fig, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path.name
+
+
+def fmt_row(r, digits=6):
+    return {k: (f"{v:.{digits}g}" if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}
+
+
+def delta_axis(ax, deltas):
+    ax.set_xscale("symlog", linthresh=0.01)  # log-like, but keeps delta = 0
+    ax.set_xticks(deltas, [f"{d:g}" for d in deltas])
+    ax.set_xlabel("δ")
+
+
+# -----------------------------------------------------------------------------
+# audio and sets
+
+def load_audio(path):
+    try:
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        die(f"cannot read audio {path}: {first_line(e)}")
+    if len(x) == 0:
+        die(f"empty audio file {path}")
+    x = x.mean(1)  # mono downmix
+    if sr != SR:
+        import torch
+        import torchaudio
+        x = torchaudio.functional.resample(torch.from_numpy(x), sr, SR).numpy()
+    return x
+
+
+def list_audio(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        die(f"no such folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    if not files:
+        die(f"no audio files under {folder}")
+    return files
+
+
+def subset(n, max_files):
+    """A fixed seeded subset (in original order), so runs and sets are comparable."""
+    if not max_files or n <= max_files:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
+
+
+def mixture(x, k, rng):
+    """The paper's Mix sets: K random 1-s segments of one file, layered (circularly for short files)."""
+    x = np.pad(x, (0, max(0, SR - len(x))))
+    segs = [np.take(x, o + np.arange(SR), mode="wrap") for o in rng.integers(0, len(x), k)]
+    m = np.sum(segs, 0)
+    return (m * np.sqrt(np.mean(x ** 2) / max(np.mean(m ** 2), 1e-12))).astype(np.float32)  # keep loudness
+
+
+def parse_set(spec):
+    name, eq, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    k, m = 0, re.fullmatch(r"mix(\d+):(.+)", path)
+    if m:
+        k, path = int(m.group(1)), m.group(2)
+        if k < 1:
+            die(f"--set {spec}: mixK needs K >= 1")
+    if not path:
+        die(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
+    return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
+
+
+def load_set(spec, max_files, allow_npz=False):
+    """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
+    name, path, k = parse_set(spec)
+    if path.suffix == ".npz":
+        if not allow_npz:
+            die(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
+        if not path.is_file():
+            die(f"no such file: {path}")
+        try:
+            z = np.load(path, allow_pickle=False)
+            emb = np.asarray(z["embeddings"], dtype=np.float64)
+        except Exception:
+            die(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)")
+        if emb.ndim != 2 or len(emb) == 0:
+            die(f"set {name}: {path} holds no (N, D) embeddings")
+        try:
+            files = [str(f) for f in z["files"]]
+        except Exception:  # file names are optional here
+            files = [str(i) for i in range(len(emb))]
+        keep = subset(len(emb), max_files)
+        return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
+    files = list_audio(path)
+    files = [files[i] for i in subset(len(files), max_files)]
+    waves = [load_audio(f) for f in tqdm(files, desc=f"read {name}", disable=None)]
+    if k:
+        rng = np.random.default_rng(0)
+        waves = [mixture(w, k, rng) for w in waves]
+    return dict(name=name, files=[str(f.relative_to(path)) for f in files], waves=waves)
+
+
+# -----------------------------------------------------------------------------
+# embedders: each maps a float32 (B, T) 16 kHz batch to (B, D)
+
+def get_embedder(args):
+    spec = args.embedder
+    if spec == "clap":
+        missing = []
+        try:
+            import laion_clap
+        except ImportError:
+            missing.append("the laion_clap package (pip install laion_clap)")
+        if not args.clap_checkpoint:
+            missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
+        elif not Path(args.clap_checkpoint).is_file():
+            missing.append(f"the CLAP checkpoint {args.clap_checkpoint} (no such file)")
+        if missing:
+            die("--embedder clap needs " + " and ".join(missing))
+        import torchaudio
+        try:
+            model = laion_clap.CLAP_Module(enable_fusion=False, amodel=args.clap_amodel, device="cpu")
+            model.load_ckpt(args.clap_checkpoint, verbose=False)
+            model.eval()
+        except Exception as e:
+            die(f"cannot load LAION-CLAP from {args.clap_checkpoint}: {first_line(e)}")
+        # CLAP works at 48 kHz
+        return lambda x: model.get_audio_embedding_from_data(
+            x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()
+    if spec.startswith("encoder:"):
+        import torch
+        path = Path(spec[len("encoder:"):])
+        if not path.is_file():
+            die(f"no such encoder file: {path}")
+        try:
+            enc = torch.jit.load(str(path), map_location="cpu").eval()
+            with torch.no_grad():
+                out = enc(torch.zeros(2, SR))
+            ok = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2
+        except Exception:
+            ok = False
+        if not ok:
+            die(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))")
+        return lambda x: enc(x).float()
+    if spec == "mfcc":
+        import torch
+        import torchaudio
+        mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
+
+        def fn(x):
+            x = torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))  # very short clips
+            m = mfcc(x)
+            return torch.cat([m.mean(-1), m.std(-1)], 1)
+        return fn
+    die(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
+
+
+def batches(waves, batch_size):
+    """Index lists of equal-length clips, so a batch is one tensor and nothing is padded."""
+    order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+    cur = []
+    for i in order:
+        if cur and (len(waves[i]) != len(waves[cur[0]]) or len(cur) == batch_size):
+            yield cur
+            cur = []
+        cur.append(i)
+    if cur:
+        yield cur
+
+
+def embed(waves, fn, batch_size, desc="embed"):
+    import torch
+    out = [None] * len(waves)
+    with torch.no_grad():
+        for idx in tqdm(list(batches(waves, batch_size)), desc=desc, disable=None):
+            e = fn(torch.from_numpy(np.stack([waves[i] for i in idx]).astype(np.float32))).numpy()
+            for j, i in enumerate(idx):
+                out[i] = e[j]
+    return np.stack(out).astype(np.float64)
+
+
+def set_embeddings(sets, fn, args):
+    """Embeddings of every set (audio sets embedded with fn, caches used as they are)."""
+    for s in sets:
+        if "emb" not in s:
+            s["emb"] = embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
+    dims = {s["name"]: s["emb"].shape[1] for s in sets}
+    if len(set(dims.values())) > 1:
+        die("embedding dimensions differ: " + ", ".join(f"{k} has {v}" for k, v in dims.items()))
+    return sets
+
+
+# -----------------------------------------------------------------------------
+# pairs (Fig. 1)
+
+def cmd_pairs(args):
+    root = Path(args.pairs)
+    if not root.is_dir():
+        die(f"no such folder: {root}")
+    dirs = sorted(p.parent for p in root.rglob("params.npz"))
+    if not dirs:
+        die(f"no generate.py pair folders (params.npz) under {root}")
+    fn = get_embedder(args)
+    groups, files = [], []
+    for d in dirs:
+        try:
+            z = np.load(d / "params.npz", allow_pickle=False)
+            synth, delta = str(z["synth"]), float(z["delta"])
+        except Exception:
+            die(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)")
+        fa = sorted(d.glob("*_a.wav"))[: args.max_pairs or None]
+        fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
+        if not fa:
+            die(f"no NNNNNN_a.wav files in {d}")
+        if not all(f.is_file() for f in fb):
+            die(f"{d}: some _a.wav files have no matching _b.wav")
+        groups.append(dict(synth=synth, delta=delta, start=len(files), n=len(fa)))
+        files += fa + fb
+    waves = [load_audio(f) for f in tqdm(files, desc="read pairs", disable=None)]
+    emb = embed(waves, fn, args.batch_size)
+    if args.embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
+        emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for g in groups:
+        n, s = g["n"], g["start"]
+        g["a"], g["b"] = emb[s:s + n], emb[s + n:s + 2 * n]
+        pos = (g["a"] * g["b"]).sum(1)
+        perm = rng.permutation(n)  # random negatives: a against a shuffled b (never its own pair)
+        neg = (g["a"][perm] * g["b"][np.roll(perm, 1)]).sum(1) if n > 1 else np.array([np.nan])
+        rows.append(dict(synth=g["synth"], delta=g["delta"], n=n, pos_mean=pos.mean(), pos_sd=pos.std(),
+                         neg_mean=neg.mean(), neg_sd=neg.std()))
+    rows.sort(key=lambda r: (r["synth"], r["delta"]))
+    cols = ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"]
+    out = Path(args.out)
+    write_csv(out / "pairs.csv", [fmt_row(r) for r in rows], cols)
+
+    synths = sorted({r["synth"] for r in rows})
+    deltas = sorted({r["delta"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, sy in enumerate(synths):
+        rs = [r for r in rows if r["synth"] == sy]
+        x = [r["delta"] for r in rs]
+        ax.errorbar(x, [r["pos_mean"] for r in rs], yerr=[r["pos_sd"] for r in rs], marker="o", capsize=3,
+                    color=f"C{i}", label=f"{sy} positives")
+        ax.plot(x, [r["neg_mean"] for r in rs], ls="--", color=f"C{i}", alpha=0.6, label=f"{sy} random negatives")
+    delta_axis(ax, deltas)
+    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
+    ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figures = [save_fig(fig, out / "pairs_similarity.png")]
+
+    # PCA fitted per synth over all its deltas, so the panels of a row share axes
+    fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)),
+                             squeeze=False)
+    for i, sy in enumerate(synths):
+        gs = {g["delta"]: g for g in groups if g["synth"] == sy}
+        allx = np.concatenate([np.concatenate([g["a"], g["b"]]) for g in gs.values()])
+        mu = allx.mean(0)
+        _, _, vt = np.linalg.svd(allx - mu, full_matrices=False)
+        for j, d in enumerate(deltas):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            if d not in gs:
+                ax.axis("off")
+                continue
+            k = min(gs[d]["n"], args.pca_pairs)
+            pa, pb = (gs[d]["a"][:k] - mu) @ vt[:2].T, (gs[d]["b"][:k] - mu) @ vt[:2].T
+            for p, q in zip(pa, pb):
+                ax.plot([p[0], q[0]], [p[1], q[1]], color=f"C{i}", lw=0.7, alpha=0.7)
+            ax.scatter(pa[:, 0], pa[:, 1], s=6, color=f"C{i}")
+            ax.scatter(pb[:, 0], pb[:, 1], s=6, color=f"C{i}", marker="x")
+            ax.set_title(f"{sy}  δ={d:g}", fontsize=8)
+    figures.append(save_fig(fig, out / "pairs_pca.png"))
+
+    print(f"pairs ({args.embedder}): positive / random-negative cosine similarity")
+    for r in rows:
+        print(f"  {r['synth']:<11} δ={r['delta']:<5g} n={r['n']:<4d} pos {r['pos_mean']:.3f} ± {r['pos_sd']:.3f}"
+              f"   neg {r['neg_mean']:.3f} ± {r['neg_sd']:.3f}")
+    return dict(title=f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures=figures,
+                tables=[("pairs.csv", cols, rows)])
+
+
+# -----------------------------------------------------------------------------
+# features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
+
+def make_essentia():
+    import essentia
+    essentia.log.infoActive = False  # keeps its import-time INFO line off stdout
+    essentia.log.warningActive = False
+    import essentia.standard as es
+    return dict(
+        es=es,
+        window=es.Windowing(type="hann", size=FRAME),
+        spectrum=es.Spectrum(size=FRAME),
+        peaks=es.SpectralPeaks(sampleRate=SR, minFrequency=20, maxFrequency=SR / 2, maxPeaks=100,
+                               orderBy="frequency"),  # HarmonicPeaks needs ascending, > 0 Hz
+        pitch=es.PitchYinFFT(frameSize=FRAME, sampleRate=SR, minFrequency=40, maxFrequency=4000),
+        harmonics=es.HarmonicPeaks(maxHarmonics=20),
+        inharmonicity=es.Inharmonicity(),
+        odd_even=es.OddToEvenHarmonicEnergyRatio(),
+        salience=es.PitchSalience(sampleRate=SR, lowBoundary=100, highBoundary=5000),  # must be < Nyquist
+        flatness=es.Flatness(),
+        flux=es.Flux(),
+        complexity=es.SpectralComplexity(sampleRate=SR, magnitudeThreshold=0.005),
+    )
+
+
+def clip_features(x, E):
+    """Per-clip features: the median over non-silent frames (NaN where no frame qualifies)."""
+    x = np.asarray(x, np.float32)
+    x = x * (0.1 / max(float(np.sqrt(np.mean(x ** 2))), 1e-8))  # same level for every clip: flux and
+    x = np.pad(x, (0, max(0, FRAME - len(x))))                  # complexity depend on it
+    vals = {f: [] for f in FEATURES}
+    E["flux"].reset()
+    prev = False
+    for frame in E["es"].FrameGenerator(x, frameSize=FRAME, hopSize=HOP, startFromZero=True):
+        if np.mean(frame ** 2) < SILENCE:  # flatness, salience etc. are undefined on silence
+            prev = False
+            continue
+        s = E["spectrum"](E["window"](frame))
+        flux = E["flux"](s)
+        if prev:  # Flux of the first frame after silence compares against nothing
+            vals["flux"].append(flux)
+        prev = True
+        vals["flatness"].append(E["flatness"](s))
+        vals["pitch_salience"].append(E["salience"](s))
+        vals["complexity"].append(E["complexity"](s))
+        f0, _ = E["pitch"](s)
+        freqs, mags = E["peaks"](s)
+        if f0 <= 0 or len(freqs) == 0:
+            continue
+        hf, hm = E["harmonics"](freqs, mags, f0)
+        if len(hf) == 0:
+            continue
+        vals["inharmonicity"].append(E["inharmonicity"](hf, hm))  # 1.0 when no harmonic has energy
+        if hm.sum() > 0:
+            # Essentia counts array index 0 (the fundamental, harmonic 1) as "even"; a zero-energy
+            # slot in front puts harmonic k at index k, so the ratio is odd/even harmonic energy.
+            r = E["odd_even"](np.r_[0.0, hf].astype(np.float32), np.r_[0.0, hm].astype(np.float32))
+            vals["odd_even_ratio"].append(float(np.clip(r, *OE_CLIP)))
+    return {f: float(np.median(v)) if v else float("nan") for f, v in vals.items()}
+
+
+def violins(ax, data, names, title, log=False):
+    for i, v in enumerate(data):
+        v = np.asarray(v, float)
+        v = v[np.isfinite(v)]
+        if log:
+            v = np.log10(v[v > 0])
+        if len(np.unique(v)) >= 2:
+            p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
+            for b in p["bodies"]:
+                b.set_color(f"C{i}")
+        elif len(v):
+            ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
+    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    ax.set_title(title + (" (log10)" if log else ""), fontsize=9)
+
+
+def cmd_features(args, sets=None):
+    if not args.set:
+        die("features needs at least one --set NAME=PATH")
+    sets = sets or [load_set(s, args.max_files) for s in args.set]
+    E = make_essentia()
+    rows = []
+    for s in sets:
+        for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None):
+            rows.append(dict(set=s["name"], file=f, **clip_features(w, E)))
+    out = Path(args.out)
+    write_csv(out / "features.csv", [fmt_row(r) for r in rows], ["set", "file"] + FEATURES)
+    names = [s["name"] for s in sets]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
+    for ax, f in zip(axes.flat, FEATURES):
+        violins(ax, [[r[f] for r in rows if r["set"] == n] for n in names], names, f.replace("_", " "),
+                log=f == "odd_even_ratio")
+    fig.suptitle("spectral features per clip (median over frames)")
+    fig.tight_layout()
+    figures = [save_fig(fig, out / "features.png")]
+    summary = []
+    for n in names:
+        v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
+        summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
+                                                 else float("nan") for f, c in zip(FEATURES, v.T)}))
+    print("features: median per set")
+    for r in summary:
+        print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{f} {r[f]:.4g}" for f in FEATURES))
+    return dict(title="Spectral features (Fig. 2A)", figures=figures,
+                tables=[("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES,
+                         summary)])
+
+
+# -----------------------------------------------------------------------------
+# uncertainty (Fig. 2B)
+
+def uncertainty_proxies(p):
+    """Causal-uncertainty proxies of class probabilities p (N, C), rows normalized to sum 1:
+    H_cu = max probability, H_p = entropy / log C, S_conf = top-1 minus top-2 probability."""
+    p = np.asarray(p, np.float64)
+    p = p / p.sum(1, keepdims=True)
+    top = -np.sort(-p, 1)
+    h_p = -(p * np.log(np.where(p > 0, p, 1.0))).sum(1) / np.log(p.shape[1])
+    return dict(H_cu=top[:, 0], H_p=h_p, S_conf=top[:, 0] - top[:, 1])
+
+
+def classify(sets, args):
+    """Class probabilities of every clip from an AST classifier with local weights."""
+    import torch
+    import torchaudio
+    import transformers
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification
+    transformers.logging.set_verbosity_error()
+    d = Path(args.classifier_path)
+    if not d.is_dir():
+        die(f"no such classifier folder: {d}")
+    try:
+        fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
+        model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
+    except Exception as e:
+        die(f"cannot load an AST classifier from {d}: {first_line(e)}")
+    cfg = model.config
+    # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
+    sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
+        cfg.problem_type == "multi_label_classification" or cfg.num_labels == 527))
+    for s in sets:
+        waves = s["waves"]
+        if fe.sampling_rate != SR:
+            waves = [torchaudio.functional.resample(torch.from_numpy(w), SR, fe.sampling_rate).numpy() for w in waves]
+        probs, bs = [], min(args.batch_size, 8)  # AST attends over ~1200 patches: small batches
+        with torch.no_grad():
+            for i in tqdm(range(0, len(waves), bs), desc=f"classify {s['name']}", disable=None):
+                inputs = fe(waves[i:i + bs], sampling_rate=fe.sampling_rate, return_tensors="pt")
+                logits = model(**inputs).logits.double()
+                p = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
+                probs.append((p / p.sum(-1, keepdim=True)).numpy())
+        s["probs"] = np.concatenate(probs)
+    return [cfg.id2label.get(i, str(i)) for i in range(cfg.num_labels)], "sigmoid, normalized" if sigmoid else "softmax"
+
+
+def cmd_uncertainty(args, sets=None):
+    if not args.set:
+        die("uncertainty needs at least one --set NAME=PATH")
+    if not args.classifier_path:
+        die("uncertainty needs --classifier-path DIR (a local AST classifier)")
+    if not Path(args.classifier_path).is_dir():
+        die(f"no such classifier folder: {args.classifier_path}")
+    sets = sets or [load_set(s, args.max_files) for s in args.set]
+    labels, how = classify(sets, args)
+    rows = []
+    for s in sets:
+        u = uncertainty_proxies(s["probs"])
+        for i, f in enumerate(s["files"]):
+            rows.append(dict(set=s["name"], file=f, top_class=labels[int(s["probs"][i].argmax())],
+                             **{k: u[k][i] for k in PROXIES}))
+    out = Path(args.out)
+    cols = ["set", "file", "top_class"] + PROXIES
+    write_csv(out / "uncertainty.csv", [fmt_row(r) for r in rows], cols)
+    names = [s["name"] for s in sets]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
+    for ax, k in zip(axes, PROXIES):
+        # S_conf spans decades, so it is plotted in log10 (floored at 1e-6)
+        data = [[max(r[k], 1e-6) if k == "S_conf" else r[k] for r in rows if r["set"] == n] for n in names]
+        violins(ax, data, names, titles[k], log=k == "S_conf")
+    fig.suptitle(f"causal-uncertainty proxies ({len(labels)} classes, {how})")
+    fig.tight_layout()
+    figures = [save_fig(fig, out / "uncertainty.png")]
+    summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
+                    **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
+    print(f"uncertainty: mean per set ({how})")
+    for r in summary:
+        print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{k} {r[k]:.3f}" for k in PROXIES))
+    return dict(title="Causal-uncertainty proxies (Fig. 2B)", figures=figures,
+                tables=[(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
+                         ["set", "n"] + PROXIES, summary)])
+
+
+# -----------------------------------------------------------------------------
+# fad (Table 2)
+
+def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the standard FAD/FID code computes it."""
+    import scipy.linalg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "singular matrix" warnings: handled by the offset below
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            off = eps * np.eye(len(s1))
+            covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = np.real(covmean)  # tiny imaginary parts are numerical noise
+    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return max(d, 0.0)
+
+
+def fad(e1, e2):
+    return frechet_distance(e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False))
+
+
+def cmd_fad(args, sets=None, targets=None):
+    if not args.set:
+        die("fad needs at least one --set NAME=PATH (and --target, or two --set for all pairs)")
+    if not args.target and len(args.set) < 2:
+        die("fad needs a --target or at least two --set")
+    specs = args.set + args.target
+    fn = get_embedder(args) if any(parse_set(s)[1].suffix != ".npz" for s in specs) else None
+    sets = sets or [load_set(s, args.max_files, allow_npz=True) for s in args.set]
+    targets = targets if targets is not None else [load_set(s, args.max_files, allow_npz=True) for s in args.target]
+    for s in sets + targets:
+        n = len(s["files"])
+        if n < 2:
+            die(f"set {s['name']}: FAD needs at least 2 clips, got {n}")
+    set_embeddings(sets + targets, fn, args)
+    tgt = targets or sets
+    rows = [dict(set=s["name"], target=t["name"], n_set=len(s["emb"]), n_target=len(t["emb"]),
+                 fad=fad(s["emb"], t["emb"])) for s in sets for t in tgt]
+    out = Path(args.out)
+    cols = ["set", "target", "n_set", "n_target", "fad"]
+    write_csv(out / "fad.csv", [fmt_row(r) for r in rows], cols)
+    m = np.array([[r["fad"] for r in rows if r["set"] == s["name"]] for s in sets])
+    fig, ax = plt.subplots(figsize=(1.4 * len(tgt) + 2, 0.6 * len(sets) + 1.5))
+    im = ax.imshow(m, cmap="viridis")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(tgt)), [t["name"] for t in tgt], rotation=30)
+    ax.set_yticks(range(len(sets)), [s["name"] for s in sets])
+    ax.set_xlabel("target")
+    emb_name = args.embedder if any("waves" in s for s in sets + targets) else "cached embeddings"
+    ax.set_title(f"Fréchet Audio Distance ({emb_name})")
+    fig.colorbar(im, ax=ax)
+    figures = [save_fig(fig, out / "fad.png")]
+    print(f"fad ({emb_name}):")
+    for r in rows:
+        print(f"  {r['set']:<14} -> {r['target']:<14} {r['fad']:.4g}")
+    return dict(title=f"Fréchet Audio Distance (Table 2, {emb_name})", figures=figures,
+                tables=[("fad.csv", cols, rows)])
+
+
+# -----------------------------------------------------------------------------
+# training (Fig. 5, Fig. 3)
+
+def read_run(d):
+    d = Path(d)
+    if not d.is_dir():
+        die(f"no such run folder: {d}")
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except Exception:
+        die(f"{d} is not a train.py run folder (no readable config.json)")
+    if "synth" not in cfg or "delta" not in cfg:
+        die(f"{d / 'config.json'} has no synth/delta")
+    synth = "+".join(cfg["synth"]) if isinstance(cfg["synth"], list) else str(cfg["synth"])
+    delta = float(cfg["delta"])
+    if cfg.get("data"):  # the paper's real-audio baselines: no synth, no delta
+        synth, delta = f"real ({cfg.get('positives', 'aug')})", float("nan")
+    elif cfg.get("epochs") == 0:  # "Random Init." baseline
+        synth, delta = "random init", float("nan")
+    row = dict(run=d.name, synth=synth, delta=delta, steps=0, epochs=0,
+               val_align=float("nan"), val_unif=float("nan"))
+    if (d / "log.csv").is_file():
+        with open(d / "log.csv", newline="") as f:
+            log = list(csv.DictReader(f))
+        val = [r for r in log if (r.get("val_align") or "").strip()]
+        if log:
+            row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
+        if val:  # the last validation, i.e. the final model's
+            row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
+    return row
+
+
+def read_results(path, runs):
+    """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
+    path = Path(path)
+    try:
+        res = json.loads(path.read_text())
+    except Exception:
+        die(f"cannot read probe results {path} (not a probe.py results.json)")
+    summary = res.get("summary")
+    if not summary:  # aggregate the per-fold rows
+        by = {}
+        for r in res.get("rows", []):
+            by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
+        summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
+                   for (e, t, m), v in by.items()]
+    out, skipped = [], set()
+    for s in summary:
+        enc = Path(s["encoder"])
+        run = None
+        for d in (enc.parent, path.parent / enc.parent):  # runs/NAME/encoder.pt -> runs/NAME/
+            if (d / "config.json").is_file():
+                run = read_run(d)
+                break
+        run = run or runs.get(enc.parent.name)
+        if run is None:
+            skipped.add(str(enc))
+            continue
+        out.append(dict(run=run["run"], synth=run["synth"], delta=run["delta"], task=s["task"],
+                        metric=s["metric"], mean=float(s["mean"]), std=float(s.get("std", 0.0)),
+                        folds=s.get("folds", "")))
+    if skipped:
+        print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
+    return out
+
+
+def by_synth(ax, rows, key, err=None):
+    """One line per synth; runs that share (synth, delta), e.g. seeds, are averaged."""
+    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
+        rs = [r for r in rows if r["synth"] == sy and np.isfinite(r[key])]
+        if not rs:
+            continue
+        if not np.isfinite(rs[0]["delta"]):  # a baseline without delta: a reference line
+            ax.axhline(np.mean([r[key] for r in rs]), ls="--", color=f"C{i}", label=sy)
+            continue
+        ds = sorted({r["delta"] for r in rs})
+        y = [np.mean([r[key] for r in rs if r["delta"] == d]) for d in ds]
+        e = [np.mean([r[err] for r in rs if r["delta"] == d]) for d in ds] if err else None
+        ax.errorbar(ds, y, yerr=e, marker="o", capsize=3, color=f"C{i}", label=sy)
+    delta_axis(ax, sorted({r["delta"] for r in rows if np.isfinite(r["delta"])}))
+    ax.legend(fontsize=7)
+
+
+def cmd_training(args):
+    if not args.runs and not args.results:
+        die("training needs --runs DIR ... and/or --results results.json ...")
+    runs = {}
+    for d in args.runs or []:
+        r = read_run(d)
+        runs[r["run"]] = r
+    probes = [p for f in args.results or [] for p in read_results(f, runs)]
+    if not runs and not probes:
+        die("no probe result maps to a train.py run folder (runs/NAME/encoder.pt -> runs/NAME/config.json)")
+    out = Path(args.out)
+    figures, tables = [], []
+    cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
+    rows = sorted(runs.values(), key=lambda r: (r["synth"], r["delta"], r["run"]))
+    write_csv(out / "training.csv", [fmt_row(r) for r in rows], cols)
+    tables.append(("training.csv: final validation alignment and uniformity", cols, rows))
+    if rows:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, k in zip(axes, ["val_align", "val_unif"]):
+            by_synth(ax, rows, k)
+            ax.set_title(f"final {k.replace('val_', 'validation ')}")
+        figures.append(save_fig(fig, out / "training_align_unif.png"))
+        print("training: final validation align / unif")
+        for r in rows:
+            print(f"  {r['run']:<20} {r['synth']:<11} δ={r['delta']:<5g} align {r['val_align']:.4f}  unif {r['val_unif']:.4f}")
+    pcols = ["run", "synth", "delta", "task", "metric", "mean", "std", "folds"]
+    if probes:
+        probes.sort(key=lambda r: (r["task"], r["synth"], r["delta"], r["run"]))
+        write_csv(out / "probe.csv", [fmt_row(r) for r in probes], pcols)
+        tables.append(("probe.csv: linear-probe scores", pcols, probes))
+        tasks = sorted({r["task"] for r in probes})
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+        for ax, t in zip(axes[0], tasks):
+            rs = [r for r in probes if r["task"] == t]
+            by_synth(ax, rs, "mean", err="std")
+            ax.set_title(t, fontsize=9)
+            ax.set_ylabel(rs[0]["metric"])
+        fig.tight_layout()
+        figures.append(save_fig(fig, out / "training_probe.png"))
+        print("probe scores:")
+        for r in probes:
+            print(f"  {r['task']:<22} {r['run']:<20} δ={r['delta']:<5g} {r['metric']} {r['mean']:.4f} ± {r['std']:.4f}")
+    return dict(title="Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)",
+                figures=figures, tables=tables)
+
+
+# -----------------------------------------------------------------------------
+# report
+
+def md_table(cols, rows):
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_report(args):
+    sections = []
+    if args.pairs:
+        sections.append(cmd_pairs(args))
+    specs = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
+    audio = {s: load_set(s, args.max_files) for s in specs}
+    if audio:
+        sections.append(cmd_features(args, list(audio.values())))
+        if args.classifier_path:
+            sections.append(cmd_uncertainty(args, list(audio.values())))
+    if args.set and len(args.set) + len(args.target) >= 2:
+        sets = [audio[s] if s in audio else load_set(s, args.max_files, allow_npz=True) for s in args.set]
+        targets = [load_set(s, args.max_files, allow_npz=True) for s in args.target]
+        sections.append(cmd_fad(args, sets, targets))
+    if args.runs or args.results:
+        sections.append(cmd_training(args))
+    if not sections:
+        die("report: nothing to analyze; give --pairs, --set, --runs and/or --results")
+    md = ["# Audio doppelgängers: analysis report", ""]
+    for s in sections:
+        md += [f"## {s['title']}", ""]
+        md += [f"![{f}]({f})" for f in s["figures"]] + [""]
+        for caption, cols, rows in s["tables"]:
+            md += [f"*{caption}*", "", md_table(cols, rows), ""]
+    write_text(Path(args.out) / "report.md", "\n".join(md))
+    print(f"report: {Path(args.out) / 'report.md'} ({len(sections)} sections)")
+    return sections
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2, like every other bad input
+        die(message)
+
+
+def main(argv=None):
+    fmt = argparse.RawDescriptionHelpFormatter
+    common = Parser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder for PNGs, CSVs (created if absent)")
+    bs = Parser(add_help=False)
+    bs.add_argument("--batch-size", type=int, default=64, help="clips per embedding/classifier batch")
+    emb = Parser(add_help=False)
+    emb.add_argument("--embedder", default="mfcc",
+                     help="mfcc (mean+std of 20 MFCCs; z-scored over the sweep in `pairs`), "
+                          "encoder:PATH (train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)")
+    emb.add_argument("--clap-checkpoint", help="local LAION-CLAP weights (.pt) for --embedder clap")
+    emb.add_argument("--clap-amodel", default="HTSAT-tiny", help="CLAP audio model of that checkpoint")
+    sets = Parser(add_help=False)
+    sets.add_argument("--set", action="append", default=[], metavar="NAME=PATH",
+                      help="audio folder (recursive), NAME=mixK:PATH for K-segment mixtures of its files, "
+                           "or (fad) a probe.py embedding cache .npz; repeat for more sets")
+    sets.add_argument("--max-files", type=int, default=1000, help="files per set, fixed seeded subset (0 = all)")
+    tgt = Parser(add_help=False)
+    tgt.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
+                     help="FAD reference set(s), same syntax as --set (default: all pairs of --set)")
+    cls = Parser(add_help=False)
+    cls.add_argument("--classifier-path", help="folder of a local AST classifier (save_pretrained layout)")
+    cls.add_argument("--activation", choices=["auto", "softmax", "sigmoid"], default="auto",
+                     help="logits -> probabilities; auto: sigmoid normalized to sum 1 for multi-label "
+                          "(AudioSet, 527 classes) heads, softmax otherwise")
+    pr = Parser(add_help=False)
+    pr.add_argument("--max-pairs", type=int, default=0, help="pairs per (synth, delta) folder (0 = all)")
+    pr.add_argument("--pca-pairs", type=int, default=40, help="pairs drawn per PCA panel")
+    tr = Parser(add_help=False)
+    tr.add_argument("--runs", nargs="+", default=[], help="train.py run folders (config.json + log.csv)")
+    tr.add_argument("--results", nargs="+", default=[], help="probe.py results.json files")
+
+    p = Parser(description=__doc__, formatter_class=fmt)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    sp = sub.add_parser("pairs", parents=[common, bs, emb, pr],
+                        help="Fig. 1: positive-pair similarity vs delta, PCA of pairs",
+                        description="Cosine similarity of positive pairs (and of random negatives) per synth and "
+                                    "delta from a generate.py sweep; PCA of the pairs per delta. With --embedder "
+                                    "mfcc the features are z-scored per dimension over all sounds of the sweep "
+                                    "first. Writes pairs.csv, pairs_similarity.png, pairs_pca.png.")
+    sp.add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
+    sub.add_parser("features", parents=[common, sets],
+                   help="Fig. 2A: spectral feature distributions per set",
+                   description="Inharmonicity, odd/even harmonic energy ratio, pitch salience, spectral flatness, "
+                               "flux and complexity (Essentia), median over each clip's non-silent frames, "
+                               "after normalizing the clip to a fixed RMS. Odd/even is odd over even harmonic "
+                               "energy (harmonic 1 = odd), clipped to [1e-3, 1e3] (Essentia saturates when even "
+                               "harmonics vanish) and plotted in log10. Essentia's PitchSalience does not remove "
+                               "the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k "
+                               "sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most "
+                               "100 peaks. Writes features.csv, features.png.")
+    sub.add_parser("uncertainty", parents=[common, bs, sets, cls],
+                   help="Fig. 2B: causal-uncertainty proxies from an AST classifier",
+                   description="H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of "
+                               "an AST classifier's class probabilities per clip. Writes uncertainty.csv, "
+                               "uncertainty.png.")
+    sub.add_parser("fad", parents=[common, bs, emb, sets, tgt],
+                   help="Table 2: Frechet Audio Distance between sets",
+                   description="Frechet Audio Distance of every --set against every --target (or every other "
+                               "--set). Writes fad.csv, fad.png.")
+    sub.add_parser("training", parents=[common, tr],
+                   help="Fig. 5/3: final val align/unif and probe scores vs delta",
+                   description="Final validation alignment/uniformity of train.py runs and probe.py scores, "
+                               "against each run's delta, one line per synth. Writes training.csv, probe.csv, "
+                               "training_align_unif.png, training_probe.png.")
+    rp = sub.add_parser("report", parents=[common, bs, emb, sets, tgt, cls, pr, tr],
+                        help="run what the inputs allow and write report.md",
+                        description="pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), "
+                                    "fad (two or more sets/targets) and training (--runs/--results): every figure "
+                                    "and table in OUT/report.md.")
+    rp.add_argument("--pairs", help="generate.py output for the pairs section")
+    args = p.parse_args(argv)
+
+    names = [parse_set(s)[0] for s in getattr(args, "set", []) + getattr(args, "target", [])]
+    if len(set(names)) < len(names):
+        die(f"set names must be unique, got {', '.join(names)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        die(f"--out {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create --out {out}: {first_line(e)}")
+    dict(pairs=cmd_pairs, features=cmd_features, uncertainty=cmd_uncertainty, fad=cmd_fad,
+         training=cmd_training, report=cmd_report)[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Tests for analyze.py: the metrics on known inputs, every subcommand on tiny real inputs, bad input."""
+import csv
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "analyze.py"
+GENERATE = ROOT / "generate.py"
+DATA = ROOT.parent / "shared" / "data"
+SR = 16000
+
+sys.path.insert(0, str(ROOT))
+import analyze  # noqa: E402
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def ok(*args, cwd=None):
+    p = run(*args, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def pngs_ok(out, names):
+    for n in names:
+        b = (Path(out) / n).read_bytes()
+        assert b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 2000, n
+    assert not list(Path(out).glob(".*.tmp")), "temp files left behind"
+
+
+# -----------------------------------------------------------------------------
+# fixtures: a real generate.py sweep, a stand-in encoder, a tiny AST classifier
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "pairs"
+    p = subprocess.run([sys.executable, str(GENERATE), "--synth", "voice", "--delta", "0.01", "0.1", "0.5",
+                        "--pairs", "24", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoder(trained_run):
+    """The briefly trained encoder.pt of the real train.py (conftest)."""
+    return trained_run / "encoder.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny_ast(tmp_path_factory):
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+    d = tmp_path_factory.mktemp("ast")
+    torch.manual_seed(0)
+    cfg = ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    max_length=128, num_mel_bins=32, num_labels=5, frequency_stride=16, time_stride=16)
+    ASTForAudioClassification(cfg).save_pretrained(d)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=128, sampling_rate=SR).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Fake train.py run folders in the contract format, plus a probe.py results.json."""
+    root = tmp_path_factory.mktemp("exp")
+    final = {}
+    for name, synth, delta in [("voice_a", "voice", 0.1), ("voice_b", "voice", 0.25), ("param_a", "parametric", 0.25)]:
+        d = root / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(dict(synth=synth, delta=delta, batch_size=8, epochs=2, lr=1e-3,
+                                                       alpha=2, t=2, seed=0, data="")))
+        va, vu = 0.5 + delta, -2.0 - delta
+        final[name] = (va, vu)
+        lines = ["step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s",
+                 "1,0,0.001,3.0,0.9,-1.0,,,100", f"2,0,0.001,2.9,0.8,-1.2,0.99,-1.5,100",
+                 "3,1,0.001,2.8,0.7,-1.4,,,100", f"4,1,0.001,2.7,0.6,-1.6,{va},{vu},100"]
+        (d / "log.csv").write_text("\n".join(lines) + "\n")
+    # baselines without a delta: an untrained encoder and a real-audio run
+    for name, extra in [("random", dict(epochs=0)), ("real_mix5", dict(data="/audio", positives="mix5"))]:
+        d = root / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(dict(dict(synth="voice", delta=0.25, data=None, epochs=2), **extra)))
+        log = "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
+        (d / "log.csv").write_text(log + ("4,1,0.001,2.7,0.6,-1.6,0.4,-3.0,100\n" if name == "real_mix5" else ""))
+    rows = [dict(encoder=f"runs/{n}/encoder.pt", task=t, metric="accuracy", fold=k, score=0.5 + 0.1 * k + (n == "voice_b") * 0.05,
+                 epochs=10, n_train=8, n_test=2, seconds=1.0)
+            for n in final for t in ["csv:fsdd:digit", "csv:gm_notes:pitch"] for k in range(2)]
+    rows.append(dict(encoder="baseline/encoder.pt", task="csv:fsdd:digit", metric="accuracy", fold=0, score=0.3,
+                     epochs=10, n_train=8, n_test=2, seconds=1.0))
+    (root / "results.json").write_text(json.dumps(dict(rows=rows, summary=[], skipped_files={})))
+    return root, final
+
+
+# -----------------------------------------------------------------------------
+# metrics on known inputs
+
+def test_fad_identity_and_closed_form():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 8)) @ rng.standard_normal((8, 8))
+    assert abs(analyze.fad(x, x)) < 1e-6
+    # samples whose empirical mean and covariance are exactly mu and diag(sd^2)
+    z = rng.standard_normal((400, 6))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    sd1, sd2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum((sd1 - sd2) ** 2)
+    assert analyze.fad(z * sd1 + mu1, z * sd2 + mu2) == pytest.approx(closed, rel=1e-6, abs=1e-6)
+    # singular covariances (fewer clips than dimensions) still give a finite, non-negative number
+    d = analyze.fad(rng.standard_normal((5, 20)), rng.standard_normal((6, 20)) + 1)
+    assert np.isfinite(d) and d >= 0
+
+
+def test_uncertainty_proxies_by_hand():
+    p = np.array([[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.3, 0.2, 0.0], [4.0, 2.0, 1.0, 1.0]])
+    u = analyze.uncertainty_proxies(p)
+    h3 = -(0.5 * np.log(0.5) + 0.3 * np.log(0.3) + 0.2 * np.log(0.2)) / np.log(4)
+    h4 = -(0.5 * np.log(0.5) + 0.25 * np.log(0.25) + 2 * 0.125 * np.log(0.125)) / np.log(4)
+    np.testing.assert_allclose(u["H_cu"], [1.0, 0.25, 0.5, 0.5])
+    np.testing.assert_allclose(u["H_p"], [0.0, 1.0, h3, h4], atol=1e-12)
+    np.testing.assert_allclose(u["S_conf"], [1.0, 0.0, 0.2, 0.25], atol=1e-12)
+
+
+def test_spectral_features_tone_vs_noise():
+    t = np.arange(SR) / SR
+    f0 = 440.0
+    # Essentia's PitchSalience does not remove the spectrum's mean: white noise scores ~pi/4 and a
+    # 1/k sawtooth ~0.57, a tone with equal-strength harmonics (a glottal-pulse-like buzz) ~0.9
+    buzz = sum(np.sin(2 * np.pi * f0 * k * t) for k in range(1, 18))
+    saw = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 10))         # all harmonics
+    square = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 10, 2))   # odd harmonics only
+    inharm = sum(np.sin(2 * np.pi * f0 * k ** 1.15 * t) / k for k in range(1, 10))  # stretched partials
+    noise = np.random.default_rng(0).standard_normal(SR)
+    E = analyze.make_essentia()
+    f = {k: analyze.clip_features(x, E) for k, x in
+         dict(buzz=buzz, saw=saw, square=square, inharm=inharm, noise=noise, silence=np.zeros(SR)).items()}
+    assert f["noise"]["flatness"] > 10 * f["saw"]["flatness"]
+    assert f["buzz"]["pitch_salience"] > f["noise"]["pitch_salience"] > f["saw"]["pitch_salience"] > 0.3
+    assert f["noise"]["complexity"] > f["saw"]["complexity"]
+    assert f["noise"]["flux"] > f["saw"]["flux"]
+    assert f["saw"]["inharmonicity"] < 0.01
+    assert f["noise"]["inharmonicity"] > f["saw"]["inharmonicity"]
+    assert f["inharm"]["inharmonicity"] > f["saw"]["inharmonicity"]
+    assert f["square"]["odd_even_ratio"] > 10 * f["saw"]["odd_even_ratio"]
+    assert f["square"]["odd_even_ratio"] <= analyze.OE_CLIP[1]  # Essentia's FLT_MAX saturation is clipped
+    assert all(np.isnan(v) for v in f["silence"].values())    # silent frames are skipped, not scored
+
+
+# -----------------------------------------------------------------------------
+# subcommands on tiny inputs
+
+def test_pairs_voice_similarity_decreases_with_delta(sweep, tmp_path):
+    ok("pairs", "--pairs", sweep, "--out", tmp_path)
+    rows = read_csv(tmp_path / "pairs.csv")
+    assert [r["synth"] for r in rows] == ["voice"] * 3 and [int(r["n"]) for r in rows] == [24] * 3
+    pos = {float(r["delta"]): float(r["pos_mean"]) for r in rows}
+    assert pos[0.01] > pos[0.1] > pos[0.5]
+    assert pos[0.01] > float(rows[0]["neg_mean"]) + 0.3  # positives are far more alike than negatives
+    pngs_ok(tmp_path, ["pairs_similarity.png", "pairs_pca.png"])
+
+
+def test_pairs_and_fad_with_exported_encoder(sweep, encoder, tmp_path):
+    ok("pairs", "--pairs", sweep / "voice" / "delta_0.01", "--embedder", f"encoder:{encoder}", "--out", tmp_path / "p")
+    rows = read_csv(tmp_path / "p" / "pairs.csv")
+    assert len(rows) == 1 and -1 <= float(rows[0]["pos_mean"]) <= 1
+    ok("fad", "--set", f"voice={sweep / 'voice' / 'delta_0.01'}", "--set", f"voice2={sweep / 'voice' / 'delta_0.5'}",
+       "--target", f"fsdd={DATA / 'fsdd'}", "--max-files", "20", "--embedder", f"encoder:{encoder}",
+       "--out", tmp_path / "f")
+    rows = read_csv(tmp_path / "f" / "fad.csv")
+    assert [(r["set"], r["target"], r["n_set"]) for r in rows] == [("voice", "fsdd", "20"), ("voice2", "fsdd", "20")]
+    assert all(float(r["fad"]) > 0 for r in rows)
+    pngs_ok(tmp_path / "f", ["fad.png"])
+
+
+def test_features_on_real_clips_and_mixtures(sweep, tmp_path):
+    p = ok("features", "--set", f"voice={sweep / 'voice' / 'delta_0.1'}", "--set", f"fsdd={DATA / 'fsdd'}",
+           "--set", f"mix3=mix3:{DATA / 'fsdd_count'}", "--max-files", "5", "--out", tmp_path)
+    rows = read_csv(tmp_path / "features.csv")
+    assert list(rows[0]) == ["set", "file"] + analyze.FEATURES
+    assert [r["set"] for r in rows] == ["voice"] * 5 + ["fsdd"] * 5 + ["mix3"] * 5
+    assert all(np.isfinite(float(r["flatness"])) for r in rows)
+    assert "mix3" in p.stdout
+    pngs_ok(tmp_path, ["features.png"])
+    # the subset is deterministic
+    ok("features", "--set", f"fsdd={DATA / 'fsdd'}", "--max-files", "5", "--out", tmp_path / "again")
+    assert [r["file"] for r in read_csv(tmp_path / "again" / "features.csv")] == [r["file"] for r in rows[5:10]]
+
+
+def test_uncertainty_with_tiny_ast(tiny_ast, tmp_path):
+    ok("uncertainty", "--set", f"fsdd={DATA / 'fsdd'}", "--set", f"gm={DATA / 'gm_notes'}", "--max-files", "4",
+       "--classifier-path", tiny_ast, "--out", tmp_path)
+    rows = read_csv(tmp_path / "uncertainty.csv")
+    assert len(rows) == 8
+    for r in rows:
+        assert 0.2 - 1e-9 <= float(r["H_cu"]) <= 1 and 0 <= float(r["H_p"]) <= 1 and 0 <= float(r["S_conf"]) <= 1
+    pngs_ok(tmp_path, ["uncertainty.png"])
+
+
+def test_fad_with_probe_caches(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, shift in [("a", 0.0), ("b", 1.0)]:
+        np.savez(tmp_path / f"{name}.npz", embeddings=(rng.standard_normal((50, 40)) + shift).astype(np.float32),
+                 labels=np.zeros(50), folds=np.zeros(50, int), files=np.array([f"{i}.wav" for i in range(50)]))
+    # caches of 40 dims against an audio set embedded with mfcc (also 40 dims)
+    ok("fad", "--set", f"a={tmp_path / 'a.npz'}", "--set", f"b={tmp_path / 'b.npz'}",
+       "--target", f"fsdd={DATA / 'fsdd'}", "--target", f"b2={tmp_path / 'b.npz'}", "--max-files", "30",
+       "--out", tmp_path / "out")
+    by = {(r["set"], r["target"]): float(r["fad"]) for r in read_csv(tmp_path / "out" / "fad.csv")}
+    assert set(by) == {("a", "fsdd"), ("a", "b2"), ("b", "fsdd"), ("b", "b2")}
+    assert by[("b", "b2")] < 1e-6 < by[("a", "b2")]
+    pngs_ok(tmp_path / "out", ["fad.png"])
+
+
+def test_training_from_run_folders(runs, tmp_path):
+    root, final = runs
+    p = ok("training", "--runs", *sorted((root / "runs").iterdir()), "--results", root / "results.json",
+           "--out", tmp_path, cwd=root)
+    rows = {r["run"]: r for r in read_csv(tmp_path / "training.csv")}
+    assert set(rows) == set(final) | {"random", "real_mix5"}
+    assert rows["random"]["synth"] == "random init" and rows["random"]["val_align"] == "nan"
+    assert rows["real_mix5"]["synth"] == "real (mix5)" and float(rows["real_mix5"]["val_unif"]) == -3.0
+    for name, (va, vu) in final.items():
+        assert float(rows[name]["val_align"]) == pytest.approx(va) and float(rows[name]["val_unif"]) == pytest.approx(vu)
+    probes = read_csv(tmp_path / "probe.csv")
+    assert len(probes) == 6  # 3 runs x 2 tasks; the baseline encoder has no run folder
+    vb = [r for r in probes if r["run"] == "voice_b" and r["task"] == "csv:fsdd:digit"][0]
+    assert float(vb["mean"]) == pytest.approx(0.6) and float(vb["delta"]) == 0.25 and vb["synth"] == "voice"
+    assert "skipped" in p.stderr
+    pngs_ok(tmp_path, ["training_align_unif.png", "training_probe.png"])
+
+
+def test_report_has_every_figure_and_table(sweep, tiny_ast, runs, tmp_path):
+    root, _ = runs
+    out = tmp_path / "report"
+    ok("report", "--pairs", sweep, "--set", f"voice={sweep / 'voice' / 'delta_0.5'}", "--set", f"fsdd={DATA / 'fsdd'}",
+       "--max-files", "4", "--classifier-path", tiny_ast, "--runs", *sorted((root / "runs").iterdir()),
+       "--results", root / "results.json", "--out", out, cwd=root)
+    md = (out / "report.md").read_text()
+    figs = ["pairs_similarity.png", "pairs_pca.png", "features.png", "uncertainty.png", "fad.png",
+            "training_align_unif.png", "training_probe.png"]
+    for f in figs:
+        assert f"]({f})" in md
+    pngs_ok(out, figs)
+    assert md.count("|---|") >= 6 and "pos_mean" in md and "val_align" in md and "H_p" in md
+
+
+def test_help_documents_mfcc_standardization():
+    p = ok("pairs", "--help")
+    assert "z-scored" in p.stdout
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, exit 2
+
+def test_bad_input_one_line_exit_2(tmp_path, encoder):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.wav").write_bytes(b"not audio at all")
+    (tmp_path / "notenc.pt").write_bytes(b"garbage")
+    np.savez(tmp_path / "d7.npz", embeddings=np.zeros((10, 7), np.float32))
+    sf.write(tmp_path / "ok.wav", np.zeros(SR, np.float32), SR)
+    (tmp_path / "run").mkdir()
+    fsdd = DATA / "fsdd"
+    cases = {
+        "empty set": ["features", "--set", f"e={tmp_path / 'empty'}"],
+        "unreadable audio": ["features", "--set", f"b={tmp_path / 'broken'}"],
+        "mismatched dims": ["fad", "--set", f"c={tmp_path / 'd7.npz'}", "--set", f"f={fsdd}", "--max-files", "3"],
+        "unknown embedder": ["fad", "--set", f"f={fsdd}", "--set", f"g={fsdd}", "--embedder", "vggish"],
+        "missing folder": ["features", "--set", f"x={tmp_path / 'nope'}"],
+        "missing pairs": ["pairs", "--pairs", tmp_path / "empty"],
+        "not an encoder": ["pairs", "--pairs", tmp_path, "--embedder", f"encoder:{tmp_path / 'notenc.pt'}"],
+        "clap missing": ["fad", "--set", f"f={fsdd}", "--set", f"g={fsdd}", "--embedder", "clap"],
+        "no run folder": ["training", "--runs", tmp_path / "run"],
+        "no classifier": ["uncertainty", "--set", f"f={fsdd}", "--classifier-path", tmp_path / "nope"],
+        "duplicate set names": ["features", "--set", f"f={fsdd}", "--set", f"f={DATA / 'gm_notes'}"],
+        "unknown subcommand": ["plot"],
+    }
+    # a pair folder, so "not an encoder" fails on the encoder rather than on the layout
+    np.savez(tmp_path / "params.npz", synth="voice", delta=0.1)
+    sf.write(tmp_path / "000000_a.wav", np.zeros(SR, np.float32), SR)
+    sf.write(tmp_path / "000000_b.wav", np.zeros(SR, np.float32), SR)
+    # all at once: each case is a fresh interpreter that mostly waits on imports
+    procs = {what: subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(tmp_path / "out")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for what, args in cases.items()}
+    for what, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (what, err)
+        assert len(lines) == 1 and lines[0].startswith("analyze.py: error:"), (what, err)
+        if what == "clap missing":
+            assert "laion_clap" in lines[0]
+
+
+def test_training_from_real_run_folders(trained_run, random_run, tmp_path):
+    p = subprocess.run([sys.executable, str(SCRIPT), "training", "--runs", str(trained_run), str(random_run),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = list(csv.DictReader(open(tmp_path / "training.csv")))
+    trained = [r for r in rows if r["run"] == trained_run.name]
+    assert trained and float(trained[0]["delta"]) == 0.25 and trained[0]["val_align"] not in ("", "nan")
+    assert list(tmp_path.glob("*.png"))

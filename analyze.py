@@ -10,15 +10,15 @@ and prints a short summary. Nothing downloads: every model is read from a local 
   python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
 
   # Fig. 2A: spectral features of synthetic sets, real clips and K-segment mixtures of real clips
-  python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \
+  python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
 
   # Fig. 2B: causal-uncertainty proxies from an Audio Spectrogram Transformer with local weights
-  python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \
+  python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
       --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
 
   # Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
-  python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \
+  python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
       --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
   python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
 
@@ -26,7 +26,7 @@ and prints a short summary. Nothing downloads: every model is read from a local 
   python analyze.py training --runs runs/* --results probes/results.json --out figs/training
 
   # everything the given inputs allow, with every figure and table in DIR/report.md
-  python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \
+  python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --runs runs/* --results probes/results.json --out report/
 
 Sets: --set NAME=PATH reads every audio file under PATH (recursively: wav, flac, ogg, mp3, aiff),

@@ -175,7 +175,7 @@ def write_audio_folder(d):
     sf.write(d / "short.wav", np.zeros(4000, np.float32), 16000)  # shorter than 1 s: zero-padded
 
 
-@pytest.mark.parametrize("positives", ["jitter", "mix5"])
+@pytest.mark.parametrize("positives", ["jitter", "mix5", "aug"])
 def test_real_audio_folder_trains(tmp_path, positives):
     write_audio_folder(tmp_path / "audio")
     source = train.RealAudio(str(tmp_path / "audio"), positives, 4, 0, None)
@@ -205,6 +205,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     (["--data", "EMPTY"], "no audio files"),
     (["--data", "BROKEN"], "unreadable audio file"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--aug", "--ir-dir", "/nonexistent/irs"], "not an existing directory"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()

@@ -151,7 +151,7 @@ def contrastive_loss(e_a, e_b, alpha=2.0, t=2.0, lam_align=1.0, lam_unif=1.0):
 class RealAudio:
     """A folder of audio files; a pair is two views of random 1-s crops of one file."""
 
-    def __init__(self, root, positives, batch_size, seed, augment):
+    def __init__(self, root, positives, batch_size, seed):
         files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                        if f.lower().endswith(AUDIO_EXTENSIONS))
         if not files:
@@ -168,7 +168,7 @@ class RealAudio:
         order = np.random.default_rng(seed).permutation(len(files))
         n_val = max(1, len(files) // 10) if len(files) > 1 else 0  # 90/10 split by file
         self.splits = {1: order[:n_val], 0: order[n_val:]} if n_val else {0: order, 1: order}
-        self.positives, self.batch_size, self.seed, self.augment = positives, batch_size, seed, augment
+        self.positives, self.batch_size, self.seed = positives, batch_size, seed
 
     def crop(self, i, rng):
         """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
@@ -443,12 +443,11 @@ def main():
         if not os.path.isfile(path):
             die(f"no checkpoint to resume at {path}")
         resume_ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        # the run's own config wins; only these may change when it is continued
-        may_change = {"epochs", "max_steps", "log_every", "save_every", "device", "amp"}
+        # the run's own config wins; only these may change when it is continued, and the device
+        # is always this machine's (given, or the default here)
+        may_change = {"epochs", "max_steps", "log_every", "save_every", "amp"}
         saved = {k: v for k, v in resume_ckpt["config"].items() if k in vars(args) and k not in given & may_change}
         args = argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "device": args.device})
-        if "device" not in given and args.device.startswith("cuda") and not torch.cuda.is_available():
-            args.device = "cpu"
 
     # DDP from torchrun's environment; a plain `python train.py` is a world of one
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -502,7 +501,7 @@ def main():
             die(str(e))
     try:
         if args.data is not None:
-            source = RealAudio(args.data, args.positives, args.batch_size, args.seed, augment)
+            source = RealAudio(args.data, args.positives, args.batch_size, args.seed)
         else:
             source = PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed)
     except ValueError as e:
@@ -575,10 +574,15 @@ def main():
                                        "python": random.getstate()}},
                               os.path.join(out, "checkpoint.pt"))
 
-    def log(row):
+    def log(step, epoch, loss, align, unif, val_align="", val_unif=""):
+        """Append a row to log.csv; returns the training throughput so far in sounds/s."""
+        rate = sounds / (time.time() - t0)
         if master:
             with open(log_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=fields).writerow(row)
+                csv.DictWriter(f, fieldnames=fields).writerow(dict(
+                    step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss, align=align, unif=unif,
+                    val_align=val_align, val_unif=val_unif, sounds_per_s=f"{rate:.1f}"))
+        return rate
 
     def all_mean(*xs):
         t = torch.stack([x.detach().float() for x in xs])
@@ -618,9 +622,7 @@ def main():
             optimizer.step()
             step, sounds = s + 1, sounds + 2 * global_batch
             if step % args.log_every == 0 and step % steps_per_epoch != 0:
-                rate = sounds / (time.time() - t0)
-                log(dict(step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss_v, align=align_v,
-                         unif=unif_v, val_align="", val_unif="", sounds_per_s=f"{rate:.1f}"))
+                rate = log(step, epoch, loss_v, align_v, unif_v)
                 print(f"step {step} epoch {epoch} loss {loss_v:.4f} align {align_v:.4f} unif {unif_v:.4f} "
                       f"{rate:.0f} sounds/s")
             if time.time() - last_save > 60 * args.save_every:
@@ -635,9 +637,7 @@ def main():
                     _, align, unif = contrastive_loss(*embed_pair(a, b), args.alpha, args.t)
                     va.append(align), vu.append(unif)
             val_align, val_unif = all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
-            rate = sounds / (time.time() - t0)
-            log(dict(step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss_v, align=align_v,
-                     unif=unif_v, val_align=val_align, val_unif=val_unif, sounds_per_s=f"{rate:.1f}"))
+            rate = log(step, epoch, loss_v, align_v, unif_v, val_align, val_unif)
             print(f"epoch {epoch} done: loss {loss_v:.4f} val align {val_align:.4f} val unif {val_unif:.4f} "
                   f"{rate:.0f} sounds/s")
         save(step)
@@ -668,7 +668,6 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment):
     t0 = time.time()
     first = source.sample(0, rank)
     gen_s = time.time() - t0
-    t0 = time.time()
     for _ in range(2):
         train_step(torch.from_numpy(first[0]), torch.from_numpy(first[1]))  # warm-up
     t0 = time.time()

@@ -178,7 +178,7 @@ def write_audio_folder(d):
 @pytest.mark.parametrize("positives", ["jitter", "mix5", "aug"])
 def test_real_audio_folder_trains(tmp_path, positives):
     write_audio_folder(tmp_path / "audio")
-    source = train.RealAudio(str(tmp_path / "audio"), positives, 4, 0, None)
+    source = train.RealAudio(str(tmp_path / "audio"), positives, 4, 0)
     assert len(source.info) == 6
     a, b = source.sample(0)
     assert a.shape == b.shape == (4, 16000) and np.isfinite(a).all() and np.abs(a).max() <= 1.0

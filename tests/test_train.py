@@ -206,6 +206,8 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     (["--data", "BROKEN"], "unreadable audio file"),
     (["--resume", "/nonexistent/run"], "no checkpoint"),
     (["--aug", "--ir-dir", "/nonexistent/irs"], "not an existing directory"),
+    (["--epochs", "-1"], "--epochs"),
+    (["--device", "cuda"], "no GPU"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
@@ -214,3 +216,10 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     args = [{"EMPTY": tmp_path / "empty", "BROKEN": tmp_path / "broken"}.get(a, a) for a in args]
     p = run(ROOT / "train.py", "--out", tmp_path / "out", *args, check=False)
     assert needle in assert_one_line_error(p)
+
+
+def test_refuses_to_overwrite_a_run(random_run):
+    before = (random_run / "checkpoint.pt").read_bytes()
+    p = run(ROOT / "train.py", "--epochs", "0", "--out", random_run, check=False)
+    assert "already holds a run" in assert_one_line_error(p)
+    assert (random_run / "checkpoint.pt").read_bytes() == before

@@ -14,6 +14,10 @@ writes pairs to disk for listening and analysis.
     python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
     python generate.py --gallery gallery/ --synth voice --delta 0 0.01 0.05 0.1 0.25 0.5 --pairs 4
     python generate.py --benchmark --synth voice voicefm parametric --batch-size 256
+    python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
+
+--factors writes pairs that differ in one factor at a time (noise, gain, time shift, each parameter
+group of the synth) into OUT/<factor>/, for `analyze.py invariance`.
 
 One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz (theta,
 theta_a, theta_b of shape (pairs, m), synth, delta, seed, sample_rate). Several synths or deltas
@@ -25,8 +29,9 @@ Three faults of synthax 0.2.2 are worked around here:
   * AudioMixer's normalize_if_clipping divides the whole batch by sound 0's peak: replaced by a
     per-sound version, so every sound is scaled by its own peak only if it clips.
   * The Noise module renders one fixed buffer (seed 0) for every sound and every call: replaced by
-    a module that draws fresh noise from a flax rng stream, one key per pair. Both sounds of a pair
-    share that key, so delta = 0 still gives identical doppelgängers.
+    a module that draws fresh noise from a flax rng stream. Every sound gets its own noise, the two
+    sides of a pair included: a noise realization shared by a pair and by no other sound is a
+    shortcut the encoder would learn instead of sound. delta = 0 means identical *parameters*.
 """
 import argparse
 import math
@@ -50,6 +55,7 @@ from synthax.modules.oscillators import Noise
 EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normalized value
 SYNTHS = ("voice", "voicefm", "parametric")
 CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
+FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
 
 
 # -----------------------------------------------------------------------------
@@ -106,11 +112,18 @@ class PairSampler:
         # init only gives the parameter tree's structure; its values are not U(0,1) and are discarded
         # eval_shape: only the tree's structure is needed, and a real init takes ~10 s of eager JAX
         params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
-        leaves, self.treedef = jax.tree_util.tree_flatten(params)
-        self.shapes = [leaf.shape[1:] for leaf in leaves]  # per sound: (), (n_input,), (n_out, n_in)
+        paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.shapes = [leaf.shape[1:] for _, leaf in paths]  # per sound: (), (n_input,), (n_out, n_in)
         self.sizes = [math.prod(s) for s in self.shapes]
         self.m = sum(self.sizes)
+        # parameter groups = synthax modules (vco_1, adsr_1, lfo_1, mixer, ...): column indices into theta
+        self.groups, start = {}, 0
+        for (path, _), size in zip(paths, self.sizes):
+            module = str(path[-2].key).removeprefix("modules_")
+            self.groups.setdefault(module, []).extend(range(start, start + size))
+            start += size
         self._pair = jax.jit(self._make_pair)
+        self._render = jax.jit(self.render)
 
     def unflatten(self, theta):
         """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
@@ -122,16 +135,51 @@ class PairSampler:
         return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
 
     def _make_pair(self, key, delta):
-        k_theta, k_z, k_noise = jax.random.split(key, 3)
+        k_theta, k_z, k_noise_a, k_noise_b = jax.random.split(key, 4)
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
         z = jax.random.normal(k_z, (2, B, m))
         theta_a = jnp.clip(theta + delta * z[0], EPS, 1.0)
         theta_b = jnp.clip(theta + delta * z[1], EPS, 1.0)
-        # both sides share the noise key: the pair differs only by its parameters. vmap over the
-        # two sides compiles one synth graph instead of two.
-        audio_a, audio_b = jax.vmap(lambda t: self.render(t, k_noise))(jnp.stack([theta_a, theta_b]))
+        # each side its own noise: shared noise would identify the pair (a shortcut, not sound).
+        # vmap over the two sides compiles one synth graph instead of two.
+        audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jnp.stack([k_noise_a, k_noise_b]))
         return audio_a, audio_b, theta, theta_a, theta_b
+
+    def factor_pair(self, factor, step, stream=FACTOR_STREAM):
+        """Pairs that differ in ONE factor: 'noise' (same theta, two noise realizations), a parameter
+        group (only that synthax module's parameters perturbed by delta, same noise), 'gain' (b is a
+        0-20 dB quieter copy of a), 'shift' (b is a delayed by 50-250 ms), beside 'doppelganger'
+        (the training pair) and 'negative' (independent theta and noise). -> (audio_a, audio_b)"""
+        k_theta, k_z, k_na, k_nb, k_x = jax.random.split(self.key(step, 0, stream), 5)
+        B, m = self.batch_size, self.m
+        theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
+        if factor == "doppelganger":
+            return tuple(np.array(x) for x in self._pair(self.key(step, 0, stream), jnp.float32(self.delta))[:2])
+        if factor == "negative":
+            theta_b = jax.random.uniform(k_x, (B, m), minval=EPS, maxval=1.0)
+            return np.array(self._render(theta, k_na)), np.array(self._render(theta_b, k_nb))
+        if factor == "noise":
+            return np.array(self._render(theta, k_na)), np.array(self._render(theta, k_nb))
+        if factor in self.groups:
+            mask = np.zeros(m, np.float32)
+            mask[self.groups[factor]] = 1.0
+            z = jax.random.normal(k_z, (2, B, m)) * mask
+            theta_a, theta_b = (jnp.clip(theta + self.delta * z[i], EPS, 1.0) for i in (0, 1))
+            return np.array(self._render(theta_a, k_na)), np.array(self._render(theta_b, k_na))
+        a = np.array(self._render(theta, k_na))
+        u = np.asarray(jax.random.uniform(k_x, (B, 1)))
+        if factor == "gain":
+            return a, a * 10 ** (-20 * u / 20)
+        if factor == "shift":
+            b = np.zeros_like(a)
+            for i, d in enumerate((self.sample_rate * (0.05 + 0.2 * u[:, 0])).astype(int)):
+                b[i, d:] = a[i, :a.shape[1] - d]
+            return a, b
+        raise ValueError(f"unknown factor {factor!r} (choose from {', '.join(self.factors())})")
+
+    def factors(self):
+        return ["doppelganger", "negative", "noise", "gain", "shift", *self.groups]
 
     def key(self, step, rank=0, stream=0):
         key = jax.random.PRNGKey(self.seed)
@@ -173,6 +221,23 @@ def write_pairs(out, sampler, n_pairs, batch_size, progress):
         progress.update(k)
     np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items()},
              synth=sampler.synth_name, delta=sampler.delta, seed=sampler.seed, sample_rate=sampler.sample_rate)
+
+
+def write_factor_pairs(out, sampler, factor, n_pairs, progress):
+    import soundfile as sf
+    n_written, step = 0, 0
+    while n_written < n_pairs:
+        audio_a, audio_b = sampler.factor_pair(factor, step)
+        k = min(sampler.batch_size, n_pairs - n_written)
+        for i in range(k):
+            for side, audio in (("a", audio_a[i]), ("b", audio_b[i])):
+                sf.write(os.path.join(out, f"{n_written + i:06d}_{side}.wav"), audio, sampler.sample_rate,
+                         subtype="PCM_16")
+        n_written += k
+        step += 1
+        progress.update(k)
+    np.savez(os.path.join(out, "params.npz"), synth=sampler.synth_name, delta=sampler.delta, factor=factor,
+             seed=sampler.seed, sample_rate=sampler.sample_rate)
 
 
 def log_mel_png(path, audio, sample_rate):
@@ -264,6 +329,10 @@ def main():
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--gallery", metavar="DIR", help="write a listening page DIR/index.html instead of pairs")
+    p.add_argument("--factors", nargs="*", metavar="FACTOR",
+                   help="write pairs that differ in one factor at a time, OUT/<factor>/ each: noise, gain, "
+                        "shift, each parameter group of the synth (its synthax modules, perturbed by delta), "
+                        "beside doppelganger and negative pairs; no names = all (for analyze.py invariance)")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
     p.add_argument("--benchmark-seconds", type=float, default=10.0)
     args = p.parse_args()
@@ -280,6 +349,8 @@ def main():
         die("--batch-size, --sample-rate and --seconds must be > 0")
     if args.benchmark:
         return benchmark(args)
+    if args.factors is not None and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
+        die("--factors takes one --synth and one --delta, and no --gallery")
     out = args.gallery or args.out
     if not out:
         die("give --out DIR (or --gallery DIR, or --benchmark)")
@@ -300,6 +371,19 @@ def main():
     try:
         if args.gallery:
             write_gallery(tmp, args)
+        elif args.factors is not None:
+            from tqdm import tqdm
+            sampler = PairSampler(args.synth[0], args.delta[0], min(args.batch_size, args.pairs), args.sample_rate,
+                                  args.seconds, args.seed)
+            factors = args.factors or sampler.factors()
+            unknown = sorted(set(factors) - set(sampler.factors()))
+            if unknown:
+                die(f"unknown factor(s) {', '.join(unknown)} for {args.synth[0]} "
+                    f"(choose from {', '.join(sampler.factors())})")
+            with tqdm(total=len(factors) * args.pairs, unit="pair", desc="factors") as progress:
+                for factor in factors:
+                    os.makedirs(os.path.join(tmp, factor))
+                    write_factor_pairs(os.path.join(tmp, factor), sampler, factor, args.pairs, progress)
         else:
             from tqdm import tqdm
             combos = [(s, d) for s in args.synth for d in args.delta]

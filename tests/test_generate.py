@@ -41,12 +41,50 @@ def test_batch_shapes_ranges_and_peaks(voice):
         assert t.min() >= generate.EPS and t.max() <= 1.0
 
 
-def test_delta_zero_gives_identical_pairs():
-    s = generate.PairSampler("voice", 0.0, 4)
+def test_delta_zero_gives_identical_parameters_but_not_the_same_noise():
+    s = generate.PairSampler("voice", 0.0, 16)
     audio_a, audio_b, theta, theta_a, theta_b = s.sample(3)
     np.testing.assert_array_equal(theta_a, theta_b)
     np.testing.assert_array_equal(theta, theta_a)
-    np.testing.assert_array_equal(audio_a, audio_b)
+    # each side draws its own noise: a noise realization shared by a pair (and by no other sound) is a
+    # shortcut the encoder learns instead of sound. Pairs whose noise is audible therefore differ.
+    assert (np.abs(audio_a - audio_b).max(axis=1) > 1e-3).sum() >= 4
+    # and nothing else differs: with the noise level at its minimum the two sides are the same sound
+    quiet = theta.copy()
+    quiet[:, s.groups["mixer"][-1]] = generate.EPS  # Voice's mixer levels: vco_1, vco_2, noise
+    a = np.asarray(s.render(quiet, jax.random.PRNGKey(1)))
+    b = np.asarray(s.render(quiet, jax.random.PRNGKey(2)))
+    assert np.abs(a).max() > 0.01
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_factor_pairs_differ_in_one_factor_only(voice):
+    assert set(voice.groups) >= {"vco_1", "vco_2", "adsr_1", "keyboard", "mixer", "noise"} - {"noise"}
+    assert sorted(i for g in voice.groups.values() for i in g) == list(range(voice.m))  # a partition of theta
+    a, b = voice.factor_pair("gain", 0)
+    ratio = np.abs(b).max(1) / np.abs(a).max(1)
+    assert (ratio <= 1 + 1e-6).all() and (ratio >= 0.1 - 1e-6).all() and np.ptp(ratio) > 0
+    a, b = voice.factor_pair("shift", 0)
+    assert np.abs(b[:, :800]).max() == 0  # delayed by at least 50 ms
+    n, _ = voice.factor_pair("noise", 0)
+    np.testing.assert_array_equal(n, a)  # same theta and noise key across factors of one step
+    x, y = voice.factor_pair("negative", 0)
+    assert not np.allclose(x, y)
+    with pytest.raises(ValueError, match="unknown factor"):
+        voice.factor_pair("nope", 0)
+
+
+def test_cli_factors_write_one_folder_per_factor(tmp_path):
+    out = tmp_path / "factors"
+    run(ROOT / "generate.py", "--factors", "noise", "negative", "vco_1", "--pairs", "3", "--batch-size", "2",
+        "--out", out)
+    assert sorted(p.name for p in out.iterdir()) == ["negative", "noise", "vco_1"]
+    for d in out.iterdir():
+        assert len(list(d.glob("*.wav"))) == 6
+        assert str(np.load(d / "params.npz")["factor"]) == d.name
+    p = run(ROOT / "generate.py", "--factors", "nope", "--pairs", "1", "--out", tmp_path / "o", check=False)
+    assert "unknown factor" in assert_one_line_error(p)
+    assert not (tmp_path / "o").exists()
 
 
 def expected_abs_diff(delta, n=400_000, seed=0):

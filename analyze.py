@@ -1,7 +1,7 @@
 """
 Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgängers" (Cherep & Singh).
 
-One script, six subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR
+One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR
 and prints a short summary. Nothing downloads: every model is read from a local path.
 
   # Fig. 1: positive-pair cosine similarity vs delta per synth, and a PCA of the pairs per delta
@@ -24,6 +24,11 @@ and prints a short summary. Nothing downloads: every model is read from a local 
 
   # Fig. 5 and Fig. 3: final validation align/unif and probe scores vs delta, from train.py runs
   python analyze.py training --runs runs/* --results probes/results.json --out figs/training
+
+  # what an encoder ignores: pairs that differ in one factor (noise, gain, shift, each parameter group)
+  python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
+  python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
+      --out figs/invariance
 
   # everything the given inputs allow, with every figure and table in DIR/report.md
   python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
@@ -387,6 +392,70 @@ def cmd_pairs(args):
               f"   neg {r['neg_mean']:.3f} ± {r['neg_sd']:.3f}")
     return dict(title=f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures=figures,
                 tables=[("pairs.csv", cols, rows)])
+
+
+# -----------------------------------------------------------------------------
+# invariance (beyond the paper): what an encoder has learned to ignore
+
+def invariance_scores(factor_dirs, fn, batch_size, max_pairs=0):
+    """Mean cosine between the two sides of each factor's pairs, and the invariance
+    (s - s_neg) / (1 - s_neg): 1 = the factor is ignored, 0 = as different as a random negative."""
+    sims = {}
+    for name, d in factor_dirs.items():
+        fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
+        fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
+        if not fa or not all(f.is_file() for f in fb):
+            die(f"{d}: needs NNNNNN_a.wav files, each with its _b.wav")
+        e = embed([load_audio(f) for f in fa + fb], fn, batch_size, desc=f"embed {name}")
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sims[name] = (e[:len(fa)] * e[len(fa):]).sum(1)
+    s_neg = sims["negative"].mean()
+    return [dict(factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
+                 invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
+
+
+def cmd_invariance(args):
+    root = Path(args.factors)
+    dirs = {}
+    for npz in sorted(root.glob("*/params.npz")):
+        try:
+            dirs[str(np.load(npz, allow_pickle=False)["factor"])] = npz.parent
+        except Exception:
+            die(f"{npz} has no factor (not written by generate.py --factors)")
+    if "negative" not in dirs:
+        die(f"no generate.py --factors output with a 'negative' folder under {root}")
+    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in args.encoder]
+    rows = []
+    for path, label in zip(args.encoder, labels):
+        args.embedder = f"encoder:{path}"
+        rows += [dict(encoder=label, **r) for r in invariance_scores(dirs, get_embedder(args), args.batch_size,
+                                                                       args.max_pairs)]
+    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
+    out = Path(args.out)
+    write_csv(out / "invariance.csv", [fmt_row(r) for r in rows], cols)
+
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    factors = [f for f in dirs if f != "negative"]
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(factors) * len(encoders) + 1.2))
+    h = 0.8 / len(encoders)
+    for j, enc in enumerate(encoders):
+        inv = {r["factor"]: r["invariance"] for r in rows if r["encoder"] == enc}
+        ax.barh(np.arange(len(factors)) + j * h, [inv[f] for f in factors], height=h, color=f"C{j}", label=enc)
+    ax.set_yticks(np.arange(len(factors)) + h * (len(encoders) - 1) / 2, factors)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("invariance (s − s_neg) / (1 − s_neg): 1 = ignored, 0 = like a random negative")
+    ax.set_title("what the encoder ignores: pairs that differ in one factor")
+    ax.legend(fontsize=7)
+    figures = [save_fig(fig, out / "invariance.png")]
+    print("invariance: (s - s_neg) / (1 - s_neg) per factor")
+    for enc in encoders:
+        print(f"  {enc}: " + ", ".join(f"{r['factor']} {r['invariance']:.2f}" for r in rows
+                                       if r["encoder"] == enc and r["factor"] != "negative"))
+    return dict(title="Invariance: embedding similarity of pairs that differ in one factor", figures=figures,
+                tables=[("invariance.csv", cols, rows)])
 
 
 # -----------------------------------------------------------------------------
@@ -798,8 +867,10 @@ def cmd_report(args):
         sections.append(cmd_fad(args, sets, targets))
     if args.runs or args.results:
         sections.append(cmd_training(args))
+    if args.factors and args.encoder:
+        sections.append(cmd_invariance(args))
     if not sections:
-        die("report: nothing to analyze; give --pairs, --set, --runs and/or --results")
+        die("report: nothing to analyze; give --pairs, --set, --runs, --results and/or --factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""]
     for s in sections:
         md += [f"## {s['title']}", ""]
@@ -850,6 +921,9 @@ def main(argv=None):
     tr = Parser(add_help=False)
     tr.add_argument("--runs", nargs="+", default=[], help="train.py run folders (config.json + log.csv)")
     tr.add_argument("--results", nargs="+", default=[], help="probe.py results.json files")
+    inv = Parser(add_help=False)
+    inv.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
+    inv.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
 
     p = Parser(description=__doc__, formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
@@ -884,7 +958,15 @@ def main(argv=None):
                    description="Final validation alignment/uniformity of train.py runs and probe.py scores, "
                                "against each run's delta, one line per synth. Writes training.csv, probe.csv, "
                                "training_align_unif.png, training_probe.png.")
-    rp = sub.add_parser("report", parents=[common, bs, emb, sets, tgt, cls, pr, tr],
+    ip = sub.add_parser("invariance", parents=[common, bs, inv],
+                        help="what an encoder ignores: similarity of pairs that differ in one factor",
+                        description="Mean cosine similarity of the embeddings of pairs that differ in one factor "
+                                    "(noise realization, gain, time shift, each parameter group of the synth) "
+                                    "beside doppelgänger pairs and random negatives, and the invariance "
+                                    "(s - s_neg) / (1 - s_neg), for each --encoder. Writes invariance.csv, "
+                                    "invariance.png.")
+    ip.add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
+    rp = sub.add_parser("report", parents=[common, bs, emb, sets, tgt, cls, pr, tr, inv],
                         help="run what the inputs allow and write report.md",
                         description="pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), "
                                     "fad (two or more sets/targets) and training (--runs/--results): every figure "
@@ -902,8 +984,10 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         die(f"cannot create --out {out}: {first_line(e)}")
+    if args.cmd == "invariance" and (not args.factors or not args.encoder):
+        die("invariance needs --factors DIR and --encoder PATH [PATH ...]")
     dict(pairs=cmd_pairs, features=cmd_features, uncertainty=cmd_uncertainty, fad=cmd_fad,
-         training=cmd_training, report=cmd_report)[args.cmd](args)
+         training=cmd_training, invariance=cmd_invariance, report=cmd_report)[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -86,12 +86,20 @@ class Encoder(nn.Module):
     longer ones are cut into 1-s windows (a last partial window is kept if at least 0.5 s long,
     zero-padded) and the window embeddings are averaged."""
 
-    def __init__(self, dim: int = 512):
+    def __init__(self, dim: int = 512, init: str = "pytorch"):
         super().__init__()
         self.frontend = LogMel()
         self.sample_rate = SAMPLE_RATE
         self.net = torchvision.models.resnet18(num_classes=dim)  # fc 512 -> 512, as the authors' code
         self.net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # 1 channel in
+        # torchvision re-initializes its convolutions with Kaiming normal (fan_out), weights ~1.7x larger
+        # than each layer's PyTorch default. Under BatchNorm only the direction of a conv's weights
+        # matters, so larger weights mean smaller effective steps: at a CPU budget the encoder then
+        # barely moves from random init (see README, "Does it learn?").
+        if init == "pytorch":
+            for m in self.net.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                    m.reset_parameters()
 
     def embed(self, x):  # exactly 1-s inputs, as in training
         return self.net(self.frontend(x))
@@ -106,9 +114,12 @@ class Encoder(nn.Module):
 
 
 def export_encoder(state_dict, path, config):
-    """TorchScript file with the config inside: one torch.jit.load call, no import of this script."""
+    """TorchScript file with the config inside: one torch.jit.load call, no import of this script.
+    readout "pool" exports the 512-d pooled layer, "fc" the trained head on top of it."""
     enc = Encoder()
     enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
+    if config.get("readout", "fc") == "pool":
+        enc.net.fc = nn.Identity()
     scripted = torch.jit.script(enc.cpu().eval())
     buf = io.BytesIO()
     torch.jit.save(scripted, buf, _extra_files={"config.json": json.dumps(config)})
@@ -409,6 +420,9 @@ def parse_args(argv=None):
                    help="SGD momentum; the paper is silent, the authors' code uses 0, Wang & Isola 0.9; "
                         "0.9 is the usual choice with this loss and learning-rate scaling")
     g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"],
+                   help="ResNet weight init: each layer's PyTorch default (default; learns far more at small "
+                        "budgets, see README) or torchvision's Kaiming normal")
     g.add_argument("--milestones", type=float, nargs="+", default=[0.775, 0.85, 0.925],
                    help="lr x gamma at these fractions of the epochs")
     g.add_argument("--gamma", type=float, default=0.1)
@@ -425,6 +439,9 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=50, help="steps between log rows")
     g.add_argument("--save-every", type=float, default=30.0, help="minutes between mid-epoch checkpoints")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpoint kept)")
+    g.add_argument("--readout", default="pool", choices=["pool", "fc"],
+                   help="what encoder.pt outputs: the 512-d pooled layer (default; probes better, as the layer "
+                        "below a projection head does), or the 512-d fc head the loss is computed on")
     g.add_argument("--benchmark", action="store_true", help="on-the-fly vs pre-generated batches: steps/s, sounds/s")
     g.add_argument("--benchmark-steps", type=int, default=10)
     args = p.parse_args(argv)
@@ -445,7 +462,7 @@ def main():
         resume_ckpt = torch.load(path, map_location="cpu", weights_only=False)
         # the run's own config wins; only these may change when it is continued, and the device
         # is always this machine's (given, or the default here)
-        may_change = {"epochs", "max_steps", "log_every", "save_every", "amp"}
+        may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
         saved = {k: v for k, v in resume_ckpt["config"].items() if k in vars(args) and k not in given & may_change}
         args = argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "device": args.device})
 
@@ -508,7 +525,7 @@ def main():
         die(str(e))
 
     # model
-    model = Encoder().to(device)
+    model = Encoder(init=args.init).to(device)
     if ddp and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)

@@ -132,6 +132,19 @@ def test_resume_continues_exactly(tmp_path):
     assert [r.split(",")[:6] for r in log_a] == [r.split(",")[:6] for r in log_b]  # same losses, no duplicate rows
 
 
+def test_readout_fc_exports_the_trained_head(tmp_path):
+    state = train.Encoder().state_dict()
+    x = torch.randn(2, 16000)
+    for readout in ("pool", "fc"):
+        train.export_encoder(state, tmp_path / f"{readout}.pt", {"readout": readout})
+    pool, fc = (torch.jit.load(str(tmp_path / f"{r}.pt")).eval() for r in ("pool", "fc"))
+    model = train.Encoder().eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fc(x), model(x))
+        torch.testing.assert_close(model.net.fc(pool(x)), fc(x), rtol=1e-4, atol=1e-5)
+
+
 def test_exported_encoder_loads_without_train_py(tmp_path):
     out = tmp_path / "random"
     run(ROOT / "train.py", "--epochs", "0", "--out", out)
@@ -148,6 +161,7 @@ def test_exported_encoder_loads_without_train_py(tmp_path):
     embs = np.load(tmp_path / "emb.npz")
     model = train.Encoder()
     model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    model.net.fc = torch.nn.Identity()  # the default readout: the pooled layer below the trained head
     model.eval()
     torch.manual_seed(1)
     for i, T in enumerate((8000, 16000, 80000)):

@@ -437,8 +437,9 @@ def cmd_invariance(args):
     write_csv(out / "invariance.csv", [fmt_row(r) for r in rows], cols)
 
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    factors = [f for f in dirs if f != "negative"]
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(factors) * len(encoders) + 1.2))
+    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
+    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(factors) * len(encoders) + 1.5))
     h = 0.8 / len(encoders)
     for j, enc in enumerate(encoders):
         inv = {r["factor"]: r["invariance"] for r in rows if r["encoder"] == enc}
@@ -446,7 +447,7 @@ def cmd_invariance(args):
     ax.set_yticks(np.arange(len(factors)) + h * (len(encoders) - 1) / 2, factors)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("invariance (s − s_neg) / (1 − s_neg): 1 = ignored, 0 = like a random negative")
+    ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
     ax.set_title("what the encoder ignores: pairs that differ in one factor")
     ax.legend(fontsize=7)
     figures = [save_fig(fig, out / "invariance.png")]

@@ -1,6 +1,7 @@
 """Tests for analyze.py: the metrics on known inputs, every subcommand on tiny real inputs, bad input."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -53,6 +54,16 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "pairs"
     p = subprocess.run([sys.executable, str(GENERATE), "--synth", "voice", "--delta", "0.01", "0.1", "0.5",
                         "--pairs", "24", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def factors(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "factors"
+    p = subprocess.run([sys.executable, str(GENERATE), "--factors", "negative", "noise", "gain", "shift", "vco_1",
+                        "--synth", "voice", "--pairs", "6", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr
     return out
 
@@ -245,15 +256,35 @@ def test_training_from_run_folders(runs, tmp_path):
     pngs_ok(tmp_path, ["training_align_unif.png", "training_probe.png"])
 
 
-def test_report_has_every_figure_and_table(sweep, tiny_ast, runs, tmp_path):
+def test_invariance_per_factor(factors, encoder, random_run, tmp_path):
+    out = tmp_path / "inv"
+    p = ok("invariance", "--factors", factors, "--encoder", encoder, random_run / "encoder.pt", "--out", out)
+    rows = read_csv(out / "invariance.csv")
+    assert {r["encoder"] for r in rows} == {encoder.parent.name, "random"}
+    assert sorted(r["factor"] for r in rows if r["encoder"] == "random") == ["gain", "negative", "noise", "shift",
+                                                                              "vco_1"]
+    s_neg = {r["encoder"]: float(r["cos_mean"]) for r in rows if r["factor"] == "negative"}
+    for r in rows:
+        assert int(r["n"]) == 6 and -1 <= float(r["cos_mean"]) <= 1
+        s, neg = float(r["cos_mean"]), s_neg[r["encoder"]]
+        assert float(r["invariance"]) == pytest.approx((s - neg) / (1 - neg), abs=1e-4)
+    assert "noise" in p.stdout
+    pngs_ok(out, ["invariance.png"])
+    # without random negatives there is no scale: one line, exit 2
+    shutil.copytree(factors / "noise", tmp_path / "partial" / "noise")
+    p = run("invariance", "--factors", tmp_path / "partial", "--encoder", encoder, "--out", tmp_path / "o2")
+    assert p.returncode == 2 and "negative" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_report_has_every_figure_and_table(sweep, tiny_ast, runs, factors, encoder, tmp_path):
     root, _ = runs
     out = tmp_path / "report"
     ok("report", "--pairs", sweep, "--set", f"voice={sweep / 'voice' / 'delta_0.5'}", "--set", f"fsdd={DATA / 'fsdd'}",
        "--max-files", "4", "--classifier-path", tiny_ast, "--runs", *sorted((root / "runs").iterdir()),
-       "--results", root / "results.json", "--out", out, cwd=root)
+       "--results", root / "results.json", "--factors", factors, "--encoder", encoder, "--out", out, cwd=root)
     md = (out / "report.md").read_text()
     figs = ["pairs_similarity.png", "pairs_pca.png", "features.png", "uncertainty.png", "fad.png",
-            "training_align_unif.png", "training_probe.png"]
+            "training_align_unif.png", "training_probe.png", "invariance.png"]
     for f in figs:
         assert f"]({f})" in md
     pngs_ok(out, figs)

@@ -55,7 +55,7 @@ def test_delta_zero_gives_identical_parameters_but_not_the_same_noise():
     a = np.asarray(s.render(quiet, jax.random.PRNGKey(1)))
     b = np.asarray(s.render(quiet, jax.random.PRNGKey(2)))
     assert np.abs(a).max() > 0.01
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)  # the noise at its minimum level: ~3e-6
 
 
 def test_factor_pairs_differ_in_one_factor_only(voice):

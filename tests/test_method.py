@@ -10,13 +10,16 @@ import csv
 
 from conftest import ROOT, run
 
-STEPS, BATCH = 150, 64  # ~3 min on 2 CPU cores
+STEPS, BATCH = 150, 64  # ~4 min on 2 CPU cores
+# torchvision's init: with it the shortcut shows within 150 steps. With the default PyTorch init the
+# shortcut takes longer to form (noise invariance still 0.98 after 150 shared-noise steps, 0.08 after 672).
 
 
 def test_pretraining_learns_to_ignore_the_noise_realization(tmp_path):
     out = tmp_path / "run"
     run(ROOT / "train.py", "--synth", "voice", "--delta", "0.25", "--batch-size", str(BATCH), "--epochs", "1",
-        "--sounds-per-epoch", str(int(STEPS * BATCH / 0.9) + 1), "--log-every", "50", "--out", out, timeout=900)
+        "--init", "torchvision", "--sounds-per-epoch", str(int(STEPS * BATCH / 0.9) + 1), "--log-every", "50",
+        "--out", out, timeout=900)
     factors = tmp_path / "factors"
     run(ROOT / "generate.py", "--factors", "noise", "negative", "--synth", "voice", "--delta", "0.25",
         "--pairs", "128", "--out", factors)
@@ -24,8 +27,8 @@ def test_pretraining_learns_to_ignore_the_noise_realization(tmp_path):
         "--encoder", out / "encoder.pt", "--out", tmp_path / "inv")
     with open(tmp_path / "inv" / "invariance.csv") as f:
         inv = {(r["encoder"], r["factor"]): float(r["invariance"]) for r in csv.DictReader(f)}
-    # (s_noise - s_neg) / (1 - s_neg): measured 0.94 after 150 steps of 64 independent-noise pairs,
-    # 0.61 when the two sides share their noise
+    # (s_noise - s_neg) / (1 - s_neg) after 150 steps of 64 pairs: measured 0.96 with independent
+    # noise, 0.63 when the two sides share their noise
     print(f"noise invariance after {STEPS} steps of {BATCH} pairs: {inv['run', 'noise']:.3f}")
     assert inv["run", "negative"] == 0.0
     assert inv["run", "noise"] > 0.8, inv

@@ -304,6 +304,17 @@ def set_embeddings(sets, fn, args):
 # -----------------------------------------------------------------------------
 # pairs (Fig. 1)
 
+def pair_files(d, max_pairs=0):
+    """The NNNNNN_a.wav / NNNNNN_b.wav files of a generate.py pair folder, at most max_pairs (0 = all)."""
+    fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
+    fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
+    if not fa:
+        die(f"no NNNNNN_a.wav files in {d}")
+    if not all(f.is_file() for f in fb):
+        die(f"{d}: some _a.wav files have no matching _b.wav")
+    return fa, fb
+
+
 def cmd_pairs(args):
     root = Path(args.pairs)
     if not root.is_dir():
@@ -319,12 +330,7 @@ def cmd_pairs(args):
             synth, delta = str(z["synth"]), float(z["delta"])
         except Exception:
             die(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)")
-        fa = sorted(d.glob("*_a.wav"))[: args.max_pairs or None]
-        fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
-        if not fa:
-            die(f"no NNNNNN_a.wav files in {d}")
-        if not all(f.is_file() for f in fb):
-            die(f"{d}: some _a.wav files have no matching _b.wav")
+        fa, fb = pair_files(d, args.max_pairs)
         groups.append(dict(synth=synth, delta=delta, start=len(files), n=len(fa)))
         files += fa + fb
     waves = [load_audio(f) for f in tqdm(files, desc="read pairs", disable=None)]
@@ -402,10 +408,7 @@ def invariance_scores(factor_dirs, fn, batch_size, max_pairs=0):
     (s - s_neg) / (1 - s_neg): 1 = the factor is ignored, 0 = as different as a random negative."""
     sims = {}
     for name, d in factor_dirs.items():
-        fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
-        fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
-        if not fa or not all(f.is_file() for f in fb):
-            die(f"{d}: needs NNNNNN_a.wav files, each with its _b.wav")
+        fa, fb = pair_files(d, max_pairs)
         e = embed([load_audio(f) for f in fa + fb], fn, batch_size, desc=f"embed {name}")
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         sims[name] = (e[:len(fa)] * e[len(fa):]).sum(1)

@@ -99,8 +99,8 @@ class PairSampler:
     """Draws batches of doppelgänger pairs; every batch is a pure function of (seed, stream, rank, step).
 
     sample(step, rank=0, stream=0) -> (audio_a, audio_b, theta, theta_a, theta_b) as float32 numpy
-    arrays of shape (B, T) and (B, m). stream 0 is for training; other streams (e.g. 1 for
-    validation) are key spaces that training never draws from.
+    arrays of shape (B, T) and (B, m); batch(...) -> (audio_a, audio_b) only. stream 0 is for
+    training; other streams (e.g. 1 for validation) are key spaces that training never draws from.
     """
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0):
@@ -190,6 +190,10 @@ class PairSampler:
     def sample(self, step, rank=0, stream=0):
         out = self._pair(self.key(step, rank, stream), jnp.float32(self.delta))
         return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
+
+    def batch(self, step, rank=0, stream=0):
+        """(audio_a, audio_b): the training contract, shared with train.py's RealAudio."""
+        return self.sample(step, rank, stream)[:2]
 
 
 # -----------------------------------------------------------------------------

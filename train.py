@@ -3,8 +3,8 @@ Contrastive pretraining of a ResNet18 on audio doppelgÃ¤ngers (Cherep & Singh, Â
 
 Each step draws a fresh batch of synthetic positive pairs (generate.py's PairSampler, on the fly in
 a background thread), embeds both sides, and minimises Wang & Isola's alignment + uniformity loss
-on the L2-normalized 512-d embeddings. The same script trains on real audio (--data) for the
-paper's baselines.
+on the L2-normalized 512-d embeddings (--align-alpha, --unif-t, --align-w, --unif-w, named as in
+their code). The same script trains on real audio (--data) for the paper's baselines.
 
     # laptop CPU, a few minutes
     python train.py --synth voice --delta 0.25 --batch-size 32 --epochs 2 --sounds-per-epoch 1280 --out runs/cpu
@@ -24,12 +24,14 @@ paper's baselines.
     # speed: on-the-fly synthesis vs the same batches pre-generated in memory
     python train.py --benchmark --batch-size 64
 
-A run folder holds config.json, log.csv, checkpoint.pt (written atomically every epoch and every
---save-every minutes) and encoder.pt: a TorchScript encoder that any program loads with
-torch.jit.load(path) and calls on a float32 (B, T) 16 kHz mono waveform to get (B, 512).
+A run folder holds config.json, log.csv, checkpoint.pt (written atomically at the end of every
+epoch's training, after its validation, and every --save-every minutes) and encoder.pt: a
+TorchScript encoder that any program loads with torch.jit.load(path) and calls on a float32 (B, T)
+16 kHz mono waveform to get (B, 512). The checkpoint records the step and the number of validated
+epochs, and the learning rate is a function of the epoch, so a run killed at any instant resumes
+to the same log rows and the same weights.
 """
 import argparse
-import collections
 import csv
 import glob
 import io
@@ -39,9 +41,11 @@ import os
 import queue
 import random
 import resource
+import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +57,13 @@ import torch.nn.functional as F
 import torchaudio
 import torchaudio.functional as AF
 import torchvision
-from torch_audiomentations import ApplyImpulseResponse, Compose, HighPassFilter, LowPassFilter, Shift
-from torch_audiomentations.core.transforms_interface import BaseWaveformTransform
-from torch_audiomentations.utils.io import Audio
-from torch_audiomentations.utils.object_dict import ObjectDict
 
 SAMPLE_RATE = 16000
 N_FRAMES, N_MELS = 96, 64  # VGGish input: 0.96 s of 10-ms frames x 64 mel bands
+TRAIN, VAL = 0, 1  # data streams: key spaces of the training batches and of the held-out ones
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+RUN_FILES = ("config.json", "log.csv", "checkpoint.pt", "encoder.pt")
+LOG_FIELDS = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
 
 
 # -----------------------------------------------------------------------------
@@ -145,72 +148,31 @@ def gather(x):
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def contrastive_loss(e_a, e_b, alpha=2.0, t=2.0, lam_align=1.0, lam_unif=1.0):
+def contrastive_loss(e_a, e_b, align_alpha=2.0, unif_t=2.0, align_w=1.0, unif_w=1.0):
     # Alignment is a mean over local pairs; DDP's gradient averaging makes it the global mean.
     # all_gather's backward sums the gradients of every rank's (identical) uniformity term,
     # which DDP's averaging turns back into the gradient of one global uniformity term.
     e_a, e_b = F.normalize(e_a.float(), dim=1), F.normalize(e_b.float(), dim=1)
-    align = align_loss(e_a, e_b, alpha)
-    unif = (uniform_loss(gather(e_a), t) + uniform_loss(gather(e_b), t)) / 2
-    return lam_align * align + lam_unif * unif, align, unif
+    align = align_loss(e_a, e_b, align_alpha)
+    unif = (uniform_loss(gather(e_a), unif_t) + uniform_loss(gather(e_b), unif_t)) / 2
+    return align_w * align + unif_w * unif, align, unif
+
+
+def all_mean(*xs):
+    """The mean over ranks of each scalar: the same numbers on every rank."""
+    t = torch.stack([x.detach().float() for x in xs])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
 
 
 # -----------------------------------------------------------------------------
-# data: every batch is a pure function of (seed, stream, rank, step), so ranks never share
-# batches and a resumed run sees exactly the stream it would have seen
+# data: a source's batch(step, rank, stream) -> (audio_a, audio_b) is a pure function of its
+# arguments (and the seed), so ranks never share batches and a resumed run sees the same stream
 
-class RealAudio:
-    """A folder of audio files; a pair is two views of random 1-s crops of one file."""
-
-    def __init__(self, root, positives, batch_size, seed):
-        files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                       if f.lower().endswith(AUDIO_EXTENSIONS))
-        if not files:
-            raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
-        self.info = []
-        for f in files:
-            try:
-                i = sf.info(f)
-            except Exception as e:
-                raise ValueError(f"unreadable audio file {f}: {str(e).splitlines()[0]}")
-            if i.frames == 0:
-                raise ValueError(f"empty audio file {f}")
-            self.info.append((f, i.samplerate, i.frames))
-        order = np.random.default_rng(seed).permutation(len(files))
-        n_val = max(1, len(files) // 10) if len(files) > 1 else 0  # 90/10 split by file
-        self.splits = {1: order[:n_val], 0: order[n_val:]} if n_val else {0: order, 1: order}
-        self.positives, self.batch_size, self.seed = positives, batch_size, seed
-
-    def crop(self, i, rng):
-        """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
-        path, sr, frames = self.info[i]
-        n = math.ceil(sr * 1.0)
-        start = int(rng.integers(0, max(1, frames - n + 1)))
-        x, _ = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
-        x = torch.from_numpy(x.mean(axis=1))
-        if sr != SAMPLE_RATE:
-            x = torchaudio.functional.resample(x, sr, SAMPLE_RATE)
-        return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
-
-    def view(self, i, rng, k):
-        """k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips."""
-        x = sum(self.crop(i, rng) for _ in range(k))
-        return x / max(1.0, float(x.abs().max()))
-
-    def sample(self, step, rank=0, stream=0):
-        rng = np.random.default_rng([self.seed, stream, rank, step])
-        files = rng.choice(self.splits[stream], size=self.batch_size)
-        a, b = [], []
-        for i in files:
-            if self.positives == "aug":  # two augmentations of one crop
-                x = self.crop(i, rng)
-                a.append(x), b.append(x.clone())
-            elif self.positives == "jitter":  # two crops of one file
-                a.append(self.crop(i, rng)), b.append(self.crop(i, rng))
-            else:  # mix5 / mix10
-                k = int(self.positives[3:])
-                a.append(self.view(i, rng, k)), b.append(self.view(i, rng, k))
-        return torch.stack(a).numpy(), torch.stack(b).numpy()
+class DataError(Exception):
+    """A training file turned out to be unusable mid-run (read in the prefetch thread)."""
 
 
 class Prefetcher:
@@ -226,8 +188,7 @@ class Prefetcher:
     def work(self):
         try:
             for step in self.steps:
-                a, b = self.source.sample(step, self.rank, self.stream)[:2]
-                a, b = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+                a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
                 if self.augment is not None:  # each view augmented independently, seeded by its step
                     seed = hash((self.stream, self.rank, step)) % 2**63
                     torch.manual_seed(seed), random.seed(seed)  # the library draws from both; the main thread from neither
@@ -245,17 +206,388 @@ class Prefetcher:
 
 
 # -----------------------------------------------------------------------------
-# the paper's augmentation chain (App. B), torch-audiomentations in mini-batches of <= 100
+# the pieces of a run, in the order main() uses them
 
+CREATED = []  # what this process created for a new run: removed again if the run fails before its first checkpoint
+
+
+def die(msg, code=2):
+    if CREATED and not os.path.exists(os.path.join(CREATED[0], "checkpoint.pt")):  # no half-made run to block a retry
+        for path in reversed(CREATED):
+            os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# old flag names (and config keys of older runs) -> the names Wang & Isola's code uses
+LOSS_ALIASES = {"alpha": "align_alpha", "t": "unif_t", "lam_align": "align_w", "lam_unif": "unif_w"}
+
+
+def load_checkpoint(run):
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint to resume at {path}")
+    try:
+        with warnings.catch_warnings():  # e.g. "looks like a TorchScript archive": the line below says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config", "rng"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a train.py checkpoint (no model, optimizer, step, config and rng)")
+    return ckpt
+
+
+def resumed_args(args, given, config):
+    """The run's own config wins; only these may change when it is continued, and the device is
+    always this machine's (given, or the default here)."""
+    may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
+    config = {LOSS_ALIASES.get(k, k): v for k, v in config.items()}
+    saved = {k: v for k, v in config.items() if k in vars(args) and k not in given & may_change}
+    return argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "resume": args.resume, "device": args.device})
+
+
+def check_args(args, synths):
+    """Every flag checked before anything is created; every rank checks, so none waits for another."""
+    finite = lambda *xs: all(x is None or math.isfinite(x) for x in xs)
+    if args.data is None and args.synth not in synths:
+        raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(synths)})")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data} is not a folder")
+    for ok, msg in [
+        (finite(args.delta) and args.delta >= 0, "--delta must be a finite number >= 0"),
+        (args.batch_size >= 2, "--batch-size must be >= 2 (uniformity needs pairs of embeddings)"),
+        (args.epochs >= 0 and args.sounds_per_epoch > 0, "--epochs must be >= 0 and --sounds-per-epoch > 0"),
+        (args.lr is None or (finite(args.lr) and args.lr > 0), "--lr must be > 0"),
+        (finite(args.momentum, args.weight_decay) and min(args.momentum, args.weight_decay) >= 0,
+         "--momentum and --weight-decay must be >= 0"),
+        (finite(args.gamma) and args.gamma > 0 and all(0 <= f <= 1 for f in args.milestones),
+         "--gamma must be > 0 and --milestones fractions in [0, 1]"),
+        (finite(args.align_alpha, args.unif_t, args.align_w, args.unif_w) and args.align_alpha > 0 and args.unif_t > 0,
+         "--align-alpha and --unif-t must be > 0, --align-w and --unif-w finite"),
+        (args.log_every >= 1 and finite(args.save_every) and args.save_every >= 0, "--log-every must be >= 1 and --save-every >= 0"),
+        ((args.max_steps or 0) >= 0 and args.benchmark_steps >= 1, "--max-steps must be >= 0 and --benchmark-steps >= 1"),
+    ]:
+        if not ok:
+            raise ValueError(msg)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no GPU")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a run folder")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if not args.resume and held and not args.benchmark:  # a run folder is never overwritten, whatever is left of it
+        raise ValueError(f"{args.out} already holds a run ({', '.join(held)}); continue it with --resume {args.out} "
+                         f"or pick another --out")
+
+
+def setup_ddp(device_name):
+    """DDP from torchrun's environment; a plain `python train.py` is a world of one."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device_name.startswith("cuda"):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one voice in the console
+    return ddp, rank, world, device
+
+
+def milestone_epochs(args):
+    return sorted({max(1, round(f * args.epochs)) for f in args.milestones})
+
+
+def learning_rate(epoch, args):
+    """The paper's step schedule as a pure function of the epoch (no scheduler state to lose)."""
+    return args.lr * args.gamma ** sum(epoch >= m for m in milestone_epochs(args))
+
+
+def open_run(out, config, step, val_epochs):
+    """Create or reopen the run folder: config.json, and log.csv cut back to what the checkpoint
+    holds (a validation row counts only if the checkpoint says that epoch was validated)."""
+    if not step:  # a new run: the folder is empty of run files (check_args)
+        CREATED.extend([out] * (not os.path.isdir(out)) + [os.path.join(out, f) for f in ("config.json", "log.csv")])
+    os.makedirs(out, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp[0-9]*")):  # left by a kill -9 mid-write
+        os.remove(stale)
+    atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
+    log_path, rows = os.path.join(out, "log.csv"), []
+    if step and os.path.exists(log_path):
+        with open(log_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step
+                    and (r["val_align"] == "" or int(r["epoch"]) < val_epochs)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(log_path, buf.getvalue().encode())
+    return log_path
+
+
+def log_row(path, **row):
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+
+
+def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
+    """Where the run is, exactly: weights, optimizer, step, validated epochs, the last step's losses."""
+    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                       "val_epochs": val_epochs, "last": last, "config": config,
+                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                               "python": random.getstate()}},
+                      os.path.join(out, "checkpoint.pt"))
+
+
+def restore(run, ckpt, model, optimizer, steps_per_epoch):
+    """Weights, optimizer and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        die(f"{run}/checkpoint.pt does not fit this model ({first_line(e)})")
+    step = ckpt["step"]  # checkpoints before val_epochs was recorded were saved after validation
+    return step, ckpt.get("val_epochs", step // steps_per_epoch), ckpt.get("last")
+
+
+@torch.no_grad()
+def validate(model, embed_pair, source, val_steps, rank, augment, args):
+    """Alignment and uniformity on the fixed held-out batches -> (val_align, val_unif)."""
+    model.eval()
+    va, vu = [], []
+    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment):
+        _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
+        va.append(align), vu.append(unif)
+    return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    args, given = parse_args()
+    from generate import SYNTHS, PairSampler
+    try:
+        ckpt = load_checkpoint(args.resume) if args.resume else None
+        if ckpt:
+            args = resumed_args(args, given, ckpt["config"])
+        check_args(args, SYNTHS)
+    except ValueError as e:
+        die(e)
+    ddp, rank, world, device = setup_ddp(args.device)
+    master = rank == 0
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    global_batch = args.batch_size * world
+    args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
+    steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
+    val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
+    stop_at = steps_per_epoch * args.epochs if args.max_steps is None else min(steps_per_epoch * args.epochs, args.max_steps)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+
+    # data
+    try:
+        augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
+        source = RealAudio(args.data, args.positives, args.batch_size, args.seed) if args.data is not None \
+            else PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed)
+    except ValueError as e:
+        die(e)
+
+    # model
+    model = Encoder(init=args.init).to(device)
+    if ddp and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    step, val_epochs, last = restore(args.resume, ckpt, model, optimizer, steps_per_epoch) if ckpt else (0, 0, None)
+    # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
+    # computes the log of small mel energies in float32
+    net = nn.parallel.DistributedDataParallel(model.net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp else model.net
+
+    def embed_pair(a, b):  # one forward over both views: BatchNorm sees the whole pair batch
+        spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            e = net(spec)
+        return e[: len(a)], e[len(a):]
+
+    if args.benchmark:
+        return benchmark(args, source, embed_pair, optimizer, rank, augment)
+
+    out = args.out
+    config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+              "val_steps": val_steps, "milestones_epochs": milestone_epochs(args)}
+    if master:
+        log_path = open_run(out, config, step, val_epochs)
+    if ddp:
+        print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
+    print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
+          f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}")
+    t0, sounds, last_save = time.time(), 0, time.time()
+    while True:
+        epoch = step // steps_per_epoch
+        if epoch > val_epochs:  # this epoch's training is done, its validation not yet
+            val_align, val_unif = validate(model, embed_pair, source, val_steps, rank, augment, args)
+            rate = sounds / (time.time() - t0)
+            if master:
+                log_row(log_path, step=step, epoch=val_epochs, lr=learning_rate(val_epochs, args), loss=last[0],
+                        align=last[1], unif=last[2], val_align=val_align, val_unif=val_unif, sounds_per_s=f"{rate:.1f}")
+            print(f"epoch {val_epochs} done: loss {last[0]:.4f} val align {val_align:.4f} val unif {val_unif:.4f} "
+                  f"{rate:.0f} sounds/s")
+            val_epochs += 1
+            if master:
+                save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
+            continue
+        if step >= stop_at:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch, args)
+        model.train()
+        for s, a, b in Prefetcher(source, range(step, min(stop_at, (epoch + 1) * steps_per_epoch)), rank, TRAIN, augment):
+            loss, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t, args.align_w, args.unif_w)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            last = all_mean(loss, align, unif)  # same numbers on every rank
+            if not math.isfinite(last[0]):
+                kept = os.path.exists(os.path.join(out, "checkpoint.pt"))
+                die(f"non-finite loss at step {s}; stopping" + (f", {out}/checkpoint.pt (earlier) is kept" if kept else ""), 1)
+            optimizer.step()
+            step, sounds = s + 1, sounds + 2 * global_batch
+            if master and step % args.log_every == 0 and step % steps_per_epoch != 0:
+                rate = sounds / (time.time() - t0)
+                log_row(log_path, step=step, epoch=epoch, lr=learning_rate(epoch, args), loss=last[0], align=last[1],
+                        unif=last[2], val_align="", val_unif="", sounds_per_s=f"{rate:.1f}")
+                print(f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f} {rate:.0f} sounds/s")
+            if master and time.time() - last_save > 60 * args.save_every:
+                save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
+                last_save = time.time()
+        if master:  # the epoch's training (or the run's last step) is on disk before validation starts
+            save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
+            last_save = time.time()
+
+    if master:
+        if not ckpt and step == 0:  # --epochs 0: the random initialisation is the run
+            save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
+        export_encoder(model.state_dict(), os.path.join(out, "encoder.pt"), config)
+        print(f"wrote {os.path.join(out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
+    if ddp:
+        del net  # free DDP's reducer (and its hold on the process group) while every rank is still here
+        dist.all_reduce(torch.zeros(1, device=device))  # leave together: no rank tears down while another exports
+        dist.destroy_process_group()
+
+
+def benchmark(args, source, embed_pair, optimizer, rank, augment):
+    """Training speed with on-the-fly synthesis vs the same number of batches already in memory.
+    A ratio near 1 means the background thread hides the synthesis."""
+    n = args.benchmark_steps
+
+    def train_step(a, b):
+        loss = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()  # waits for the device
+
+    t0 = time.time()
+    first = [torch.from_numpy(x) for x in source.batch(0, rank)]
+    gen_s = time.time() - t0
+    for _ in range(2):
+        train_step(*first)  # warm-up
+    t0 = time.time()
+    batches = [[torch.from_numpy(x) for x in source.batch(s, rank)] for s in range(1, n + 1)]
+    synth_rate = 2 * args.batch_size * n / (time.time() - t0)
+    t0 = time.time()
+    for a, b in batches:
+        train_step(a, b)
+    pre = n / (time.time() - t0)
+    t0 = time.time()
+    for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment):
+        train_step(a, b)
+    fly = n / (time.time() - t0)
+    sounds = 2 * args.batch_size
+    print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
+    print(f"synthesis alone:        {synth_rate:8.1f} sounds/s")
+    print(f"pre-generated batches:  {pre:8.3f} steps/s {pre * sounds:8.1f} sounds/s")
+    print(f"on-the-fly synthesis:   {fly:8.3f} steps/s {fly * sounds:8.1f} sounds/s")
+    print(f"ratio on-the-fly / pre-generated: {fly / pre:.3f}   peak memory {peak_memory_mb():.0f} MB")
+
+
+# -----------------------------------------------------------------------------
+# real-audio baselines: random 1-s crops of a folder of audio, and the paper's augmentation chain
+
+class RealAudio:
+    """A folder of audio files; a pair is two views of random 1-s crops of one file."""
+
+    def __init__(self, root, positives, batch_size, seed):
+        files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                       if f.lower().endswith(AUDIO_EXTENSIONS))
+        if not files:
+            raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
+        self.info = []
+        for f in files:
+            try:
+                i = sf.info(f)
+            except Exception as e:
+                raise ValueError(f"unreadable audio file {f}: {first_line(e)}") from None
+            if i.frames == 0:
+                raise ValueError(f"empty audio file {f}")
+            self.info.append((f, i.samplerate, i.frames))
+        order = np.random.default_rng(seed).permutation(len(files))
+        n_val = max(1, len(files) // 10) if len(files) > 1 else 0  # 90/10 split by file
+        self.splits = {VAL: order[:n_val], TRAIN: order[n_val:]} if n_val else {TRAIN: order, VAL: order}
+        self.positives, self.batch_size, self.seed = positives, batch_size, seed
+
+    def crop(self, i, rng):
+        """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
+        path, sr, frames = self.info[i]
+        n = math.ceil(sr * 1.0)
+        start = int(rng.integers(0, max(1, frames - n + 1)))
+        try:
+            x, _ = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise DataError(f"unreadable audio file {path}: {first_line(e)}") from None
+        if not np.isfinite(x).all():  # one NaN would poison the weights of every later step
+            raise DataError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
+        x = torch.from_numpy(x.mean(axis=1))
+        if sr != SAMPLE_RATE:
+            x = AF.resample(x, sr, SAMPLE_RATE)
+        return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
+
+    def view(self, i, rng, k):
+        """k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips."""
+        x = sum(self.crop(i, rng) for _ in range(k))
+        return x / max(1.0, float(x.abs().max()))
+
+    def batch(self, step, rank=0, stream=TRAIN):
+        rng = np.random.default_rng([self.seed, stream, rank, step])
+        files = rng.choice(self.splits[stream], size=self.batch_size)
+        a, b = [], []
+        for i in files:
+            if self.positives == "aug":  # two augmentations of one crop
+                x = self.crop(i, rng)
+                a.append(x), b.append(x.clone())
+            elif self.positives == "jitter":  # two crops of one file
+                a.append(self.crop(i, rng)), b.append(self.crop(i, rng))
+            else:  # mix5 / mix10
+                k = int(self.positives[3:])
+                a.append(self.view(i, rng, k)), b.append(self.view(i, rng, k))
+        return torch.stack(a).numpy(), torch.stack(b).numpy()
+
+
+# The paper's augmentation chain (App. B): high-pass, low-pass, pitch, shift, reverb, each p = 0.5,
+# torch-audiomentations in mini-batches of <= 100 (imported only when augmentation is asked for).
 # torch-audiomentations 0.12 on torchaudio >= 2.9: ApplyImpulseResponse loads IR files with the removed
 # torchaudio.info, and PitchShift at 16 kHz can only reach +-0.41 semitones within +-2 (its "fast"
 # ratios 125/128 and 128/125) at ~8 s per 100 sounds. IRs are read with soundfile and handed over in
 # memory; pitch is shifted by a phase vocoder + FFT resampling to a uniform draw in +-2 semitones.
-CHUNK = 100  # the paper augments in mini-batches of <= 100 sounds
+CHUNK = 100
 
-
-# -----------------------------------------------------------------------------
-# impulse responses
 
 def load_irs(ir_dir, sample_rate):
     """All audio files under ir_dir (recursive) as mono 1-D tensors at sample_rate."""
@@ -271,7 +603,7 @@ def load_irs(ir_dir, sample_rate):
         try:
             data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # (frames, channels)
         except Exception as e:
-            raise ValueError(f"Could not decode impulse response {str(p)!r}: {e}") from None
+            raise ValueError(f"Could not decode impulse response {str(p)!r}: {first_line(e)}") from None
         ir = torch.from_numpy(data).mean(dim=1)  # downmix to mono
         if ir.numel() == 0 or not torch.isfinite(ir).all() or ir.abs().max() == 0:
             raise ValueError(f"Impulse response {str(p)!r} is empty, silent or not finite.")
@@ -291,23 +623,6 @@ def synthetic_irs(sample_rate, n=32, seed=0):
     return irs
 
 
-class InMemoryImpulseResponse(ApplyImpulseResponse):
-    """ApplyImpulseResponse fed with tensors instead of file paths. Its Audio() loader accepts
-    {"samples", "sample_rate"} dicts without touching torchaudio I/O, so the library's own
-    randomize_parameters (IR choice, padding) and apply_transform (FFT convolution) run as is."""
-
-    def __init__(self, irs, sample_rate, p=0.5):
-        BaseWaveformTransform.__init__(self, p=p, sample_rate=sample_rate, output_type="dict")  # skip path scan
-        # unit energy, so reverb roughly preserves loudness whatever the source level of the IR
-        self.ir_paths = [{"samples": (ir / ir.norm())[None], "sample_rate": sample_rate} for ir in irs]
-        self.audio = Audio(sample_rate, mono=True)
-        self.convolve_mode = "full"  # library defaults; output is cropped to the input length
-        self.compensate_for_propagation_delay = False
-
-
-# -----------------------------------------------------------------------------
-# pitch shift
-
 def pitch_shift(x, semitones, n_fft=512, hop=128):
     """Shift x (..., T) by `semitones` keeping its length: phase-vocoder stretch to L = T * 2^(st/12)
     samples, then band-limited FFT resampling back to T. Any ratio L/T is exact to 1/T (< 0.001 st);
@@ -326,31 +641,45 @@ def pitch_shift(x, semitones, n_fft=512, hop=128):
     # resample L -> T samples by cropping/zero-padding the spectrum: pitch * L/T, length T
     Y = torch.fft.rfft(y)
     k = T // 2 + 1
-    Y = Y[..., :k] if Y.shape[-1] >= k else torch.nn.functional.pad(Y, (0, k - Y.shape[-1]))
+    Y = Y[..., :k] if Y.shape[-1] >= k else F.pad(Y, (0, k - Y.shape[-1]))
     return torch.fft.irfft(Y, T) * (T / L)
 
 
-class UniformPitchShift(BaseWaveformTransform):
-    """Per-example pitch shift with semitones ~ U(min, max); the base class does the p=0.5 selection."""
-    supports_target = False
+def make_transforms(sample_rate=SAMPLE_RATE, ir_dir=None, seed=0, p=0.5):
+    from torch_audiomentations import ApplyImpulseResponse, HighPassFilter, LowPassFilter, Shift
+    from torch_audiomentations.core.transforms_interface import BaseWaveformTransform
+    from torch_audiomentations.utils.io import Audio
+    from torch_audiomentations.utils.object_dict import ObjectDict
 
-    def __init__(self, min_semitones=-2.0, max_semitones=2.0, p=0.5, sample_rate=None):
-        super().__init__(p=p, sample_rate=sample_rate, output_type="dict")
-        self.min_semitones, self.max_semitones = min_semitones, max_semitones
+    class InMemoryImpulseResponse(ApplyImpulseResponse):
+        """ApplyImpulseResponse fed with tensors instead of file paths. Its Audio() loader accepts
+        {"samples", "sample_rate"} dicts without touching torchaudio I/O, so the library's own
+        randomize_parameters (IR choice, padding) and apply_transform (FFT convolution) run as is."""
 
-    def randomize_parameters(self, samples=None, sample_rate=None, targets=None, target_rate=None):
-        lo, hi = self.min_semitones, self.max_semitones
-        self.transform_parameters["semitones"] = (lo + (hi - lo) * torch.rand(len(samples))).tolist()
+        def __init__(self, irs, sample_rate, p=0.5):
+            BaseWaveformTransform.__init__(self, p=p, sample_rate=sample_rate, output_type="dict")  # skip path scan
+            # unit energy, so reverb roughly preserves loudness whatever the source level of the IR
+            self.ir_paths = [{"samples": (ir / ir.norm())[None], "sample_rate": sample_rate} for ir in irs]
+            self.audio = Audio(sample_rate, mono=True)
+            self.convolve_mode = "full"  # library defaults; output is cropped to the input length
+            self.compensate_for_propagation_delay = False
 
-    def apply_transform(self, samples=None, sample_rate=None, targets=None, target_rate=None):
-        out = torch.stack([pitch_shift(s, st)
-                           for s, st in zip(samples, self.transform_parameters["semitones"])])
-        return ObjectDict(samples=out, sample_rate=sample_rate, targets=targets, target_rate=target_rate)
+    class UniformPitchShift(BaseWaveformTransform):
+        """Per-example pitch shift with semitones ~ U(min, max); the base class does the p selection."""
+        supports_target = False
 
+        def __init__(self, min_semitones=-2.0, max_semitones=2.0, p=0.5, sample_rate=None):
+            super().__init__(p=p, sample_rate=sample_rate, output_type="dict")
+            self.min_semitones, self.max_semitones = min_semitones, max_semitones
 
-# -----------------------------------------------------------------------------
+        def randomize_parameters(self, samples=None, sample_rate=None, targets=None, target_rate=None):
+            lo, hi = self.min_semitones, self.max_semitones
+            self.transform_parameters["semitones"] = (lo + (hi - lo) * torch.rand(len(samples))).tolist()
 
-def make_transforms(sample_rate=16000, ir_dir=None, seed=0, p=0.5):
+        def apply_transform(self, samples=None, sample_rate=None, targets=None, target_rate=None):
+            out = torch.stack([pitch_shift(s, st) for s, st in zip(samples, self.transform_parameters["semitones"])])
+            return ObjectDict(samples=out, sample_rate=sample_rate, targets=targets, target_rate=target_rate)
+
     irs = load_irs(ir_dir, sample_rate) if ir_dir is not None else synthetic_irs(sample_rate, seed=seed)
     kw = dict(p=p, sample_rate=sample_rate, output_type="dict")  # "dict": no deprecation warnings
     return {
@@ -363,6 +692,7 @@ def make_transforms(sample_rate=16000, ir_dir=None, seed=0, p=0.5):
 
 
 def make_augment(ir_dir=None, seed=0, sample_rate=SAMPLE_RATE):
+    from torch_audiomentations import Compose
     chain = Compose(list(make_transforms(sample_rate, ir_dir, seed).values()), output_type="dict")
 
     def augment(x):
@@ -377,16 +707,19 @@ def make_augment(ir_dir=None, seed=0, sample_rate=SAMPLE_RATE):
 # -----------------------------------------------------------------------------
 # small utilities
 
-def die(msg, code=2):
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def atomic_write(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # interrupted before the rename: no half-written leftovers
+            os.remove(tmp)
 
 
 def atomic_torch_save(obj, path):
@@ -426,10 +759,11 @@ def parse_args(argv=None):
     g.add_argument("--milestones", type=float, nargs="+", default=[0.775, 0.85, 0.925],
                    help="lr x gamma at these fractions of the epochs")
     g.add_argument("--gamma", type=float, default=0.1)
-    g.add_argument("--alpha", type=float, default=2.0, help="alignment exponent")
-    g.add_argument("--t", type=float, default=2.0, help="uniformity temperature")
-    g.add_argument("--lam-align", type=float, default=1.0)
-    g.add_argument("--lam-unif", type=float, default=1.0)
+    g = p.add_argument_group("loss (Wang & Isola's names; the old names still work)")
+    g.add_argument("--align-alpha", "--alpha", type=float, default=2.0, help="alignment exponent")
+    g.add_argument("--unif-t", "--t", type=float, default=2.0, help="uniformity temperature")
+    g.add_argument("--align-w", "--lam-align", type=float, default=1.0, help="weight of the alignment term")
+    g.add_argument("--unif-w", "--lam-unif", type=float, default=1.0, help="weight of the uniformity term")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
@@ -450,261 +784,15 @@ def parse_args(argv=None):
     return args, set(vars(p.parse_args(argv)))
 
 
-# -----------------------------------------------------------------------------
-
-def main():
-    args, given = parse_args()
-    resume_ckpt = None
-    if args.resume:
-        path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(path):
-            die(f"no checkpoint to resume at {path}")
-        resume_ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        # the run's own config wins; only these may change when it is continued, and the device
-        # is always this machine's (given, or the default here)
-        may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
-        saved = {k: v for k, v in resume_ckpt["config"].items() if k in vars(args) and k not in given & may_change}
-        args = argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "device": args.device})
-
-    # DDP from torchrun's environment; a plain `python train.py` is a world of one
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one voice in the console
-
-    # bad input: one line, exit 2 (every rank checks, so none hangs waiting for another)
-    from generate import SYNTHS, PairSampler
-    if args.data is None and args.synth not in SYNTHS:
-        die(f"unknown synth {args.synth!r} (choose from {', '.join(SYNTHS)})")
-    if not math.isfinite(args.delta) or args.delta < 0:
-        die(f"--delta must be a finite number >= 0, got {args.delta}")
-    if args.batch_size < 2:
-        die(f"--batch-size must be >= 2 (uniformity needs pairs of embeddings), got {args.batch_size}")
-    if args.epochs < 0 or args.sounds_per_epoch <= 0:
-        die("--epochs must be >= 0 and --sounds-per-epoch > 0")
-    if args.data is not None and not os.path.isdir(args.data):
-        die(f"--data {args.data} is not a folder")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        die("--device cuda asked for, but torch sees no GPU")
-
-    if args.device.startswith("cuda"):
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
-    global_batch = args.batch_size * world
-    lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
-    steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
-    val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
-    total_steps = steps_per_epoch * args.epochs
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-
-    # data
-    augment = None
-    if args.aug or (args.data is not None and args.positives == "aug"):
-        try:
-            augment = make_augment(args.ir_dir, args.seed)
-        except ValueError as e:
-            die(str(e))
-    try:
-        if args.data is not None:
-            source = RealAudio(args.data, args.positives, args.batch_size, args.seed)
-        else:
-            source = PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed)
-    except ValueError as e:
-        die(str(e))
-
-    # model
-    model = Encoder(init=args.init).to(device)
-    if ddp and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    milestones = sorted({max(1, round(f * args.epochs)) for f in args.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.gamma)
-    step = 0
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        step = resume_ckpt["step"]
-        torch.set_rng_state(resume_ckpt["rng"]["torch"])
-        np.random.set_state(resume_ckpt["rng"]["numpy"])
-        random.setstate(resume_ckpt["rng"]["python"])
-        scheduler.milestones = collections.Counter(milestones)  # a run extended by --epochs gets new milestones
-    raw_model = model
-
-    # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
-    # computes the log of small mel energies in float32
-    net = raw_model.net
-    if ddp:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    def embed_pair(a, b):
-        # one forward over both views: BatchNorm sees the whole pair batch
-        spec = raw_model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            e = net(spec)
-        return e[: len(a)], e[len(a):]
-
-    if args.benchmark:
-        return benchmark(args, source, embed_pair, optimizer, rank, augment)
-
-    out = args.out
-    config = {**vars(args), "world_size": world, "global_batch": global_batch, "lr": lr,
-              "steps_per_epoch": steps_per_epoch, "val_steps": val_steps, "milestones_epochs": milestones}
-    if master:
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            die(f"cannot create run folder {out}: {e.strerror}")
-        if resume_ckpt is None and os.path.exists(os.path.join(out, "checkpoint.pt")):
-            die(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
-        atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
-    log_path = os.path.join(out, "log.csv")
-    fields = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
-    if master:
-        rows = []
-        if resume_ckpt is not None and os.path.exists(log_path):  # drop rows past the checkpoint
-            with open(log_path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write(log_path, buf.getvalue().encode())
-
-    def save(step):
-        if master:
-            atomic_torch_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "step": step, "config": config,
-                               "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                       "python": random.getstate()}},
-                              os.path.join(out, "checkpoint.pt"))
-
-    def log(step, epoch, loss, align, unif, val_align="", val_unif=""):
-        """Append a row to log.csv; returns the training throughput so far in sounds/s."""
-        rate = sounds / (time.time() - t0)
-        if master:
-            with open(log_path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=fields).writerow(dict(
-                    step=step, epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss, align=align, unif=unif,
-                    val_align=val_align, val_unif=val_unif, sounds_per_s=f"{rate:.1f}"))
-        return rate
-
-    def all_mean(*xs):
-        t = torch.stack([x.detach().float() for x in xs])
-        if ddp:
-            dist.all_reduce(t)
-            t /= world
-        return t.tolist()
-
-    # the ranks must draw different batches: a cheap fingerprint of each rank's first batch
-    if ddp:
-        first = torch.tensor([float(np.asarray(source.sample(step, rank)[0]).sum())], dtype=torch.float64)
-        fp = [torch.zeros_like(first) for _ in range(world)]
-        dist.all_gather(fp, first)
-        if len({float(f) for f in fp}) != world:
-            die("two ranks drew the same batch")
-        print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
-
-    print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
-          f"{global_batch}, lr {lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}")
-    last_save = time.time()
-    stop_at = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    t0, sounds = time.time(), 0
-    while step < stop_at:
-        epoch = step // steps_per_epoch
-        end = min(stop_at, (epoch + 1) * steps_per_epoch)
-        raw_model.train()
-        for s, a, b in Prefetcher(source, range(step, end), rank, 0, augment):
-            e_a, e_b = embed_pair(a, b)
-            loss, align, unif = contrastive_loss(e_a, e_b, args.alpha, args.t, args.lam_align, args.lam_unif)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_v, align_v, unif_v = all_mean(loss, align, unif)  # same numbers on every rank
-            if not math.isfinite(loss_v):
-                print(f"train.py: error: non-finite loss at step {s}; stopping, the last good checkpoint "
-                      f"({os.path.join(out, 'checkpoint.pt')}) is kept", file=sys.stderr)
-                sys.exit(1)
-            optimizer.step()
-            step, sounds = s + 1, sounds + 2 * global_batch
-            if step % args.log_every == 0 and step % steps_per_epoch != 0:
-                rate = log(step, epoch, loss_v, align_v, unif_v)
-                print(f"step {step} epoch {epoch} loss {loss_v:.4f} align {align_v:.4f} unif {unif_v:.4f} "
-                      f"{rate:.0f} sounds/s")
-            if time.time() - last_save > 60 * args.save_every:
-                save(step)
-                last_save = time.time()
-        if step % steps_per_epoch == 0:  # a whole epoch: validate on the fixed held-out batches
-            scheduler.step()
-            raw_model.eval()
-            va, vu = [], []
-            with torch.no_grad():
-                for _, a, b in Prefetcher(source, range(val_steps), rank, 1, augment):
-                    _, align, unif = contrastive_loss(*embed_pair(a, b), args.alpha, args.t)
-                    va.append(align), vu.append(unif)
-            val_align, val_unif = all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
-            rate = log(step, epoch, loss_v, align_v, unif_v, val_align, val_unif)
-            print(f"epoch {epoch} done: loss {loss_v:.4f} val align {val_align:.4f} val unif {val_unif:.4f} "
-                  f"{rate:.0f} sounds/s")
-        save(step)
-        last_save = time.time()
-
-    if master:
-        if resume_ckpt is None and step == 0:
-            save(step)  # --epochs 0: the random initialisation is the run
-        export_encoder(raw_model.state_dict(), os.path.join(out, "encoder.pt"), config)
-        print(f"wrote {os.path.join(out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
-    if ddp:
-        dist.barrier()  # leave together: no rank tears down gloo while another still exports
-        dist.destroy_process_group()
-
-
-def benchmark(args, source, embed_pair, optimizer, rank, augment):
-    """Training speed with on-the-fly synthesis vs the same number of batches already in memory.
-    A ratio near 1 means the background thread hides the synthesis."""
-    n = args.benchmark_steps
-
-    def train_step(a, b):
-        loss = contrastive_loss(*embed_pair(a, b), args.alpha, args.t)[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()  # waits for the device
-
-    t0 = time.time()
-    first = source.sample(0, rank)
-    gen_s = time.time() - t0
-    for _ in range(2):
-        train_step(torch.from_numpy(first[0]), torch.from_numpy(first[1]))  # warm-up
-    t0 = time.time()
-    batches = [tuple(torch.from_numpy(x) for x in source.sample(s, rank)[:2]) for s in range(1, n + 1)]
-    synth_rate = 2 * args.batch_size * n / (time.time() - t0)
-    t0 = time.time()
-    for a, b in batches:
-        train_step(a, b)
-    pre = n / (time.time() - t0)
-    t0 = time.time()
-    for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, 0, augment):
-        train_step(a, b)
-    fly = n / (time.time() - t0)
-    sounds = 2 * args.batch_size
-    print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
-    print(f"synthesis alone:        {synth_rate:8.1f} sounds/s")
-    print(f"pre-generated batches:  {pre:8.3f} steps/s {pre * sounds:8.1f} sounds/s")
-    print(f"on-the-fly synthesis:   {fly:8.3f} steps/s {fly * sounds:8.1f} sounds/s")
-    print(f"ratio on-the-fly / pre-generated: {fly / pre:.3f}   peak memory {peak_memory_mb():.0f} MB")
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        main()
+    except KeyboardInterrupt:
+        die("interrupted; what was written is whole (continue a run with --resume RUN)", 130)
+    except DataError as e:
+        die(e)

@@ -17,7 +17,7 @@ TINY = ["--synth", "voice", "--batch-size", "4", "--sounds-per-epoch", "40", "--
 def test_loss_matches_direct_formulas():
     g = torch.Generator().manual_seed(0)
     e_a, e_b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    loss, align, unif = train.contrastive_loss(e_a, e_b, alpha=2.0, t=2.0, lam_align=1.0, lam_unif=1.0)
+    loss, align, unif = train.contrastive_loss(e_a, e_b, align_alpha=2.0, unif_t=2.0, align_w=1.0, unif_w=1.0)
     a = (e_a / e_a.norm(dim=1, keepdim=True)).double().numpy()
     b = (e_b / e_b.norm(dim=1, keepdim=True)).double().numpy()
     align_ref = np.mean([np.linalg.norm(a[i] - b[i]) ** 2 for i in range(6)])
@@ -29,7 +29,7 @@ def test_loss_matches_direct_formulas():
     assert unif.item() == pytest.approx(unif_direct, rel=1e-5)
     assert loss.item() == pytest.approx(align_ref + unif_direct, rel=1e-5)
     # alpha, t and the weights are honoured
-    loss2, align2, unif2 = train.contrastive_loss(e_a, e_b, alpha=1.0, t=2.0, lam_align=0.5, lam_unif=2.0)
+    loss2, align2, unif2 = train.contrastive_loss(e_a, e_b, align_alpha=1.0, unif_t=2.0, align_w=0.5, unif_w=2.0)
     assert align2.item() == pytest.approx(np.mean([np.linalg.norm(a[i] - b[i]) for i in range(6)]), rel=1e-5)
     assert loss2.item() == pytest.approx(0.5 * align2.item() + 2 * unif_direct, rel=1e-5)
 
@@ -194,9 +194,9 @@ def test_real_audio_folder_trains(tmp_path, positives):
     write_audio_folder(tmp_path / "audio")
     source = train.RealAudio(str(tmp_path / "audio"), positives, 4, 0)
     assert len(source.info) == 6
-    a, b = source.sample(0)
+    a, b = source.batch(0)
     assert a.shape == b.shape == (4, 16000) and np.isfinite(a).all() and np.abs(a).max() <= 1.0
-    a2, _ = source.sample(0)
+    a2, _ = source.batch(0)
     np.testing.assert_array_equal(a, a2)  # a batch is a function of (seed, stream, rank, step)
     out = tmp_path / "run"
     run(ROOT / "train.py", "--data", tmp_path / "audio", "--positives", positives, "--batch-size", "4",
@@ -206,7 +206,7 @@ def test_real_audio_folder_trains(tmp_path, positives):
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     # t = 1e9 makes every uniformity term exp(-huge) = 0, so the loss is log(0) = -inf
-    p = run(ROOT / "train.py", *TINY, "--epochs", "1", "--t", "1e9", "--out", tmp_path / "r", check=False)
+    p = run(ROOT / "train.py", *TINY, "--epochs", "1", "--unif-t", "1e9", "--out", tmp_path / "r", check=False)
     assert p.returncode == 1 and "non-finite loss at step 0" in p.stderr
     assert not (tmp_path / "r" / "checkpoint.pt").exists() and not (tmp_path / "r" / "encoder.pt").exists()
 
@@ -237,3 +237,28 @@ def test_refuses_to_overwrite_a_run(random_run):
     p = run(ROOT / "train.py", "--epochs", "0", "--out", random_run, check=False)
     assert "already holds a run" in assert_one_line_error(p)
     assert (random_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_learning_rate_is_the_papers_multistep_schedule():
+    args, _ = train.parse_args(["--lr", "0.72", "--epochs", "200"])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.72)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[155, 170, 185], gamma=0.1)  # 77.5/85/92.5 %
+    for epoch in range(200):
+        assert train.learning_rate(epoch, args) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), epoch
+        opt.step()
+        sched.step()
+
+
+def test_loss_flags_take_wang_and_isola_names_and_the_old_ones():
+    new, _ = train.parse_args(["--align-alpha", "1", "--unif-t", "3", "--align-w", "0.5", "--unif-w", "2"])
+    old, given = train.parse_args(["--alpha", "1", "--t", "3", "--lam-align", "0.5", "--lam-unif", "2"])
+    assert vars(new) == vars(old) and {"align_alpha", "unif_t", "align_w", "unif_w"} <= given
+    # a run saved under the old config keys resumes with its own loss
+    args = train.resumed_args(new, set(), {"alpha": 1.5, "t": 4.0, "lam_align": 1.0, "lam_unif": 0.25})
+    assert (args.align_alpha, args.unif_t, args.align_w, args.unif_w) == (1.5, 4.0, 1.0, 0.25)
+
+
+def test_augmentation_library_is_imported_only_when_asked_for():
+    code = "import sys, train; assert 'torch_audiomentations' not in sys.modules; train.make_augment(); " \
+           "assert 'torch_audiomentations' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)

@@ -37,6 +37,7 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -199,9 +200,9 @@ class PairSampler:
 # -----------------------------------------------------------------------------
 # command line
 
-def die(msg):
+def die(msg, code=2):
     print(f"generate.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def delta_dirname(delta):
@@ -349,8 +350,10 @@ def main():
             die(f"delta must be a finite number >= 0, got {d}")
     if args.pairs <= 0:
         die(f"--pairs must be > 0, got {args.pairs}")
-    if args.batch_size <= 0 or args.sample_rate <= 0 or not args.seconds > 0:
-        die("--batch-size, --sample-rate and --seconds must be > 0")
+    if args.batch_size <= 0 or args.sample_rate <= 0 or not 0 < args.seconds < math.inf:
+        die("--batch-size, --sample-rate and --seconds must be > 0 (and finite)")
+    if not 0 < args.benchmark_seconds < math.inf:
+        die(f"--benchmark-seconds must be > 0, got {args.benchmark_seconds}")
     if args.benchmark:
         return benchmark(args)
     if args.factors is not None and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
@@ -370,6 +373,9 @@ def main():
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
     except OSError as e:
         die(f"cannot write to {parent}: {e.strerror}")
     try:
@@ -409,5 +415,13 @@ def main():
     print(f"wrote {os.path.join(out, 'index.html') if args.gallery else out}")
 
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the temporary folder is removed
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        main()
+    except KeyboardInterrupt:
+        die("interrupted; nothing was written (the output folder is as it was)", 130)

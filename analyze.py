@@ -56,12 +56,14 @@ sine ~0, a 1/k sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity
 """
 import argparse
 import collections
+import contextlib
 import csv
 import functools
 import io
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -91,6 +93,10 @@ class AnalyzeError(Exception):
     """Bad input. Helpers raise it; only main turns it into one line on stderr and exit 2."""
 
 
+class Interrupted(BaseException):  # BaseException: no `except Exception` in a helper may swallow it
+    """SIGTERM or SIGINT; main exits 128 + signal number."""
+
+
 # what a subcommand hands to report.md: a title, its PNG names and (caption, columns, rows) tables
 Section = collections.namedtuple("Section", "title figures tables")
 
@@ -102,11 +108,21 @@ def first_line(e):
 # -----------------------------------------------------------------------------
 # atomic outputs: a reader never sees half a file, and a crash never truncates an old one
 
-def write_text(path, text):
+@contextlib.contextmanager
+def atomic(path):
+    """A temp path beside path, renamed over it only when the block completes (removed otherwise)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_csv(path, rows, cols):
@@ -118,12 +134,12 @@ def write_csv(path, rows, cols):
 
 
 def save_fig(fig, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+    try:
+        with atomic(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path).name
 
 
 def fmt_row(r, digits=6):
@@ -140,12 +156,15 @@ def delta_axis(ax, deltas):
 # audio and sets
 
 def load_audio(path):
+    """-> mono float32 at 16 kHz, or None if the file holds non-finite samples."""
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise AnalyzeError(f"cannot read audio {path}: {first_line(e)}")
     if len(x) == 0:
         raise AnalyzeError(f"empty audio file {path}")
+    if not np.isfinite(x).all():
+        return None  # NaN/inf samples: callers skip the clip and count it
     x = x.mean(1)  # mono downmix
     if sr != SR:
         import torch
@@ -162,6 +181,11 @@ def list_audio(folder):
     if not files:
         raise AnalyzeError(f"no audio files under {folder}")
     return files
+
+
+def skipped(what, n, unit="clip"):
+    if n:
+        print(f"analyze.py: {what}: {n} {unit}(s) with non-finite samples skipped", file=sys.stderr)
 
 
 def subset(n, max_files):
@@ -217,15 +241,23 @@ def load_set(spec, max_files):
             raise AnalyzeError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)")
         if emb.ndim != 2 or len(emb) == 0:
             raise AnalyzeError(f"set {name}: {path} holds no (N, D) embeddings")
+        if not np.isfinite(emb).all():
+            raise AnalyzeError(f"set {name}: {path} holds non-finite embeddings")
         try:
             files = [str(f) for f in z["files"]]
         except Exception:  # file names are optional here
             files = [str(i) for i in range(len(emb))]
+        if len(files) != len(emb):
+            raise AnalyzeError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
     files = list_audio(path)
     files = [files[i] for i in subset(len(files), max_files)]
     waves = [load_audio(f) for f in tqdm(files, desc=f"read {name}", disable=None)]
+    if all(w is None for w in waves):
+        raise AnalyzeError(f"set {name}: every clip under {path} has non-finite samples")
+    skipped(f"set {name}", sum(w is None for w in waves))
+    files, waves = [f for f, w in zip(files, waves) if w is not None], [w for w in waves if w is not None]
     if k:
         rng = np.random.default_rng(0)
         waves = [mixture(w, k, rng) for w in waves]
@@ -319,7 +351,10 @@ def embed(waves, fn, batch_size, desc="embed"):
             e = fn(torch.from_numpy(np.stack([waves[i] for i in idx]).astype(np.float32))).numpy()
             for j, i in enumerate(idx):
                 out[i] = e[j]
-    return np.stack(out).astype(np.float64)
+    out = np.stack(out).astype(np.float64)
+    if not np.isfinite(out).all():
+        raise AnalyzeError(f"{desc}: the embedder gives non-finite embeddings")
+    return out
 
 
 def set_embeddings(sets, fn, batch_size):
@@ -346,6 +381,16 @@ def pair_files(d, max_pairs=0):
     return fa, fb
 
 
+def load_pairs(fa, fb, where):
+    """The two sides of each pair as waves; a pair with a non-finite clip is skipped and counted."""
+    pairs = [(load_audio(a), load_audio(b)) for a, b in tqdm(list(zip(fa, fb)), desc=f"read {where}", disable=None)]
+    keep = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not keep:
+        raise AnalyzeError(f"{where}: every pair has a clip with non-finite samples")
+    skipped(where, len(pairs) - len(keep), "pair")
+    return [a for a, _ in keep], [b for _, b in keep]
+
+
 def read_sweep(root, max_pairs):
     """The generate.py pair folders under root -> [dict(synth, delta, fa, fb)], in folder order."""
     root = Path(root)
@@ -369,15 +414,18 @@ def read_sweep(root, max_pairs):
 def pair_similarity(groups, fn, embedder, batch_size):
     """Cosine similarity of each group's positive pairs and of random negatives -> (rows, groups with
     their unit-norm embeddings a, b)."""
-    files = [f for g in groups for f in g["fa"] + g["fb"]]
-    emb = embed([load_audio(f) for f in tqdm(files, desc="read pairs", disable=None)], fn, batch_size)
+    waves, ns = [], []
+    for g in groups:
+        wa, wb = load_pairs(g["fa"], g["fb"], str(g["fa"][0].parent))
+        waves += wa + wb
+        ns.append(len(wa))
+    emb = embed(waves, fn, batch_size)
     if embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(0)
     rows, out, s = [], [], 0
-    for g in groups:
-        n = len(g["fa"])
+    for g, n in zip(groups, ns):
         a, b = emb[s:s + n], emb[s + n:s + 2 * n]
         s += 2 * n
         out.append(dict(g, a=a, b=b))
@@ -454,10 +502,10 @@ def invariance_scores(factor_dirs, fn, batch_size, max_pairs=0):
     (s - s_neg) / (1 - s_neg): 1 = the factor is ignored, 0 = as different as a random negative."""
     sims = {}
     for name, d in factor_dirs.items():
-        fa, fb = pair_files(d, max_pairs)
-        e = embed([load_audio(f) for f in fa + fb], fn, batch_size, desc=f"embed {name}")
+        wa, wb = load_pairs(*pair_files(d, max_pairs), str(d))
+        e = embed(wa + wb, fn, batch_size, desc=f"embed {name}")
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        sims[name] = (e[:len(fa)] * e[len(fa):]).sum(1)
+        sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
     s_neg = sims["negative"].mean()
     return [dict(factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
                  invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
@@ -771,18 +819,31 @@ def cmd_fad(args):
 # -----------------------------------------------------------------------------
 # training (Fig. 5, Fig. 3)
 
+def read_json(path, what):
+    """A JSON object from path (a UTF-8 BOM is fine) or one clear line."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise AnalyzeError(f"{path} is not UTF-8 text ({what})")
+    except Exception as e:
+        raise AnalyzeError(f"cannot read {what} {path}: {first_line(e)}")
+    if not isinstance(obj, dict):
+        raise AnalyzeError(f"{path} is not a {what} (expected a JSON object)")
+    return obj
+
+
 def read_run(d):
     d = Path(d)
     if not d.is_dir():
         raise AnalyzeError(f"no such run folder: {d}")
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except Exception:
+    if not (d / "config.json").is_file():
         raise AnalyzeError(f"{d} is not a train.py run folder (no readable config.json)")
-    if "synth" not in cfg or "delta" not in cfg:
+    cfg = read_json(d / "config.json", "train.py config")
+    try:
+        synth = "+".join(map(str, cfg["synth"])) if isinstance(cfg["synth"], list) else str(cfg["synth"])
+        delta = float(cfg["delta"])
+    except (KeyError, TypeError, ValueError):
         raise AnalyzeError(f"{d / 'config.json'} has no synth/delta")
-    synth = "+".join(cfg["synth"]) if isinstance(cfg["synth"], list) else str(cfg["synth"])
-    delta = float(cfg["delta"])
     if cfg.get("data"):  # the paper's real-audio baselines: no synth, no delta
         synth, delta = f"real ({cfg.get('positives', 'aug')})", float("nan")
     elif cfg.get("epochs") == 0:  # "Random Init." baseline
@@ -790,33 +851,37 @@ def read_run(d):
     row = dict(run=d.name, synth=synth, delta=delta, steps=0, epochs=0,
                val_align=float("nan"), val_unif=float("nan"))
     if (d / "log.csv").is_file():
-        with open(d / "log.csv", newline="") as f:
-            log = list(csv.DictReader(f))
-        val = [r for r in log if (r.get("val_align") or "").strip()]
-        if log:
-            row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
-        if val:  # the last validation, i.e. the final model's
-            row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
+        row.update(read_log(d / "log.csv"))
     return row
+
+
+def read_log(path):
+    """train.py's log.csv -> steps, epochs and the last validation (the final model's)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
+            log = list(csv.DictReader(f))
+        last = dict(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"]))) if log else {}
+        val = [r for r in log if (r.get("val_align") or "").strip()]
+        if val:
+            last.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
+    except UnicodeDecodeError:
+        raise AnalyzeError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
+    except (KeyError, TypeError, ValueError, csv.Error) as e:
+        raise AnalyzeError(f"{path} is not a train.py log.csv ({first_line(e)})")
+    return last
 
 
 def read_results(path, runs):
     """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
     path = Path(path)
+    res = read_json(path, "probe.py results.json")
     try:
-        res = json.loads(path.read_text())
-    except Exception:
-        raise AnalyzeError(f"cannot read probe results {path} (not a probe.py results.json)")
-    summary = res.get("summary")
-    if not summary:  # aggregate the per-fold rows
-        by = {}
-        for r in res.get("rows", []):
-            by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
-        summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
-                   for (e, t, m), v in by.items()]
+        summary = probe_summary(res)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AnalyzeError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
     out, skipped = [], set()
     for s in summary:
-        enc = Path(s["encoder"])
+        enc = Path(s.pop("encoder"))
         run = None
         for d in (enc.parent, path.parent / enc.parent):  # runs/NAME/encoder.pt -> runs/NAME/
             if (d / "config.json").is_file():
@@ -826,12 +891,23 @@ def read_results(path, runs):
         if run is None:
             skipped.add(str(enc))
             continue
-        out.append(dict(run=run["run"], synth=run["synth"], delta=run["delta"], task=s["task"],
-                        metric=s["metric"], mean=float(s["mean"]), std=float(s.get("std", 0.0)),
-                        folds=s.get("folds", "")))
+        out.append(dict(run=run["run"], synth=run["synth"], delta=run["delta"], **s))
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
+
+
+def probe_summary(res):
+    """The summary rows of a results.json, aggregated from the per-fold rows when it has none."""
+    summary = res.get("summary")
+    if not summary:  # aggregate the per-fold rows
+        by = {}
+        for r in res.get("rows", []):
+            by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
+        summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
+                   for (e, t, m), v in by.items()]
+    return [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
+                 std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
 
 
 def by_synth(ax, rows, key, err=None):
@@ -1023,25 +1099,56 @@ COMMANDS = dict(pairs=cmd_pairs, features=cmd_features, uncertainty=cmd_uncertai
                 training=cmd_training, invariance=cmd_invariance, report=cmd_report)
 
 
+def check_args(args):
+    """Every value checked before --out is created."""
+    for flag, low in [("batch_size", 1), ("max_files", 0), ("max_pairs", 0), ("pca_pairs", 1)]:
+        v = getattr(args, flag, None)
+        if v is not None and v < low:
+            raise AnalyzeError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
+    names = [parse_set(s)[0] for s in getattr(args, "set", []) + getattr(args, "target", [])]
+    if len(set(names)) < len(names):
+        raise AnalyzeError(f"set names must be unique, got {', '.join(names)}")
+    if args.cmd == "invariance" and (not args.factors or not args.encoder):
+        raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AnalyzeError(f"--out {args.out} is a file")
+
+
+def make_out(out):
+    """Creates --out; returns the folders it created, innermost first, for a failed run to remove."""
+    made = [d for d in [out, *out.parents] if not d.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnalyzeError(f"cannot create --out {out}: {first_line(e)}")
+    return made
+
+
+def on_signal(signum, frame):
+    raise Interrupted(128 + signum)
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    made = []
     try:
         args = build_parser().parse_args(argv)
-        names = [parse_set(s)[0] for s in getattr(args, "set", []) + getattr(args, "target", [])]
-        if len(set(names)) < len(names):
-            raise AnalyzeError(f"set names must be unique, got {', '.join(names)}")
-        if args.cmd == "invariance" and (not args.factors or not args.encoder):
-            raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise AnalyzeError(f"--out {out} is a file")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AnalyzeError(f"cannot create --out {out}: {first_line(e)}")
+        check_args(args)
+        made = make_out(Path(args.out))
         COMMANDS[args.cmd](args)
-    except AnalyzeError as e:
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return
+    except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing
+        code, msg = 2, f"error: {first_line(e)}"
+    except Interrupted as e:
+        code, msg = e.args[0], "interrupted"
+    for d in made:  # no empty --out left behind (outputs are written whole or not at all)
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    print(f"analyze.py: {msg}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -303,7 +303,13 @@ def load_encoder(path):
         ok = False
     if not ok:
         raise AnalyzeError(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))")
-    return lambda x: enc(x).float()
+
+    def fn(x):
+        e = enc(x).float()
+        if not torch.isfinite(e).all():
+            raise AnalyzeError(f"{path} gives non-finite embeddings")
+        return e
+    return fn
 
 
 def load_clap(checkpoint, amodel):

@@ -48,13 +48,22 @@ laion_clap package and local weights (--clap-checkpoint FILE). In `pairs`, mfcc 
 z-scored per dimension over all sounds of the sweep before the cosine similarity: raw MFCC
 statistics are dominated by the energy coefficient, which inflates every similarity, random pairs
 included.
+
+features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to
+[1e-3, 1e3] because Essentia saturates at FLT_MAX when even harmonics vanish, and plotted in log10.
+Essentia's PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure
+sine ~0, a 1/k sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
 """
 import argparse
+import collections
+import contextlib
 import csv
+import functools
 import io
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -80,9 +89,16 @@ FEATURES = ["inharmonicity", "odd_even_ratio", "pitch_salience", "flatness", "fl
 PROXIES = ["H_cu", "H_p", "S_conf"]
 
 
-def die(msg):
-    print(f"analyze.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+class AnalyzeError(Exception):
+    """Bad input. Helpers raise it; only main turns it into one line on stderr and exit 2."""
+
+
+class Interrupted(BaseException):  # BaseException: no `except Exception` in a helper may swallow it
+    """SIGTERM or SIGINT; main exits 128 + signal number."""
+
+
+# what a subcommand hands to report.md: a title, its PNG names and (caption, columns, rows) tables
+Section = collections.namedtuple("Section", "title figures tables")
 
 
 def first_line(e):
@@ -92,28 +108,38 @@ def first_line(e):
 # -----------------------------------------------------------------------------
 # atomic outputs: a reader never sees half a file, and a crash never truncates an old one
 
-def write_text(path, text):
+@contextlib.contextmanager
+def atomic(path):
+    """A temp path beside path, renamed over it only when the block completes (removed otherwise)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_csv(path, rows, cols):
     buf = io.StringIO()
     w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(map(fmt_row, rows))
     write_text(path, buf.getvalue())
 
 
 def save_fig(fig, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
+    try:
+        with atomic(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path).name
 
 
 def fmt_row(r, digits=6):
@@ -130,12 +156,15 @@ def delta_axis(ax, deltas):
 # audio and sets
 
 def load_audio(path):
+    """-> mono float32 at 16 kHz, or None if the file holds non-finite samples."""
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
-        die(f"cannot read audio {path}: {first_line(e)}")
+        raise AnalyzeError(f"cannot read audio {path}: {first_line(e)}")
     if len(x) == 0:
-        die(f"empty audio file {path}")
+        raise AnalyzeError(f"empty audio file {path}")
+    if not np.isfinite(x).all():
+        return None  # NaN/inf samples: callers skip the clip and count it
     x = x.mean(1)  # mono downmix
     if sr != SR:
         import torch
@@ -147,11 +176,16 @@ def load_audio(path):
 def list_audio(folder):
     folder = Path(folder)
     if not folder.is_dir():
-        die(f"no such folder: {folder}")
+        raise AnalyzeError(f"no such folder: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
     if not files:
-        die(f"no audio files under {folder}")
+        raise AnalyzeError(f"no audio files under {folder}")
     return files
+
+
+def skipped(what, n, unit="clip"):
+    if n:
+        print(f"analyze.py: {what}: {n} {unit}(s) with non-finite samples skipped", file=sys.stderr)
 
 
 def subset(n, max_files):
@@ -170,41 +204,60 @@ def mixture(x, k, rng):
 
 
 def parse_set(spec):
-    name, eq, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
     k, m = 0, re.fullmatch(r"mix(\d+):(.+)", path)
     if m:
         k, path = int(m.group(1)), m.group(2)
         if k < 1:
-            die(f"--set {spec}: mixK needs K >= 1")
+            raise AnalyzeError(f"--set {spec}: mixK needs K >= 1")
     if not path:
-        die(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
+        raise AnalyzeError(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
     return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
 
 
-def load_set(spec, max_files, allow_npz=False):
+def is_cache(spec):
+    return parse_set(spec)[1].suffix == ".npz"
+
+
+def audio_sets(specs, max_files):
+    """The sets of a subcommand that needs audio (embedding caches serve fad only)."""
+    for name, path, _ in map(parse_set, specs):
+        if path.suffix == ".npz":
+            raise AnalyzeError(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
+    return [load_set(s, max_files) for s in specs]
+
+
+@functools.lru_cache(maxsize=None)  # report reads each set once for all its sections; callers never mutate
+def load_set(spec, max_files):
     """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
     name, path, k = parse_set(spec)
     if path.suffix == ".npz":
-        if not allow_npz:
-            die(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
         if not path.is_file():
-            die(f"no such file: {path}")
+            raise AnalyzeError(f"no such file: {path}")
         try:
             z = np.load(path, allow_pickle=False)
             emb = np.asarray(z["embeddings"], dtype=np.float64)
         except Exception:
-            die(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)")
+            raise AnalyzeError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)")
         if emb.ndim != 2 or len(emb) == 0:
-            die(f"set {name}: {path} holds no (N, D) embeddings")
+            raise AnalyzeError(f"set {name}: {path} holds no (N, D) embeddings")
+        if not np.isfinite(emb).all():
+            raise AnalyzeError(f"set {name}: {path} holds non-finite embeddings")
         try:
             files = [str(f) for f in z["files"]]
         except Exception:  # file names are optional here
             files = [str(i) for i in range(len(emb))]
+        if len(files) != len(emb):
+            raise AnalyzeError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
     files = list_audio(path)
     files = [files[i] for i in subset(len(files), max_files)]
     waves = [load_audio(f) for f in tqdm(files, desc=f"read {name}", disable=None)]
+    if all(w is None for w in waves):
+        raise AnalyzeError(f"set {name}: every clip under {path} has non-finite samples")
+    skipped(f"set {name}", sum(w is None for w in waves))
+    files, waves = [f for f, w in zip(files, waves) if w is not None], [w for w in waves if w is not None]
     if k:
         rng = np.random.default_rng(0)
         waves = [mixture(w, k, rng) for w in waves]
@@ -214,56 +267,73 @@ def load_set(spec, max_files, allow_npz=False):
 # -----------------------------------------------------------------------------
 # embedders: each maps a float32 (B, T) 16 kHz batch to (B, D)
 
-def get_embedder(args):
-    spec = args.embedder
-    if spec == "clap":
-        missing = []
-        try:
-            import laion_clap
-        except ImportError:
-            missing.append("the laion_clap package (pip install laion_clap)")
-        if not args.clap_checkpoint:
-            missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
-        elif not Path(args.clap_checkpoint).is_file():
-            missing.append(f"the CLAP checkpoint {args.clap_checkpoint} (no such file)")
-        if missing:
-            die("--embedder clap needs " + " and ".join(missing))
-        import torchaudio
-        try:
-            model = laion_clap.CLAP_Module(enable_fusion=False, amodel=args.clap_amodel, device="cpu")
-            model.load_ckpt(args.clap_checkpoint, verbose=False)
-            model.eval()
-        except Exception as e:
-            die(f"cannot load LAION-CLAP from {args.clap_checkpoint}: {first_line(e)}")
-        # CLAP works at 48 kHz
-        return lambda x: model.get_audio_embedding_from_data(
-            x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()
-    if spec.startswith("encoder:"):
-        import torch
-        path = Path(spec[len("encoder:"):])
-        if not path.is_file():
-            die(f"no such encoder file: {path}")
-        try:
-            enc = torch.jit.load(str(path), map_location="cpu").eval()
-            with torch.no_grad():
-                out = enc(torch.zeros(2, SR))
-            ok = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2
-        except Exception:
-            ok = False
-        if not ok:
-            die(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))")
-        return lambda x: enc(x).float()
+def get_embedder(spec, args):
     if spec == "mfcc":
-        import torch
-        import torchaudio
-        mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
+        return mfcc_embedder()
+    if spec.startswith("encoder:"):
+        return load_encoder(Path(spec[len("encoder:"):]))
+    if spec == "clap":
+        return load_clap(args.clap_checkpoint, args.clap_amodel)
+    raise AnalyzeError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
 
-        def fn(x):
-            x = torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))  # very short clips
-            m = mfcc(x)
-            return torch.cat([m.mean(-1), m.std(-1)], 1)
-        return fn
-    die(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
+
+def mfcc_embedder():
+    import torch
+    import torchaudio
+    mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
+
+    def fn(x):
+        x = torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))  # very short clips
+        m = mfcc(x)
+        return torch.cat([m.mean(-1), m.std(-1)], 1)
+    return fn
+
+
+def load_encoder(path):
+    """An encoder.pt exported by train.py, checked on a dummy batch."""
+    import torch
+    if not path.is_file():
+        raise AnalyzeError(f"no such encoder file: {path}")
+    try:
+        enc = torch.jit.load(str(path), map_location="cpu").eval()
+        with torch.no_grad():
+            out = enc(torch.zeros(2, SR))
+        ok = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2
+    except Exception:
+        ok = False
+    if not ok:
+        raise AnalyzeError(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))")
+
+    def fn(x):
+        e = enc(x).float()
+        if not torch.isfinite(e).all():
+            raise AnalyzeError(f"{path} gives non-finite embeddings")
+        return e
+    return fn
+
+
+def load_clap(checkpoint, amodel):
+    missing = []
+    try:
+        import laion_clap
+    except ImportError:
+        missing.append("the laion_clap package (pip install laion_clap)")
+    if not checkpoint:
+        missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
+    elif not Path(checkpoint).is_file():
+        missing.append(f"the CLAP checkpoint {checkpoint} (no such file)")
+    if missing:
+        raise AnalyzeError("--embedder clap needs " + " and ".join(missing))
+    import torchaudio
+    try:
+        model = laion_clap.CLAP_Module(enable_fusion=False, amodel=amodel, device="cpu")
+        model.load_ckpt(checkpoint, verbose=False)
+        model.eval()
+    except Exception as e:
+        raise AnalyzeError(f"cannot load LAION-CLAP from {checkpoint}: {first_line(e)}")
+    # CLAP works at 48 kHz
+    return lambda x: model.get_audio_embedding_from_data(
+        x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()
 
 
 def batches(waves, batch_size):
@@ -287,18 +357,20 @@ def embed(waves, fn, batch_size, desc="embed"):
             e = fn(torch.from_numpy(np.stack([waves[i] for i in idx]).astype(np.float32))).numpy()
             for j, i in enumerate(idx):
                 out[i] = e[j]
-    return np.stack(out).astype(np.float64)
+    out = np.stack(out).astype(np.float64)
+    if not np.isfinite(out).all():
+        raise AnalyzeError(f"{desc}: the embedder gives non-finite embeddings")
+    return out
 
 
-def set_embeddings(sets, fn, args):
-    """Embeddings of every set (audio sets embedded with fn, caches used as they are)."""
-    for s in sets:
-        if "emb" not in s:
-            s["emb"] = embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
-    dims = {s["name"]: s["emb"].shape[1] for s in sets}
+def set_embeddings(sets, fn, batch_size):
+    """Embeddings of every set: audio sets embedded with fn, caches used as they are."""
+    embs = [s["emb"] if "emb" in s else embed(s["waves"], fn, batch_size, desc=f"embed {s['name']}")
+            for s in sets]
+    dims = {s["name"]: e.shape[1] for s, e in zip(sets, embs)}
     if len(set(dims.values())) > 1:
-        die("embedding dimensions differ: " + ", ".join(f"{k} has {v}" for k, v in dims.items()))
-    return sets
+        raise AnalyzeError("embedding dimensions differ: " + ", ".join(f"{k} has {v}" for k, v in dims.items()))
+    return embs
 
 
 # -----------------------------------------------------------------------------
@@ -309,67 +381,87 @@ def pair_files(d, max_pairs=0):
     fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
     fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
     if not fa:
-        die(f"no NNNNNN_a.wav files in {d}")
+        raise AnalyzeError(f"no NNNNNN_a.wav files in {d}")
     if not all(f.is_file() for f in fb):
-        die(f"{d}: some _a.wav files have no matching _b.wav")
+        raise AnalyzeError(f"{d}: some _a.wav files have no matching _b.wav")
     return fa, fb
 
 
-def cmd_pairs(args):
-    root = Path(args.pairs)
+def load_pairs(fa, fb, where):
+    """The two sides of each pair as waves; a pair with a non-finite clip is skipped and counted."""
+    pairs = [(load_audio(a), load_audio(b)) for a, b in tqdm(list(zip(fa, fb)), desc=f"read {where}", disable=None)]
+    keep = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not keep:
+        raise AnalyzeError(f"{where}: every pair has a clip with non-finite samples")
+    skipped(where, len(pairs) - len(keep), "pair")
+    return [a for a, _ in keep], [b for _, b in keep]
+
+
+def read_sweep(root, max_pairs):
+    """The generate.py pair folders under root -> [dict(synth, delta, fa, fb)], in folder order."""
+    root = Path(root)
     if not root.is_dir():
-        die(f"no such folder: {root}")
+        raise AnalyzeError(f"no such folder: {root}")
     dirs = sorted(p.parent for p in root.rglob("params.npz"))
     if not dirs:
-        die(f"no generate.py pair folders (params.npz) under {root}")
-    fn = get_embedder(args)
-    groups, files = [], []
+        raise AnalyzeError(f"no generate.py pair folders (params.npz) under {root}")
+    groups = []
     for d in dirs:
         try:
             z = np.load(d / "params.npz", allow_pickle=False)
             synth, delta = str(z["synth"]), float(z["delta"])
         except Exception:
-            die(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)")
-        fa, fb = pair_files(d, args.max_pairs)
-        groups.append(dict(synth=synth, delta=delta, start=len(files), n=len(fa)))
-        files += fa + fb
-    waves = [load_audio(f) for f in tqdm(files, desc="read pairs", disable=None)]
-    emb = embed(waves, fn, args.batch_size)
-    if args.embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
+            raise AnalyzeError(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)")
+        fa, fb = pair_files(d, max_pairs)
+        groups.append(dict(synth=synth, delta=delta, fa=fa, fb=fb))
+    return groups
+
+
+def pair_similarity(groups, fn, embedder, batch_size):
+    """Cosine similarity of each group's positive pairs and of random negatives -> (rows, groups with
+    their unit-norm embeddings a, b)."""
+    waves, ns = [], []
+    for g in groups:
+        wa, wb = load_pairs(g["fa"], g["fb"], str(g["fa"][0].parent))
+        waves += wa + wb
+        ns.append(len(wa))
+    emb = embed(waves, fn, batch_size)
+    if embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-
     rng = np.random.default_rng(0)
-    rows = []
-    for g in groups:
-        n, s = g["n"], g["start"]
-        g["a"], g["b"] = emb[s:s + n], emb[s + n:s + 2 * n]
-        pos = (g["a"] * g["b"]).sum(1)
+    rows, out, s = [], [], 0
+    for g, n in zip(groups, ns):
+        a, b = emb[s:s + n], emb[s + n:s + 2 * n]
+        s += 2 * n
+        out.append(dict(g, a=a, b=b))
+        pos = (a * b).sum(1)
         perm = rng.permutation(n)  # random negatives: a against a shuffled b (never its own pair)
-        neg = (g["a"][perm] * g["b"][np.roll(perm, 1)]).sum(1) if n > 1 else np.array([np.nan])
+        neg = (a[perm] * b[np.roll(perm, 1)]).sum(1) if n > 1 else np.array([np.nan])
         rows.append(dict(synth=g["synth"], delta=g["delta"], n=n, pos_mean=pos.mean(), pos_sd=pos.std(),
                          neg_mean=neg.mean(), neg_sd=neg.std()))
     rows.sort(key=lambda r: (r["synth"], r["delta"]))
-    cols = ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"]
-    out = Path(args.out)
-    write_csv(out / "pairs.csv", [fmt_row(r) for r in rows], cols)
+    return rows, out
 
-    synths = sorted({r["synth"] for r in rows})
-    deltas = sorted({r["delta"] for r in rows})
+
+def plot_pair_similarity(rows, embedder):
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, sy in enumerate(synths):
+    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
         rs = [r for r in rows if r["synth"] == sy]
         x = [r["delta"] for r in rs]
         ax.errorbar(x, [r["pos_mean"] for r in rs], yerr=[r["pos_sd"] for r in rs], marker="o", capsize=3,
                     color=f"C{i}", label=f"{sy} positives")
         ax.plot(x, [r["neg_mean"] for r in rs], ls="--", color=f"C{i}", alpha=0.6, label=f"{sy} random negatives")
-    delta_axis(ax, deltas)
-    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
-    ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
+    delta_axis(ax, sorted({r["delta"] for r in rows}))
+    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if embedder == "mfcc" else ""))
+    ax.set_title(f"positive-pair similarity vs δ ({embedder})")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figures = [save_fig(fig, out / "pairs_similarity.png")]
+    return fig
 
-    # PCA fitted per synth over all its deltas, so the panels of a row share axes
+
+def plot_pair_pca(groups, pca_pairs):
+    """PCA fitted per synth over all its deltas, so the panels of a row share axes."""
+    synths, deltas = sorted({g["synth"] for g in groups}), sorted({g["delta"] for g in groups})
     fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)),
                              squeeze=False)
     for i, sy in enumerate(synths):
@@ -383,21 +475,29 @@ def cmd_pairs(args):
             if d not in gs:
                 ax.axis("off")
                 continue
-            k = min(gs[d]["n"], args.pca_pairs)
+            k = min(len(gs[d]["a"]), pca_pairs)
             pa, pb = (gs[d]["a"][:k] - mu) @ vt[:2].T, (gs[d]["b"][:k] - mu) @ vt[:2].T
             for p, q in zip(pa, pb):
                 ax.plot([p[0], q[0]], [p[1], q[1]], color=f"C{i}", lw=0.7, alpha=0.7)
             ax.scatter(pa[:, 0], pa[:, 1], s=6, color=f"C{i}")
             ax.scatter(pb[:, 0], pb[:, 1], s=6, color=f"C{i}", marker="x")
             ax.set_title(f"{sy}  δ={d:g}", fontsize=8)
-    figures.append(save_fig(fig, out / "pairs_pca.png"))
+    return fig
 
+
+def cmd_pairs(args):
+    groups = read_sweep(args.pairs, args.max_pairs)
+    rows, groups = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
+    out = Path(args.out)
+    cols = ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"]
+    write_csv(out / "pairs.csv", rows, cols)
+    figures = [save_fig(plot_pair_similarity(rows, args.embedder), out / "pairs_similarity.png"),
+               save_fig(plot_pair_pca(groups, args.pca_pairs), out / "pairs_pca.png")]
     print(f"pairs ({args.embedder}): positive / random-negative cosine similarity")
     for r in rows:
         print(f"  {r['synth']:<11} δ={r['delta']:<5g} n={r['n']:<4d} pos {r['pos_mean']:.3f} ± {r['pos_sd']:.3f}"
               f"   neg {r['neg_mean']:.3f} ± {r['neg_sd']:.3f}")
-    return dict(title=f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures=figures,
-                tables=[("pairs.csv", cols, rows)])
+    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [("pairs.csv", cols, rows)])
 
 
 # -----------------------------------------------------------------------------
@@ -408,40 +508,31 @@ def invariance_scores(factor_dirs, fn, batch_size, max_pairs=0):
     (s - s_neg) / (1 - s_neg): 1 = the factor is ignored, 0 = as different as a random negative."""
     sims = {}
     for name, d in factor_dirs.items():
-        fa, fb = pair_files(d, max_pairs)
-        e = embed([load_audio(f) for f in fa + fb], fn, batch_size, desc=f"embed {name}")
+        wa, wb = load_pairs(*pair_files(d, max_pairs), str(d))
+        e = embed(wa + wb, fn, batch_size, desc=f"embed {name}")
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        sims[name] = (e[:len(fa)] * e[len(fa):]).sum(1)
+        sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
     s_neg = sims["negative"].mean()
     return [dict(factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
                  invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
 
 
-def cmd_invariance(args):
-    root = Path(args.factors)
+def read_factors(root):
+    """generate.py --factors output -> {factor: pair folder}."""
+    root = Path(root)
     dirs = {}
     for npz in sorted(root.glob("*/params.npz")):
         try:
             dirs[str(np.load(npz, allow_pickle=False)["factor"])] = npz.parent
         except Exception:
-            die(f"{npz} has no factor (not written by generate.py --factors)")
+            raise AnalyzeError(f"{npz} has no factor (not written by generate.py --factors)")
     if "negative" not in dirs:
-        die(f"no generate.py --factors output with a 'negative' folder under {root}")
-    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
-    if len(set(labels)) < len(labels):
-        labels = [str(p) for p in args.encoder]
-    rows = []
-    for path, label in zip(args.encoder, labels):
-        args.embedder = f"encoder:{path}"
-        rows += [dict(encoder=label, **r) for r in invariance_scores(dirs, get_embedder(args), args.batch_size,
-                                                                       args.max_pairs)]
-    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
-    out = Path(args.out)
-    write_csv(out / "invariance.csv", [fmt_row(r) for r in rows], cols)
+        raise AnalyzeError(f"no generate.py --factors output with a 'negative' folder under {root}")
+    return dirs
 
+
+def plot_invariance(rows, factors):
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
-    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
     fig, ax = plt.subplots(figsize=(6, 0.25 * len(factors) * len(encoders) + 1.5))
     h = 0.8 / len(encoders)
     for j, enc in enumerate(encoders):
@@ -453,13 +544,31 @@ def cmd_invariance(args):
     ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
     ax.set_title("what the encoder ignores: pairs that differ in one factor")
     ax.legend(fontsize=7)
-    figures = [save_fig(fig, out / "invariance.png")]
+    return fig
+
+
+def cmd_invariance(args):
+    dirs = read_factors(args.factors)
+    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in args.encoder]
+    rows = []
+    for path, label in zip(args.encoder, labels):
+        scores = invariance_scores(dirs, load_encoder(Path(path)), args.batch_size, args.max_pairs)
+        rows += [dict(encoder=label, **r) for r in scores]
+    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
+    out = Path(args.out)
+    write_csv(out / "invariance.csv", rows, cols)
+
+    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
+    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
+    figures = [save_fig(plot_invariance(rows, factors), out / "invariance.png")]
     print("invariance: (s - s_neg) / (1 - s_neg) per factor")
-    for enc in encoders:
+    for enc in dict.fromkeys(r["encoder"] for r in rows):
         print(f"  {enc}: " + ", ".join(f"{r['factor']} {r['invariance']:.2f}" for r in rows
                                        if r["encoder"] == enc and r["factor"] != "negative"))
-    return dict(title="Invariance: embedding similarity of pairs that differ in one factor", figures=figures,
-                tables=[("invariance.csv", cols, rows)])
+    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures,
+                   [("invariance.csv", cols, rows)])
 
 
 # -----------------------------------------------------------------------------
@@ -539,17 +648,17 @@ def violins(ax, data, names, title, log=False):
     ax.set_title(title + (" (log10)" if log else ""), fontsize=9)
 
 
-def cmd_features(args, sets=None):
+def cmd_features(args):
     if not args.set:
-        die("features needs at least one --set NAME=PATH")
-    sets = sets or [load_set(s, args.max_files) for s in args.set]
+        raise AnalyzeError("features needs at least one --set NAME=PATH")
+    sets = audio_sets(args.set, args.max_files)
     E = make_essentia()
     rows = []
     for s in sets:
         for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None):
             rows.append(dict(set=s["name"], file=f, **clip_features(w, E)))
     out = Path(args.out)
-    write_csv(out / "features.csv", [fmt_row(r) for r in rows], ["set", "file"] + FEATURES)
+    write_csv(out / "features.csv", rows, ["set", "file"] + FEATURES)
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     for ax, f in zip(axes.flat, FEATURES):
@@ -566,9 +675,8 @@ def cmd_features(args, sets=None):
     print("features: median per set")
     for r in summary:
         print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{f} {r[f]:.4g}" for f in FEATURES))
-    return dict(title="Spectral features (Fig. 2A)", figures=figures,
-                tables=[("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES,
-                         summary)])
+    return Section("Spectral features (Fig. 2A)", figures,
+                   [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
 
 
 # -----------------------------------------------------------------------------
@@ -585,24 +693,24 @@ def uncertainty_proxies(p):
 
 
 def classify(sets, args):
-    """Class probabilities of every clip from an AST classifier with local weights."""
+    """Class probabilities of every clip from an AST classifier with local weights
+    -> (class names, how logits became probabilities, [(N, C) probabilities per set])."""
     import torch
     import torchaudio
     import transformers
     from transformers import ASTFeatureExtractor, ASTForAudioClassification
     transformers.logging.set_verbosity_error()
     d = Path(args.classifier_path)
-    if not d.is_dir():
-        die(f"no such classifier folder: {d}")
     try:
         fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
     except Exception as e:
-        die(f"cannot load an AST classifier from {d}: {first_line(e)}")
+        raise AnalyzeError(f"cannot load an AST classifier from {d}: {first_line(e)}")
     cfg = model.config
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
     sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
         cfg.problem_type == "multi_label_classification" or cfg.num_labels == 527))
+    per_set = []
     for s in sets:
         waves = s["waves"]
         if fe.sampling_rate != SR:
@@ -614,28 +722,28 @@ def classify(sets, args):
                 logits = model(**inputs).logits.double()
                 p = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
                 probs.append((p / p.sum(-1, keepdim=True)).numpy())
-        s["probs"] = np.concatenate(probs)
-    return [cfg.id2label.get(i, str(i)) for i in range(cfg.num_labels)], "sigmoid, normalized" if sigmoid else "softmax"
+        per_set.append(np.concatenate(probs))
+    labels = [cfg.id2label.get(i, str(i)) for i in range(cfg.num_labels)]
+    return labels, "sigmoid, normalized" if sigmoid else "softmax", per_set
 
 
-def cmd_uncertainty(args, sets=None):
+def cmd_uncertainty(args):
     if not args.set:
-        die("uncertainty needs at least one --set NAME=PATH")
+        raise AnalyzeError("uncertainty needs at least one --set NAME=PATH")
     if not args.classifier_path:
-        die("uncertainty needs --classifier-path DIR (a local AST classifier)")
+        raise AnalyzeError("uncertainty needs --classifier-path DIR (a local AST classifier)")
     if not Path(args.classifier_path).is_dir():
-        die(f"no such classifier folder: {args.classifier_path}")
-    sets = sets or [load_set(s, args.max_files) for s in args.set]
-    labels, how = classify(sets, args)
+        raise AnalyzeError(f"no such classifier folder: {args.classifier_path}")
+    sets = audio_sets(args.set, args.max_files)
+    labels, how, probs = classify(sets, args)
     rows = []
-    for s in sets:
-        u = uncertainty_proxies(s["probs"])
-        for i, f in enumerate(s["files"]):
-            rows.append(dict(set=s["name"], file=f, top_class=labels[int(s["probs"][i].argmax())],
-                             **{k: u[k][i] for k in PROXIES}))
+    for s, p in zip(sets, probs):
+        u = uncertainty_proxies(p)
+        rows += [dict(set=s["name"], file=f, top_class=labels[int(p[i].argmax())], **{k: u[k][i] for k in PROXIES})
+                 for i, f in enumerate(s["files"])]
     out = Path(args.out)
     cols = ["set", "file", "top_class"] + PROXIES
-    write_csv(out / "uncertainty.csv", [fmt_row(r) for r in rows], cols)
+    write_csv(out / "uncertainty.csv", rows, cols)
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
@@ -651,9 +759,9 @@ def cmd_uncertainty(args, sets=None):
     print(f"uncertainty: mean per set ({how})")
     for r in summary:
         print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{k} {r[k]:.3f}" for k in PROXIES))
-    return dict(title="Causal-uncertainty proxies (Fig. 2B)", figures=figures,
-                tables=[(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
-                         ["set", "n"] + PROXIES, summary)])
+    return Section("Causal-uncertainty proxies (Fig. 2B)", figures,
+                   [(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
+                     ["set", "n"] + PROXIES, summary)])
 
 
 # -----------------------------------------------------------------------------
@@ -677,61 +785,71 @@ def fad(e1, e2):
     return frechet_distance(e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False))
 
 
-def cmd_fad(args, sets=None, targets=None):
+def cmd_fad(args):
     if not args.set:
-        die("fad needs at least one --set NAME=PATH (and --target, or two --set for all pairs)")
+        raise AnalyzeError("fad needs at least one --set NAME=PATH (and --target, or two --set for all pairs)")
     if not args.target and len(args.set) < 2:
-        die("fad needs a --target or at least two --set")
-    specs = args.set + args.target
-    fn = get_embedder(args) if any(parse_set(s)[1].suffix != ".npz" for s in specs) else None
-    sets = sets or [load_set(s, args.max_files, allow_npz=True) for s in args.set]
-    targets = targets if targets is not None else [load_set(s, args.max_files, allow_npz=True) for s in args.target]
-    for s in sets + targets:
-        n = len(s["files"])
-        if n < 2:
-            die(f"set {s['name']}: FAD needs at least 2 clips, got {n}")
-    set_embeddings(sets + targets, fn, args)
-    tgt = targets or sets
-    rows = [dict(set=s["name"], target=t["name"], n_set=len(s["emb"]), n_target=len(t["emb"]),
-                 fad=fad(s["emb"], t["emb"])) for s in sets for t in tgt]
+        raise AnalyzeError("fad needs a --target or at least two --set")
+    audio = not all(map(is_cache, args.set + args.target))
+    fn = get_embedder(args.embedder, args) if audio else None
+    sets = [load_set(s, args.max_files) for s in args.set + args.target]
+    for s in sets:
+        if len(s["files"]) < 2:
+            raise AnalyzeError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
+    embs = dict(zip([s["name"] for s in sets], set_embeddings(sets, fn, args.batch_size)))
+    names = [s["name"] for s in sets]
+    set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
+    rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
+            for s in set_names for t in target_names]
     out = Path(args.out)
     cols = ["set", "target", "n_set", "n_target", "fad"]
-    write_csv(out / "fad.csv", [fmt_row(r) for r in rows], cols)
-    m = np.array([[r["fad"] for r in rows if r["set"] == s["name"]] for s in sets])
-    fig, ax = plt.subplots(figsize=(1.4 * len(tgt) + 2, 0.6 * len(sets) + 1.5))
+    write_csv(out / "fad.csv", rows, cols)
+    emb_name = args.embedder if audio else "cached embeddings"
+    m = np.array([[r["fad"] for r in rows if r["set"] == s] for s in set_names])
+    fig, ax = plt.subplots(figsize=(1.4 * len(target_names) + 2, 0.6 * len(set_names) + 1.5))
     im = ax.imshow(m, cmap="viridis")
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(j, i, f"{m[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_xticks(range(len(tgt)), [t["name"] for t in tgt], rotation=30)
-    ax.set_yticks(range(len(sets)), [s["name"] for s in sets])
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(target_names)), target_names, rotation=30)
+    ax.set_yticks(range(len(set_names)), set_names)
     ax.set_xlabel("target")
-    emb_name = args.embedder if any("waves" in s for s in sets + targets) else "cached embeddings"
     ax.set_title(f"Fréchet Audio Distance ({emb_name})")
     fig.colorbar(im, ax=ax)
     figures = [save_fig(fig, out / "fad.png")]
     print(f"fad ({emb_name}):")
     for r in rows:
         print(f"  {r['set']:<14} -> {r['target']:<14} {r['fad']:.4g}")
-    return dict(title=f"Fréchet Audio Distance (Table 2, {emb_name})", figures=figures,
-                tables=[("fad.csv", cols, rows)])
+    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [("fad.csv", cols, rows)])
 
 
 # -----------------------------------------------------------------------------
 # training (Fig. 5, Fig. 3)
 
+def read_json(path, what):
+    """A JSON object from path (a UTF-8 BOM is fine) or one clear line."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise AnalyzeError(f"{path} is not UTF-8 text ({what})")
+    except Exception as e:
+        raise AnalyzeError(f"cannot read {what} {path}: {first_line(e)}")
+    if not isinstance(obj, dict):
+        raise AnalyzeError(f"{path} is not a {what} (expected a JSON object)")
+    return obj
+
+
 def read_run(d):
     d = Path(d)
     if not d.is_dir():
-        die(f"no such run folder: {d}")
+        raise AnalyzeError(f"no such run folder: {d}")
+    if not (d / "config.json").is_file():
+        raise AnalyzeError(f"{d} is not a train.py run folder (no readable config.json)")
+    cfg = read_json(d / "config.json", "train.py config")
     try:
-        cfg = json.loads((d / "config.json").read_text())
-    except Exception:
-        die(f"{d} is not a train.py run folder (no readable config.json)")
-    if "synth" not in cfg or "delta" not in cfg:
-        die(f"{d / 'config.json'} has no synth/delta")
-    synth = "+".join(cfg["synth"]) if isinstance(cfg["synth"], list) else str(cfg["synth"])
-    delta = float(cfg["delta"])
+        synth = "+".join(map(str, cfg["synth"])) if isinstance(cfg["synth"], list) else str(cfg["synth"])
+        delta = float(cfg["delta"])
+    except (KeyError, TypeError, ValueError):
+        raise AnalyzeError(f"{d / 'config.json'} has no synth/delta")
     if cfg.get("data"):  # the paper's real-audio baselines: no synth, no delta
         synth, delta = f"real ({cfg.get('positives', 'aug')})", float("nan")
     elif cfg.get("epochs") == 0:  # "Random Init." baseline
@@ -739,33 +857,37 @@ def read_run(d):
     row = dict(run=d.name, synth=synth, delta=delta, steps=0, epochs=0,
                val_align=float("nan"), val_unif=float("nan"))
     if (d / "log.csv").is_file():
-        with open(d / "log.csv", newline="") as f:
-            log = list(csv.DictReader(f))
-        val = [r for r in log if (r.get("val_align") or "").strip()]
-        if log:
-            row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
-        if val:  # the last validation, i.e. the final model's
-            row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
+        row.update(read_log(d / "log.csv"))
     return row
+
+
+def read_log(path):
+    """train.py's log.csv -> steps, epochs and the last validation (the final model's)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
+            log = list(csv.DictReader(f))
+        last = dict(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"]))) if log else {}
+        val = [r for r in log if (r.get("val_align") or "").strip()]
+        if val:
+            last.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
+    except UnicodeDecodeError:
+        raise AnalyzeError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
+    except (KeyError, TypeError, ValueError, csv.Error) as e:
+        raise AnalyzeError(f"{path} is not a train.py log.csv ({first_line(e)})")
+    return last
 
 
 def read_results(path, runs):
     """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
     path = Path(path)
+    res = read_json(path, "probe.py results.json")
     try:
-        res = json.loads(path.read_text())
-    except Exception:
-        die(f"cannot read probe results {path} (not a probe.py results.json)")
-    summary = res.get("summary")
-    if not summary:  # aggregate the per-fold rows
-        by = {}
-        for r in res.get("rows", []):
-            by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
-        summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
-                   for (e, t, m), v in by.items()]
+        summary = probe_summary(res)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AnalyzeError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
     out, skipped = [], set()
     for s in summary:
-        enc = Path(s["encoder"])
+        enc = Path(s.pop("encoder"))
         run = None
         for d in (enc.parent, path.parent / enc.parent):  # runs/NAME/encoder.pt -> runs/NAME/
             if (d / "config.json").is_file():
@@ -775,12 +897,23 @@ def read_results(path, runs):
         if run is None:
             skipped.add(str(enc))
             continue
-        out.append(dict(run=run["run"], synth=run["synth"], delta=run["delta"], task=s["task"],
-                        metric=s["metric"], mean=float(s["mean"]), std=float(s.get("std", 0.0)),
-                        folds=s.get("folds", "")))
+        out.append(dict(run=run["run"], synth=run["synth"], delta=run["delta"], **s))
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
+
+
+def probe_summary(res):
+    """The summary rows of a results.json, aggregated from the per-fold rows when it has none."""
+    summary = res.get("summary")
+    if not summary:  # aggregate the per-fold rows
+        by = {}
+        for r in res.get("rows", []):
+            by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
+        summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
+                   for (e, t, m), v in by.items()]
+    return [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
+                 std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
 
 
 def by_synth(ax, rows, key, err=None):
@@ -802,19 +935,19 @@ def by_synth(ax, rows, key, err=None):
 
 def cmd_training(args):
     if not args.runs and not args.results:
-        die("training needs --runs DIR ... and/or --results results.json ...")
+        raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
     runs = {}
-    for d in args.runs or []:
+    for d in args.runs:
         r = read_run(d)
         runs[r["run"]] = r
-    probes = [p for f in args.results or [] for p in read_results(f, runs)]
+    probes = [p for f in args.results for p in read_results(f, runs)]
     if not runs and not probes:
-        die("no probe result maps to a train.py run folder (runs/NAME/encoder.pt -> runs/NAME/config.json)")
+        raise AnalyzeError("no probe result maps to a train.py run folder (runs/NAME/encoder.pt -> runs/NAME/config.json)")
     out = Path(args.out)
     figures, tables = [], []
     cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
     rows = sorted(runs.values(), key=lambda r: (r["synth"], r["delta"], r["run"]))
-    write_csv(out / "training.csv", [fmt_row(r) for r in rows], cols)
+    write_csv(out / "training.csv", rows, cols)
     tables.append(("training.csv: final validation alignment and uniformity", cols, rows))
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -828,7 +961,7 @@ def cmd_training(args):
     pcols = ["run", "synth", "delta", "task", "metric", "mean", "std", "folds"]
     if probes:
         probes.sort(key=lambda r: (r["task"], r["synth"], r["delta"], r["run"]))
-        write_csv(out / "probe.csv", [fmt_row(r) for r in probes], pcols)
+        write_csv(out / "probe.csv", probes, pcols)
         tables.append(("probe.csv: linear-probe scores", pcols, probes))
         tasks = sorted({r["task"] for r in probes})
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
@@ -842,8 +975,7 @@ def cmd_training(args):
         print("probe scores:")
         for r in probes:
             print(f"  {r['task']:<22} {r['run']:<20} δ={r['delta']:<5g} {r['metric']} {r['mean']:.4f} ± {r['std']:.4f}")
-    return dict(title="Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)",
-                figures=figures, tables=tables)
+    return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 
 
 # -----------------------------------------------------------------------------
@@ -856,34 +988,26 @@ def md_table(cols, rows):
 
 
 def cmd_report(args):
-    sections = []
-    if args.pairs:
-        sections.append(cmd_pairs(args))
-    specs = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
-    audio = {s: load_set(s, args.max_files) for s in specs}
-    if audio:
-        sections.append(cmd_features(args, list(audio.values())))
-        if args.classifier_path:
-            sections.append(cmd_uncertainty(args, list(audio.values())))
-    if args.set and len(args.set) + len(args.target) >= 2:
-        sets = [audio[s] if s in audio else load_set(s, args.max_files, allow_npz=True) for s in args.set]
-        targets = [load_set(s, args.max_files, allow_npz=True) for s in args.target]
-        sections.append(cmd_fad(args, sets, targets))
-    if args.runs or args.results:
-        sections.append(cmd_training(args))
-    if args.factors and args.encoder:
-        sections.append(cmd_invariance(args))
+    audio = [s for s in args.set if not is_cache(s)]  # caches only serve fad
+    audio_args = argparse.Namespace(**{**vars(args), "set": audio})
+    sections = [cmd(a) for wanted, cmd, a in [
+        (args.pairs, cmd_pairs, args),
+        (audio, cmd_features, audio_args),
+        (audio and args.classifier_path, cmd_uncertainty, audio_args),
+        (args.set and len(args.set) + len(args.target) >= 2, cmd_fad, args),
+        (args.runs or args.results, cmd_training, args),
+        (args.factors and args.encoder, cmd_invariance, args)] if wanted]
     if not sections:
-        die("report: nothing to analyze; give --pairs, --set, --runs, --results and/or --factors + --encoder")
+        raise AnalyzeError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
+                           "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""]
     for s in sections:
-        md += [f"## {s['title']}", ""]
-        md += [f"![{f}]({f})" for f in s["figures"]] + [""]
-        for caption, cols, rows in s["tables"]:
+        md += [f"## {s.title}", ""]
+        md += [f"![{f}]({f})" for f in s.figures] + [""]
+        for caption, cols, rows in s.tables:
             md += [f"*{caption}*", "", md_table(cols, rows), ""]
     write_text(Path(args.out) / "report.md", "\n".join(md))
     print(f"report: {Path(args.out) / 'report.md'} ({len(sections)} sections)")
-    return sections
 
 
 # -----------------------------------------------------------------------------
@@ -891,78 +1015,75 @@ def cmd_report(args):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit 2, like every other bad input
-        die(message)
+        raise AnalyzeError(message)
 
 
-def main(argv=None):
+def build_parser():
     fmt = argparse.RawDescriptionHelpFormatter
-    common = Parser(add_help=False)
-    common.add_argument("--out", required=True, help="output folder for PNGs, CSVs (created if absent)")
-    bs = Parser(add_help=False)
-    bs.add_argument("--batch-size", type=int, default=64, help="clips per embedding/classifier batch")
-    emb = Parser(add_help=False)
-    emb.add_argument("--embedder", default="mfcc",
-                     help="mfcc (mean+std of 20 MFCCs; z-scored over the sweep in `pairs`), "
-                          "encoder:PATH (train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)")
-    emb.add_argument("--clap-checkpoint", help="local LAION-CLAP weights (.pt) for --embedder clap")
-    emb.add_argument("--clap-amodel", default="HTSAT-tiny", help="CLAP audio model of that checkpoint")
-    sets = Parser(add_help=False)
-    sets.add_argument("--set", action="append", default=[], metavar="NAME=PATH",
-                      help="audio folder (recursive), NAME=mixK:PATH for K-segment mixtures of its files, "
-                           "or (fad) a probe.py embedding cache .npz; repeat for more sets")
-    sets.add_argument("--max-files", type=int, default=1000, help="files per set, fixed seeded subset (0 = all)")
-    tgt = Parser(add_help=False)
-    tgt.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
-                     help="FAD reference set(s), same syntax as --set (default: all pairs of --set)")
-    cls = Parser(add_help=False)
-    cls.add_argument("--classifier-path", help="folder of a local AST classifier (save_pretrained layout)")
-    cls.add_argument("--activation", choices=["auto", "softmax", "sigmoid"], default="auto",
-                     help="logits -> probabilities; auto: sigmoid normalized to sum 1 for multi-label "
-                          "(AudioSet, 527 classes) heads, softmax otherwise")
-    pr = Parser(add_help=False)
-    pr.add_argument("--max-pairs", type=int, default=0, help="pairs per (synth, delta) folder (0 = all)")
-    pr.add_argument("--pca-pairs", type=int, default=40, help="pairs drawn per PCA panel")
-    tr = Parser(add_help=False)
-    tr.add_argument("--runs", nargs="+", default=[], help="train.py run folders (config.json + log.csv)")
-    tr.add_argument("--results", nargs="+", default=[], help="probe.py results.json files")
-    inv = Parser(add_help=False)
-    inv.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
-    inv.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
+    output = Parser(add_help=False)
+    output.add_argument("--out", required=True, help="output folder for PNGs, CSVs (created if absent)")
+    batching = Parser(add_help=False)
+    batching.add_argument("--batch-size", type=int, default=64, help="clips per embedding/classifier batch")
+    embedder = Parser(add_help=False)
+    embedder.add_argument("--embedder", default="mfcc",
+                          help="mfcc (mean+std of 20 MFCCs; z-scored over the sweep in `pairs`), encoder:PATH "
+                               "(train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)")
+    embedder.add_argument("--clap-checkpoint", help="local LAION-CLAP weights (.pt) for --embedder clap")
+    embedder.add_argument("--clap-amodel", default="HTSAT-tiny", help="CLAP audio model of that checkpoint")
+    audio_sets = Parser(add_help=False)
+    audio_sets.add_argument("--set", action="append", default=[], metavar="NAME=PATH",
+                            help="audio folder (recursive), NAME=mixK:PATH for K-segment mixtures of its files, "
+                                 "or (fad) a probe.py embedding cache .npz; repeat for more sets")
+    audio_sets.add_argument("--max-files", type=int, default=1000,
+                            help="files per set, fixed seeded subset (0 = all)")
+    targets = Parser(add_help=False)
+    targets.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
+                         help="FAD reference set(s), same syntax as --set (default: all pairs of --set)")
+    classifier = Parser(add_help=False)
+    classifier.add_argument("--classifier-path", help="folder of a local AST classifier (save_pretrained layout)")
+    classifier.add_argument("--activation", choices=["auto", "softmax", "sigmoid"], default="auto",
+                            help="logits -> probabilities; auto: sigmoid normalized to sum 1 for multi-label "
+                                 "(AudioSet, 527 classes) heads, softmax otherwise")
+    sweep = Parser(add_help=False)
+    sweep.add_argument("--max-pairs", type=int, default=0, help="pairs per (synth, delta) folder (0 = all)")
+    sweep.add_argument("--pca-pairs", type=int, default=40, help="pairs drawn per PCA panel")
+    runs = Parser(add_help=False)
+    runs.add_argument("--runs", nargs="+", default=[], help="train.py run folders (config.json + log.csv)")
+    runs.add_argument("--results", nargs="+", default=[], help="probe.py results.json files")
+    factors = Parser(add_help=False)
+    factors.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
+    factors.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
 
     p = Parser(description=__doc__, formatter_class=fmt)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    sp = sub.add_parser("pairs", parents=[common, bs, emb, pr],
+    sp = sub.add_parser("pairs", parents=[output, batching, embedder, sweep],
                         help="Fig. 1: positive-pair similarity vs delta, PCA of pairs",
                         description="Cosine similarity of positive pairs (and of random negatives) per synth and "
                                     "delta from a generate.py sweep; PCA of the pairs per delta. With --embedder "
                                     "mfcc the features are z-scored per dimension over all sounds of the sweep "
                                     "first. Writes pairs.csv, pairs_similarity.png, pairs_pca.png.")
     sp.add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
-    sub.add_parser("features", parents=[common, sets],
+    sub.add_parser("features", parents=[output, audio_sets],
                    help="Fig. 2A: spectral feature distributions per set",
-                   description="Inharmonicity, odd/even harmonic energy ratio, pitch salience, spectral flatness, "
-                               "flux and complexity (Essentia), median over each clip's non-silent frames, "
-                               "after normalizing the clip to a fixed RMS. Odd/even is odd over even harmonic "
-                               "energy (harmonic 1 = odd), clipped to [1e-3, 1e3] (Essentia saturates when even "
-                               "harmonics vanish) and plotted in log10. Essentia's PitchSalience does not remove "
-                               "the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k "
-                               "sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most "
-                               "100 peaks. Writes features.csv, features.png.")
-    sub.add_parser("uncertainty", parents=[common, bs, sets, cls],
+                   description="Inharmonicity, odd/even harmonic energy ratio (log10), pitch salience, spectral "
+                               "flatness, flux and complexity (Essentia; see the module docstring), median over "
+                               "each clip's non-silent frames, after normalizing the clip to a fixed RMS. "
+                               "Writes features.csv, features.png.")
+    sub.add_parser("uncertainty", parents=[output, batching, audio_sets, classifier],
                    help="Fig. 2B: causal-uncertainty proxies from an AST classifier",
                    description="H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of "
                                "an AST classifier's class probabilities per clip. Writes uncertainty.csv, "
                                "uncertainty.png.")
-    sub.add_parser("fad", parents=[common, bs, emb, sets, tgt],
+    sub.add_parser("fad", parents=[output, batching, embedder, audio_sets, targets],
                    help="Table 2: Frechet Audio Distance between sets",
                    description="Frechet Audio Distance of every --set against every --target (or every other "
                                "--set). Writes fad.csv, fad.png.")
-    sub.add_parser("training", parents=[common, tr],
+    sub.add_parser("training", parents=[output, runs],
                    help="Fig. 5/3: final val align/unif and probe scores vs delta",
                    description="Final validation alignment/uniformity of train.py runs and probe.py scores, "
                                "against each run's delta, one line per synth. Writes training.csv, probe.csv, "
                                "training_align_unif.png, training_probe.png.")
-    ip = sub.add_parser("invariance", parents=[common, bs, inv],
+    ip = sub.add_parser("invariance", parents=[output, batching, factors],
                         help="what an encoder ignores: similarity of pairs that differ in one factor",
                         description="Mean cosine similarity of the embeddings of pairs that differ in one factor "
                                     "(noise realization, gain, time shift, each parameter group of the synth) "
@@ -970,28 +1091,70 @@ def main(argv=None):
                                     "(s - s_neg) / (1 - s_neg), for each --encoder. Writes invariance.csv, "
                                     "invariance.png.")
     ip.add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
-    rp = sub.add_parser("report", parents=[common, bs, emb, sets, tgt, cls, pr, tr, inv],
+    rp = sub.add_parser("report", parents=[output, batching, embedder, audio_sets, targets, classifier, sweep, runs,
+                                           factors],
                         help="run what the inputs allow and write report.md",
                         description="pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), "
                                     "fad (two or more sets/targets) and training (--runs/--results): every figure "
                                     "and table in OUT/report.md.")
     rp.add_argument("--pairs", help="generate.py output for the pairs section")
-    args = p.parse_args(argv)
+    return p
 
+
+COMMANDS = dict(pairs=cmd_pairs, features=cmd_features, uncertainty=cmd_uncertainty, fad=cmd_fad,
+                training=cmd_training, invariance=cmd_invariance, report=cmd_report)
+
+
+def check_args(args):
+    """Every value checked before --out is created."""
+    for flag, low in [("batch_size", 1), ("max_files", 0), ("max_pairs", 0), ("pca_pairs", 1)]:
+        v = getattr(args, flag, None)
+        if v is not None and v < low:
+            raise AnalyzeError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
     names = [parse_set(s)[0] for s in getattr(args, "set", []) + getattr(args, "target", [])]
     if len(set(names)) < len(names):
-        die(f"set names must be unique, got {', '.join(names)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        die(f"--out {out} is a file")
+        raise AnalyzeError(f"set names must be unique, got {', '.join(names)}")
+    if args.cmd == "invariance" and (not args.factors or not args.encoder):
+        raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AnalyzeError(f"--out {args.out} is a file")
+
+
+def make_out(out):
+    """Creates --out; returns the folders it created, innermost first, for a failed run to remove."""
+    made = [d for d in [out, *out.parents] if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        die(f"cannot create --out {out}: {first_line(e)}")
-    if args.cmd == "invariance" and (not args.factors or not args.encoder):
-        die("invariance needs --factors DIR and --encoder PATH [PATH ...]")
-    dict(pairs=cmd_pairs, features=cmd_features, uncertainty=cmd_uncertainty, fad=cmd_fad,
-         training=cmd_training, invariance=cmd_invariance, report=cmd_report)[args.cmd](args)
+        raise AnalyzeError(f"cannot create --out {out}: {first_line(e)}")
+    return made
+
+
+def on_signal(signum, frame):
+    raise Interrupted(128 + signum)
+
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    made = []
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        made = make_out(Path(args.out))
+        COMMANDS[args.cmd](args)
+        return
+    except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing
+        code, msg = 2, f"error: {first_line(e)}"
+    except Interrupted as e:
+        code, msg = e.args[0], "interrupted"
+    for d in made:  # no empty --out left behind (outputs are written whole or not at all)
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    print(f"analyze.py: {msg}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

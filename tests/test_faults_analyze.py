@@ -1,0 +1,200 @@
+"""Damaged inputs, bad flags and signals for analyze.py: one line on stderr, exit 2 (or 130/143 for a
+signal), no traceback, nothing that was already on disk changed, no empty --out left behind."""
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "analyze.py"
+SR = 16000
+LOG_HEAD = "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
+
+
+def noise(n=SR // 4, seed=0):
+    return (0.1 * np.random.default_rng(seed).standard_normal(n)).astype(np.float32)
+
+
+def clips(d, n=3, bad=()):
+    """n short clips in folder d; indices in bad hold a NaN or an inf sample."""
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        x = noise(seed=i)
+        if i in bad:
+            x[100] = np.nan if i % 2 == 0 else np.inf
+        sf.write(d / f"{i}.wav", x, SR, subtype="FLOAT")
+    return d
+
+
+def pair_folder(d, params, bad=False):
+    d.mkdir(parents=True)
+    if isinstance(params, bytes):
+        (d / "params.npz").write_bytes(params)
+    else:
+        np.savez(d / "params.npz", **params)
+    for i in range(2):
+        a = noise(seed=i)
+        if bad:
+            a[5] = np.inf
+        sf.write(d / f"{i:06d}_a.wav", a, SR, subtype="FLOAT")
+        sf.write(d / f"{i:06d}_b.wav", noise(seed=10 + i), SR, subtype="FLOAT")
+    return d
+
+
+def cache(path, emb, **extra):
+    np.savez(path, embeddings=emb, **extra)
+    return path
+
+
+def run_folder(d, config=None, log=None):
+    d.mkdir(parents=True)
+    cfg = json.dumps(dict(synth="voice", delta=0.25, epochs=1)) if config is None else config
+    (d / "config.json").write_bytes(cfg if isinstance(cfg, bytes) else cfg.encode())
+    if log is not None:
+        (d / "log.csv").write_bytes(log)
+    return d
+
+
+def nan_encoder(path):
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :4] * float("nan")
+    torch.jit.script(Enc()).save(str(path))
+    return path
+
+
+def good(t):
+    return clips(t / "good", 3)
+
+
+# each case: a function of a fresh folder t that builds the inputs and returns the arguments (without --out)
+CASES = {
+    "audio truncated": lambda t: (clips(t / "a", 1), (t / "a" / "0.wav").write_bytes(
+        (t / "a" / "0.wav").read_bytes()[:30]), ["features", "--set", f"a={t / 'a'}"])[-1],
+    "audio empty (0 frames)": lambda t: (t.joinpath("a").mkdir(), sf.write(t / "a" / "x.wav", np.zeros(0), SR),
+                                         ["features", "--set", f"a={t / 'a'}"])[-1],
+    "audio all non-finite (fad)": lambda t: ["fad", "--set", f"a={clips(t / 'a', 2, bad=(0, 1))}",
+                                             "--set", f"g={good(t)}"],
+    "audio non-finite pair (pairs)": lambda t: ["pairs", "--pairs", pair_folder(t / "p", dict(synth="voice", delta=0.1),
+                                                                                  bad=True)],
+    "params.npz garbage": lambda t: ["pairs", "--pairs", pair_folder(t / "p", b"PK\x03\x04 not a zip")],
+    "params.npz delta not a number": lambda t: ["pairs", "--pairs", pair_folder(t / "p", dict(synth="voice",
+                                                                                             delta="big"))],
+    "embeddings npz garbage": lambda t: (t.joinpath("a.npz").write_bytes(b"garbage"),
+                                         ["fad", "--set", f"a={t / 'a.npz'}", "--set", f"b={t / 'a.npz'}"])[-1],
+    "embeddings 1-D": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.zeros(5))}",
+                                 "--set", f"b={cache(t / 'b.npz', np.zeros((5, 3)))}"],
+    "embeddings non-finite": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.full((5, 3), np.nan))}",
+                                        "--set", f"b={cache(t / 'b.npz', np.ones((5, 3)))}"],
+    "embeddings fewer file names": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.ones((5, 3)), files=['x'])}",
+                                              "--set", f"b={cache(t / 'b.npz', np.ones((5, 3)))}"],
+    "results.json not JSON": lambda t: (t.joinpath("r.json").write_text("{rows: ["),
+                                        ["training", "--results", t / "r.json"])[-1],
+    "results.json a list": lambda t: (t.joinpath("r.json").write_text("[1, 2]"),
+                                      ["training", "--results", t / "r.json"])[-1],
+    "results.json row without score": lambda t: (t.joinpath("r.json").write_text(json.dumps(dict(rows=[dict(
+        encoder="runs/x/encoder.pt", task="t", metric="accuracy")]))), ["training", "--results", t / "r.json"])[-1],
+    "config.json a list": lambda t: ["training", "--runs", run_folder(t / "r", config="[1]")],
+    "config.json delta not a number": lambda t: ["training", "--runs", run_folder(t / "r", config=json.dumps(dict(
+        synth="voice", delta="big")))],
+    "config.json not UTF-8": lambda t: ["training", "--runs", run_folder(t / "r", config='{"synth": "vé"}'.encode(
+        "utf-16"))],
+    "log.csv bad step": lambda t: ["training", "--runs", run_folder(t / "r", log=(LOG_HEAD + "x,0,1,1,1,1,,,1\n").encode())],
+    "log.csv latin-1": lambda t: ["training", "--runs", run_folder(t / "r", log=(LOG_HEAD + "1,0,1,1,1,1,,,1 é\n").encode(
+        "latin-1"))],
+    "encoder.pt empty": lambda t: (t.joinpath("e.pt").write_bytes(b""), ["fad", "--set", f"a={good(t)}", "--set",
+                                   f"b={t / 'good'}", "--embedder", f"encoder:{t / 'e.pt'}"])[-1],
+    "encoder.pt non-finite output": lambda t: ["fad", "--set", f"a={good(t)}", "--set", f"b={t / 'good'}",
+                                               "--embedder", f"encoder:{nan_encoder(t / 'e.pt')}"],
+    "--batch-size 0": lambda t: ["fad", "--set", f"a={good(t)}", "--set", f"b={t / 'good'}", "--batch-size", "0"],
+    "--batch-size -1 (uncertainty)": lambda t: ["uncertainty", "--set", f"a={good(t)}", "--classifier-path", t,
+                                                "--batch-size", "-1"],
+    "--max-files -1": lambda t: ["features", "--set", f"a={good(t)}", "--max-files", "-1"],
+    "--max-pairs -1": lambda t: ["pairs", "--pairs", pair_folder(t / "p", dict(synth="voice", delta=0.1)),
+                                 "--max-pairs", "-1"],
+    "--pca-pairs 0": lambda t: ["pairs", "--pairs", pair_folder(t / "p", dict(synth="voice", delta=0.1)),
+                                "--pca-pairs", "0"],
+    "missing set folder": lambda t: ["features", "--set", f"a={t / 'nope'}"],
+}
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def run_case(name, t):
+    args = CASES[name](t)
+    (t / "results").mkdir()
+    (t / "results" / "fad.csv").write_text("earlier output\n")  # a file a run must not touch
+    before = snapshot(t)
+    p = subprocess.run([sys.executable, str(SCRIPT), *map(str, args), "--out", str(t / "results" / "new")],
+                       capture_output=True, text=True, timeout=300)
+    return p, before, snapshot(t)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """All cases at once (each mostly waits on imports), three at a time on a small machine."""
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = {n: pool.submit(run_case, n, tmp_path_factory.mktemp("case")) for n in CASES}
+        return {n: f.result() for n, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault_one_line_exit_2(name, outcomes):
+    p, before, after = outcomes[name]
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (name, p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("analyze.py: error:"), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert after == before  # inputs and earlier outputs byte-identical, no --out left behind
+
+
+def test_non_finite_clips_skipped_and_counted(tmp_path):
+    bad, ok = clips(tmp_path / "bad", 4, bad=(1,)), clips(tmp_path / "ok", 3)
+    p = subprocess.run([sys.executable, str(SCRIPT), "fad", "--set", f"bad={bad}", "--set", f"ok={ok}",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "1 clip(s) with non-finite samples skipped" in p.stderr and "Traceback" not in p.stderr
+    rows = (tmp_path / "out" / "fad.csv").read_text().splitlines()
+    assert rows[1].startswith("bad,bad,3,3,")
+
+
+def test_spreadsheet_bom_csv_and_json(tmp_path):
+    log = "\ufeff" + LOG_HEAD + "4,1,0.001,2.7,0.6,-1.6,0.4,-3.0,100\n"
+    d = run_folder(tmp_path / "runs" / "r", config="\ufeff" + json.dumps(dict(synth="voice", delta=0.1)),
+                   log=log.encode("utf-8"))
+    p = subprocess.run([sys.executable, str(SCRIPT), "training", "--runs", str(d), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "training.csv").read_text().splitlines()[1] == "r,voice,0.1,4,1,0.4,-3"
+
+
+@pytest.mark.parametrize("sig,code,fresh_out", [(signal.SIGTERM, 143, False), (signal.SIGINT, 130, True)])
+def test_signal_mid_run_leaves_nothing_half_written(tmp_path, sig, code, fresh_out):
+    """A real run, signalled once it is computing features (Essentia loaded): one line, 128 + signal number,
+    the earlier features.csv untouched, no temp files, and no --out folder if the run created it."""
+    data = clips(tmp_path / "a", 400)
+    out = tmp_path / "out" / ("new" if fresh_out else "")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "features.csv").write_text("earlier output\n")
+    before = snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "features", "--set", f"a={data}", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while "essentia" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it was signalled"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines() == ["analyze.py: interrupted"]
+    assert snapshot(tmp_path) == before

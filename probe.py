@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -77,25 +78,45 @@ def first_line(e):
 # and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
 
 def read_table(path, columns):
+    """Rows of a CSV as dicts; UTF-8, with or without the BOM that spreadsheets write."""
     if not path.is_file():
         raise ProbeError(f"no {path.name} in {path.parent}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for c in columns:
-            if c not in header:
-                raise ProbeError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            for c in columns:
+                if c not in header:
+                    raise ProbeError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise ProbeError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
+    except csv.Error as e:
+        raise ProbeError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
+    short = [i for i, r in enumerate(rows) if None in r.values()]
+    if short:
+        raise ProbeError(f"{path}: row {short[0] + 2} has fewer fields than the header")
     if not rows:
         raise ProbeError(f"{path} lists no clips")
     return rows
 
 
-def to_int(value, where):
+def read_json(path):
+    """A JSON object (dict) from path."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ProbeError(f"{path} is not readable JSON ({first_line(e)})")
+    if not isinstance(obj, dict):
+        raise ProbeError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def to_int(value, where, what="fold"):
     try:
         return int(value)
     except ValueError:
-        raise ProbeError(f"{where}: fold {value!r} is not an integer")
+        raise ProbeError(f"{where}: {what} {value!r} is not an integer")
 
 
 def sorted_classes(values):
@@ -177,18 +198,21 @@ def load_hear(data_dir):
     data_dir = Path(data_dir)
     if not (data_dir / "task_metadata.json").is_file():
         raise ProbeError(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
-    meta = json.loads((data_dir / "task_metadata.json").read_text())
+    meta = read_json(data_dir / "task_metadata.json")
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
         raise ProbeError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks need timestamp embeddings; only scene tasks are probed")
     if kind not in ("multiclass", "multilabel"):
         raise ProbeError(f"{data_dir}: prediction_type {kind!r} is neither multiclass nor multilabel")
     vocab = read_table(data_dir / "labelvocabulary.csv", ["idx", "label"])
-    classes = [r["label"] for r in sorted(vocab, key=lambda r: int(r["idx"]))]
+    classes = [r["label"] for r in sorted(vocab, key=lambda r: to_int(r["idx"], data_dir / "labelvocabulary.csv", "idx"))]
     index = {c: i for i, c in enumerate(classes)}
 
     # k-fold tasks name their folds (fold00, fold01, ...); otherwise one split, reported as fold 0
-    splits = sorted(meta.get("splits") or [p.stem for p in data_dir.glob("fold*.json")])
+    splits = meta.get("splits") or [p.stem for p in data_dir.glob("fold*.json")]
+    if not isinstance(splits, list):
+        raise ProbeError(f"{data_dir / 'task_metadata.json'}: splits is not a list")
+    splits = sorted(map(str, splits))
     fold_of, valid_fold = {s: i for i, s in enumerate(splits)}, None
     if not splits and (data_dir / "train.json").is_file() and (data_dir / "test.json").is_file():
         fold_of = {"test": 0, "train": 1}
@@ -206,8 +230,10 @@ def load_hear(data_dir):
         path = data_dir / f"{split}.json"
         if not path.is_file():
             raise ProbeError(f"{data_dir}: task_metadata.json lists split {split!r} but there is no {path.name}")
-        entries = json.loads(path.read_text())
+        entries = read_json(path)
         for name in sorted(entries):
+            if not isinstance(entries[name], list):
+                raise ProbeError(f"{path}: the labels of {name} are not a list")
             names = [str(x) for x in entries[name]]
             unknown = [x for x in names if x not in index]
             if unknown:
@@ -280,10 +306,10 @@ def subsample(task, max_per_class, seed):
 
 def check_classes(task, drop_rare=False):
     """A class with a single clip cannot be both trained on and tested: stop, or drop it if asked.
-    Returns the task and the indices of the clips kept."""
+    Then stop where a score would mean nothing. Returns the task and the indices of the clips kept."""
     keep = np.arange(len(task["files"]))
     if task["multilabel"]:
-        return task, keep
+        return check_folds(task), keep
     counts = np.bincount(task["labels"], minlength=len(task["classes"]))
     rare = [c for c, n in zip(task["classes"], counts) if n == 1]
     if rare and not drop_rare:
@@ -296,7 +322,25 @@ def check_classes(task, drop_rare=False):
         remap = np.cumsum(counts >= 2) - 1  # old class index -> new one, for the classes kept
         task = dict(select(task, keep), classes=[c for c, n in zip(task["classes"], counts) if n >= 2])
         task["labels"] = remap[task["labels"]]
-    return task, keep
+    return check_folds(task), keep
+
+
+def check_folds(task):
+    """At least 2 classes; every left-out fold leaves training clips (2 when validation is carved
+    from them) and shares a class with them."""
+    y, folds, name = task["labels"], task["folds"], task["name"]
+    present = np.flatnonzero(y.sum(0)) if task["multilabel"] else np.unique(y)
+    if len(present) < 2:
+        raise ProbeError(f"{name}: {len(present)} class ({', '.join(task['classes'][i] for i in present)}) among "
+                         f"{len(y)} clips; a probe needs at least 2 classes")
+    for k in task["test_folds"]:
+        train = (folds != k) & (folds != task["valid_fold"])
+        if train.sum() < (1 if task["valid_fold"] is not None else 2):
+            raise ProbeError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
+                             f"(folds: {', '.join(map(str, sorted(set(folds.tolist()))))}); it needs at least 2 folds")
+        if not task["multilabel"] and not np.isin(y[folds == k], y[train]).any():
+            raise ProbeError(f"{name}: fold {k} holds only classes that no training fold has, so its score would mean nothing")
+    return task
 
 
 def cv_splits(task, valid_frac, seed):
@@ -327,8 +371,8 @@ def cv_splits(task, valid_frac, seed):
 def read_audio(path):
     """Any rate, any channel count -> float32 mono 16 kHz tensor (T,)."""
     x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    if len(x) == 0:
-        raise ValueError("no samples")
+    if len(x) == 0 or not np.isfinite(x).all():
+        raise ValueError("no samples" if len(x) == 0 else "non-finite samples")
     x = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1)))
     return x if sr == SR else torchaudio.functional.resample(x, sr, SR)
 
@@ -417,21 +461,24 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
     path, data_hash = cache_entry(cache_dir, encoder_path, task)
     with open(encoder_path, "rb") as f:
         encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
-    if path.is_file():
+    try:
         with np.load(path) as z:
             if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
-                print(f"{task['name']}: cached embeddings {path}")
                 index = {f: i for i, f in enumerate(task["files"])}
-                return [index[f] for f in z["files"].tolist()], z["embeddings"], z["skipped"].tolist()
+                ok, emb = [index[f] for f in z["files"].tolist()], z["embeddings"]
+                if emb.ndim == 2 and len(emb) == len(ok) and np.isfinite(emb).all():
+                    print(f"{task['name']}: cached embeddings {path}")
+                    return ok, emb, z["skipped"].tolist()
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a damaged cache costs one more embedding pass, never the run
+        warn(f"{path} is not a readable embedding cache ({first_line(e)}); embedding again")
     t0 = time.time()
     emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, desc=f"{task['name']} {encoder_path}")
     seconds = time.time() - t0
     print(f"{task['name']}: embedded {len(task['files'])} clips in {seconds:.1f} s ({len(task['files']) / seconds:.0f} clips/s)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        np.savez(f, embeddings=emb, files=np.array([task["files"][i] for i in ok]), skipped=np.array(bad, dtype=str),
-                 encoder_hash=encoder_hash, data_hash=data_hash)
-    os.replace(f.name, path)
+    write_atomic(path, lambda f: np.savez(f, embeddings=emb, files=np.array([task["files"][i] for i in ok]),
+                                          skipped=np.array(bad, dtype=str), encoder_hash=encoder_hash, data_hash=data_hash))
     return ok, emb, bad
 
 
@@ -495,10 +542,18 @@ def probe_task(emb, task, args):
     return rows
 
 
-def write_json(path, obj):
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f.name, path)
+def write_atomic(path, write):
+    """write(file) to a temporary file next to path, then rename it: path is never half-written, and
+    the temporary file is removed if anything (an error, SIGTERM, Ctrl-C) stops the write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with f:
+            write(f)
+        os.replace(f.name, path)
+    finally:
+        if os.path.exists(f.name):
+            os.unlink(f.name)
 
 
 def table(summary):
@@ -543,8 +598,18 @@ def check_args(args):
         raise ProbeError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:
         raise ProbeError(f"--task {args.task} needs --data-dir")
-    if args.max_per_class is not None and args.max_per_class < 2:
-        raise ProbeError("--max-per-class must be at least 2")
+    for flag, low in [("batch_size", 1), ("epochs", 1), ("probe_batch_size", 1), ("patience", 0), ("seed", 0),
+                      ("max_per_class", 2)]:
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ProbeError(f"--{flag.replace('_', '-')} must be at least {low}, not {value}")
+    if not 0 < args.lr < math.inf:
+        raise ProbeError(f"--lr must be a positive number, not {args.lr}")
+    if not 0 <= args.valid_frac < 1:
+        raise ProbeError(f"--valid-frac must be in [0, 1), not {args.valid_frac}")
+    for flag, path in [("--out", args.out), ("--cache-dir", args.cache_dir)]:
+        if path is not None and path.exists() and not path.is_dir():
+            raise ProbeError(f"{flag} {path} is a file, not a folder")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ProbeError(f"--device {args.device} but CUDA is not available")
 
@@ -563,12 +628,17 @@ def load_task(args):
 
 
 def read_results(path):
-    try:
-        results = json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        raise ProbeError(f"{path} is not valid JSON; move it away to start a new one")
-    for key, empty in [("rows", []), ("summary", []), ("skipped_files", {})]:
-        results.setdefault(key, empty)
+    """The results.json that this run adds to, checked before anything is embedded."""
+    if not path.exists():
+        return dict(rows=[], summary=[], skipped_files={})
+    results = dict(dict(rows=[], summary=[], skipped_files={}), **read_json(path))
+    number = lambda v: isinstance(v, (int, float))
+    if not (isinstance(results["rows"], list) and isinstance(results["summary"], list)
+            and isinstance(results["skipped_files"], dict)
+            and all(isinstance(r, dict) and {"encoder", "task"} <= r.keys() for r in results["rows"])
+            and all(isinstance(s, dict) and {"encoder", "task"} <= s.keys() and number(s.get("mean"))
+                    and number(s.get("std")) for s in results["summary"])):
+        raise ProbeError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away to start a new one")
     return results
 
 
@@ -581,8 +651,7 @@ def probe(args):
     print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
           f"{len(task['test_folds'])} test folds, {metric}")
     out_path = args.out / "results.json"
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = read_results(out_path)
+    results = read_results(out_path)  # a foreign results.json stops the run before the long part
 
     # every encoder embeds the same clips: the ones that decode do not depend on the encoder
     embeddings, decoded = {}, set()
@@ -607,7 +676,7 @@ def probe(args):
             encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
             std=float(np.nanstd(scores)), folds=len(rows))]
         results["skipped_files"][task["name"]] = sorted(skipped)
-        write_json(out_path, results)  # after every encoder: nothing finished is lost
+        write_atomic(out_path, lambda f: f.write(json.dumps(results, indent=1).encode()))  # nothing finished is lost
     print(f"\nresults: {out_path}\n")
     print(table(results["summary"]))
 
@@ -617,13 +686,24 @@ def fail(msg):
     sys.exit(2)
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main():
     parser = build_parser()
     parser.error = fail  # one line on stderr, exit 2
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: unwinds, so write_atomic removes its temp file
     try:
         probe(parser.parse_args())
     except ProbeError as e:
         fail(e)
+    except OSError as e:  # e.g. --out on a read-only or full disk
+        fail(f"{e.filename}: {e.strerror}" if e.filename else e)
+    except KeyboardInterrupt as e:
+        print("probe.py: interrupted", file=sys.stderr)
+        sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def test_every_label_of_a_folder_reuses_one_embedding_file(encoder, tmp_path):
     root = tmp_path / "data"
     for i in range(12):
         tone(root / f"{i}.wav", i % 3)
-    write_csv(root / "meta.csv", ["file", "pitch", "loud", "fold"], [[f"{i}.wav", i % 3, i % 2, i % 2] for i in range(12)])
+    write_csv(root / "meta.csv", ["file", "pitch", "loud", "fold"], [[f"{i}.wav", i % 3, i // 2 % 2, i % 2] for i in range(12)])
     args = ["--task", "csv", "--data-dir", root, "--encoder", encoder, "--out", tmp_path / "out", "--epochs", "2"]
     first, second = run(*args, "--label", "pitch"), run(*args, "--label", "loud")
     assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]

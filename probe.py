@@ -31,6 +31,7 @@ replaced), so the printed table gathers every encoder x task probed into that fo
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -79,8 +80,6 @@ def first_line(e):
 
 def read_table(path, columns):
     """Rows of a CSV as dicts; UTF-8, with or without the BOM that spreadsheets write."""
-    if not path.is_file():
-        raise ProbeError(f"no {path.name} in {path.parent}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -93,6 +92,8 @@ def read_table(path, columns):
         raise ProbeError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
     except csv.Error as e:
         raise ProbeError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
+    except FileNotFoundError:
+        raise ProbeError(f"no {path.name} in {path.parent}")
     short = [i for i, r in enumerate(rows) if None in r.values()]
     if short:
         raise ProbeError(f"{path}: row {short[0] + 2} has fewer fields than the header")
@@ -227,10 +228,7 @@ def load_hear(data_dir):
 
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
-        path = data_dir / f"{split}.json"
-        if not path.is_file():
-            raise ProbeError(f"{data_dir}: task_metadata.json lists split {split!r} but there is no {path.name}")
-        entries = read_json(path)
+        entries = read_json(path := data_dir / f"{split}.json")
         for name in sorted(entries):
             if not isinstance(entries[name], list):
                 raise ProbeError(f"{path}: the labels of {name} are not a list")
@@ -281,11 +279,6 @@ def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
     return task
 
 
-def strata(task):
-    # multilabel clips are stratified by their first label
-    return task["labels"].argmax(1) if task["multilabel"] else task["labels"]
-
-
 def select(task, idx):
     idx = np.asarray(idx, dtype=np.int64)
     folds = task["folds"][idx]
@@ -296,7 +289,7 @@ def select(task, idx):
 def subsample(task, max_per_class, seed):
     """At most max_per_class clips per class, taken round-robin over the folds (seeded)."""
     rng = np.random.default_rng(seed)
-    y, keep = strata(task), []
+    y, keep = task["labels"].argmax(1) if task["multilabel"] else task["labels"], []  # multilabel: by first label
     for c in np.unique(y):
         by_fold = [rng.permutation(np.flatnonzero((y == c) & (task["folds"] == f))) for f in np.unique(task["folds"])]
         order = [i for group in itertools.zip_longest(*by_fold) for i in group if i is not None]
@@ -305,48 +298,40 @@ def subsample(task, max_per_class, seed):
 
 
 def check_classes(task, drop_rare=False):
-    """A class with a single clip cannot be both trained on and tested: stop, or drop it if asked.
-    Then stop where a score would mean nothing. Returns the task and the indices of the clips kept."""
-    keep = np.arange(len(task["files"]))
-    if task["multilabel"]:
-        return check_folds(task), keep
-    counts = np.bincount(task["labels"], minlength=len(task["classes"]))
-    rare = [c for c, n in zip(task["classes"], counts) if n == 1]
+    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it
+    cannot be both trained on and tested; dropped if asked), a left-out fold that leaves too few
+    training clips or shares no class with them. Returns the task and the indices of the clips kept."""
+    y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
+    counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
+    rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
     if rare and not drop_rare:
-        raise ProbeError(f"{task['name']}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
+        raise ProbeError(f"{name}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
                          f"per class ({len(rare)} such classes; --drop-rare leaves them out)")
     if rare:
-        warn(f"{task['name']}: left out {len(rare)} classes with a single clip "
-             f"({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''})")
-        keep = np.flatnonzero(counts[task["labels"]] >= 2)
-        remap = np.cumsum(counts >= 2) - 1  # old class index -> new one, for the classes kept
+        warn(f"{name}: left out {len(rare)} classes with a single clip ({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''})")
+        keep = np.flatnonzero(counts[y] >= 2)
         task = dict(select(task, keep), classes=[c for c, n in zip(task["classes"], counts) if n >= 2])
-        task["labels"] = remap[task["labels"]]
-    return check_folds(task), keep
-
-
-def check_folds(task):
-    """At least 2 classes; every left-out fold leaves training clips (2 when validation is carved
-    from them) and shares a class with them."""
-    y, folds, name = task["labels"], task["folds"], task["name"]
-    present = np.flatnonzero(y.sum(0)) if task["multilabel"] else np.unique(y)
+        y = task["labels"] = (np.cumsum(counts >= 2) - 1)[task["labels"]]  # old class index -> new one
+        counts = counts[counts >= 2]
+    present = [c for c, n in zip(task["classes"], counts) if n > 0]
     if len(present) < 2:
-        raise ProbeError(f"{name}: {len(present)} class ({', '.join(task['classes'][i] for i in present)}) among "
-                         f"{len(y)} clips; a probe needs at least 2 classes")
+        raise ProbeError(f"{name}: {len(present)} class ({', '.join(present)}) among {len(y)} clips; "
+                         f"a probe needs at least 2 classes")
+    folds = task["folds"]
     for k in task["test_folds"]:
         train = (folds != k) & (folds != task["valid_fold"])
-        if train.sum() < (1 if task["valid_fold"] is not None else 2):
+        if train.sum() < (1 if task["valid_fold"] is not None else 2):  # 2: one to train on, one to stop on
             raise ProbeError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
                              f"(folds: {', '.join(map(str, sorted(set(folds.tolist()))))}); it needs at least 2 folds")
         if not task["multilabel"] and not np.isin(y[folds == k], y[train]).any():
             raise ProbeError(f"{name}: fold {k} holds only classes that no training fold has, so its score would mean nothing")
-    return task
+    return task, keep
 
 
 def cv_splits(task, valid_frac, seed):
     """(fold, train, valid, test) index arrays: each test fold left out in turn; the validation clips
     come from valid_fold when the task has one, else a stratified valid_frac of the training folds."""
-    folds, y = task["folds"], strata(task)
+    folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
         if task["valid_fold"] is not None:
@@ -396,12 +381,9 @@ def load_encoder(path, device):
         if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or (b == 1 and y.shape[1] != dim):
             raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
         dim = y.shape[1]
-    if device == "cpu":
-        # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster on CPU
-        try:
+    if device == "cpu":  # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster
+        with contextlib.suppress(Exception):  # some scripted modules do not freeze; the plain one computes the same
             encoder = torch.jit.optimize_for_inference(torch.jit.freeze(encoder))
-        except Exception:
-            pass  # some scripted modules do not freeze; the plain one computes the same function
     return encoder
 
 
@@ -494,7 +476,7 @@ def score(y_true, logits, multilabel):
 
 def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patience, lr, batch_size):
     """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss).
-    Returns the model of the best epoch, that epoch, and the epochs run."""
+    Returns the model of the best epoch and that epoch."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(x.shape[1], n_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -518,7 +500,7 @@ def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patienc
         elif epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)
-    return model, best_epoch, epoch
+    return model, best_epoch
 
 
 def probe_task(emb, task, args):
@@ -532,7 +514,7 @@ def probe_task(emb, task, args):
         # standardize with statistics of the clips the probe is fit on only
         mean, std = x[train].mean(0), x[train].std(0)
         xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
-        model, best_epoch, _ = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
+        model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
                                            args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
         with torch.no_grad():
             s = score(y[test].numpy(), model(xs[test]).numpy(), task["multilabel"])
@@ -614,30 +596,14 @@ def check_args(args):
         raise ProbeError(f"--device {args.device} but CUDA is not available")
 
 
-def load_task(args):
-    if args.task == "esc50":
-        download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
-        task = load_esc50(args.data_dir or DATA / "ESC-50", download)
-    elif args.task == "us8k":
-        task = load_us8k(args.data_dir or DATA / "UrbanSound8K")
-    elif args.task == "hear":
-        task = load_hear(args.data_dir)
-    else:
-        task = load_csv(args.data_dir, args.label, args.fold_column, args.seed)
-    return subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
-
-
 def read_results(path):
     """The results.json that this run adds to, checked before anything is embedded."""
-    if not path.exists():
-        return dict(rows=[], summary=[], skipped_files={})
-    results = dict(dict(rows=[], summary=[], skipped_files={}), **read_json(path))
-    number = lambda v: isinstance(v, (int, float))
-    if not (isinstance(results["rows"], list) and isinstance(results["summary"], list)
-            and isinstance(results["skipped_files"], dict)
-            and all(isinstance(r, dict) and {"encoder", "task"} <= r.keys() for r in results["rows"])
-            and all(isinstance(s, dict) and {"encoder", "task"} <= s.keys() and number(s.get("mean"))
-                    and number(s.get("std")) for s in results["summary"])):
+    empty = dict(rows=[], summary=[], skipped_files={})
+    results = dict(empty, **read_json(path)) if path.exists() else empty
+    rows_of = lambda rows, keys: isinstance(rows, list) and all(isinstance(r, dict) and keys <= r.keys() for r in rows)
+    if not (rows_of(results["rows"], {"encoder", "task"}) and rows_of(results["summary"], {"encoder", "task", "mean", "std"})
+            and all(isinstance(s[k], (int, float)) for s in results["summary"] for k in ("mean", "std"))
+            and isinstance(results["skipped_files"], dict)):
         raise ProbeError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away to start a new one")
     return results
 
@@ -646,21 +612,26 @@ def probe(args):
     check_args(args)
     # encoders first: a bad one fails in seconds, before any audio is read
     encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(args.encoder)}
-    task, _ = check_classes(load_task(args), args.drop_rare)  # before the long part: fail in seconds
+    if args.task == "esc50":
+        download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
+        task = load_esc50(args.data_dir or DATA / "ESC-50", download)
+    elif args.task == "us8k":
+        task = load_us8k(args.data_dir or DATA / "UrbanSound8K")
+    else:
+        task = load_hear(args.data_dir) if args.task == "hear" else load_csv(args.data_dir, args.label, args.fold_column, args.seed)
+    task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
+    task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
     metric = "mAP" if task["multilabel"] else "accuracy"
     print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
           f"{len(task['test_folds'])} test folds, {metric}")
     out_path = args.out / "results.json"
     results = read_results(out_path)  # a foreign results.json stops the run before the long part
 
-    # every encoder embeds the same clips: the ones that decode do not depend on the encoder
-    embeddings, decoded = {}, set()
+    # every encoder embeds the same clips, so the ones that decode (ok) are the same for all
+    embeddings = {}
     for path, encoder in encoders.items():
         ok, embeddings[path], skipped = task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings",
                                                         args.batch_size, args.device)
-        decoded.add(tuple(ok))
-    if len(decoded) > 1:
-        raise ProbeError(f"{task['name']}: the clips changed while they were read; run again")
     if skipped:
         warn(f"{task['name']}: skipped {len(skipped)} clips that do not decode (first: {skipped[0]})")
     task, keep = check_classes(select(task, ok), args.drop_rare)  # the skipped clips may leave a class too small

@@ -1,10 +1,11 @@
 """Linear probe of exported encoders on labelled audio (the paper's downstream evaluation).
 
 Every encoder (TorchScript file from train.py: (B, T) 16 kHz mono waveform -> (B, 512)) embeds
-each clip of a task once, whole; the embeddings are cached per (encoder, task). A linear layer on
-the standardized embeddings (Adam, lr 1e-3, batch 32, early stopping on a validation split carved
-from the training folds) is trained per fold, leaving one fold out; the table reports mean ± std
-over folds of accuracy (multiclass) or mAP (multilabel), in percent.
+each clip of a task once, whole; the embeddings are cached per (encoder, clip list), so every label
+of a folder reuses them. A linear layer on the standardized embeddings (Adam, lr 1e-3, batch 32,
+early stopping on a validation split carved from the training folds) is trained per fold, leaving
+one fold out; the table reports mean ± std over folds of accuracy (multiclass) or mAP (multilabel),
+in percent.
 
   # ESC-50, official 5 folds (downloaded into --data-dir when it is missing and the machine is online)
   python probe.py --task esc50 --data-dir data/ESC-50 --encoder runs/voice/encoder.pt --out probes/
@@ -30,6 +31,7 @@ replaced), so the printed table gathers every encoder x task probed into that fo
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -38,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -49,6 +52,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 SR = 16000  # encoder contract: 16 kHz mono, 1-s windows
@@ -57,9 +61,8 @@ ESC50_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
 US8K_URL = "https://urbansounddataset.weebly.com/urbansound8k.html"
 
 
-def die(msg):
-    print(f"probe.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
+class ProbeError(Exception):
+    """Bad input or data: main prints it as one line on stderr and exits 2."""
 
 
 def warn(msg):
@@ -76,25 +79,45 @@ def first_line(e):
 # and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
 
 def read_table(path, columns):
-    if not path.is_file():
-        die(f"no {path.name} in {path.parent}")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for c in columns:
-            if c not in header:
-                die(f"{path} has no column {c!r} (columns: {', '.join(header)})")
-        rows = list(reader)
+    """Rows of a CSV as dicts; UTF-8, with or without the BOM that spreadsheets write."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            for c in columns:
+                if c not in header:
+                    raise ProbeError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise ProbeError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
+    except csv.Error as e:
+        raise ProbeError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
+    except FileNotFoundError:
+        raise ProbeError(f"no {path.name} in {path.parent}")
+    short = [i for i, r in enumerate(rows) if None in r.values()]
+    if short:
+        raise ProbeError(f"{path}: row {short[0] + 2} has fewer fields than the header")
     if not rows:
-        die(f"{path} lists no clips")
+        raise ProbeError(f"{path} lists no clips")
     return rows
 
 
-def to_int(value, where):
+def read_json(path):
+    """A JSON object (dict) from path."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ProbeError(f"{path} is not readable JSON ({first_line(e)})")
+    if not isinstance(obj, dict):
+        raise ProbeError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def to_int(value, where, what="fold"):
     try:
         return int(value)
     except ValueError:
-        die(f"{where}: fold {value!r} is not an integer")
+        raise ProbeError(f"{where}: {what} {value!r} is not an integer")
 
 
 def sorted_classes(values):
@@ -120,25 +143,23 @@ def download_esc50(data_dir):
     """Official archive -> data_dir, checked (zip CRCs, meta file) and moved into place in one rename."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".esc50-", dir=data_dir.parent))
+    archive, fix = tmp / "master.zip", f"unpack {ESC50_URL} so that {data_dir}/meta/esc50.csv and {data_dir}/audio/ exist"
     try:
-        archive = tmp / "master.zip"
         try:
             with urllib.request.urlopen(ESC50_URL, timeout=30) as r, open(archive, "wb") as f:
                 total = int(r.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc="ESC-50") as bar:
                     while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                        bar.update(f.write(chunk))
         except OSError as e:  # URLError, timeouts, disk
-            die(f"cannot download ESC-50 ({first_line(e)}); unpack {ESC50_URL} so that "
-                f"{data_dir}/meta/esc50.csv and {data_dir}/audio/ exist")
+            raise ProbeError(f"cannot download ESC-50 ({first_line(e)}); {fix}")
         try:
             with zipfile.ZipFile(archive) as z:
                 if z.testzip() is not None or "ESC-50-master/meta/esc50.csv" not in z.namelist():
-                    die(f"downloaded ESC-50 archive is damaged or not the official one; unpack {ESC50_URL} at {data_dir}")
+                    raise zipfile.BadZipFile("damaged or not the official one")
                 z.extractall(tmp / "unpacked")
-        except zipfile.BadZipFile:
-            die(f"downloaded ESC-50 archive is not a zip file; unpack {ESC50_URL} at {data_dir}")
+        except zipfile.BadZipFile as e:
+            raise ProbeError(f"downloaded ESC-50 archive is not usable ({first_line(e)}); {fix}")
         if data_dir.exists():
             data_dir.rmdir()  # only ever an empty folder here
         os.replace(tmp / "unpacked" / "ESC-50-master", data_dir)
@@ -151,9 +172,9 @@ def load_esc50(data_dir, download=True):
     data_dir = Path(data_dir)
     if not (data_dir / "meta" / "esc50.csv").is_file():
         if data_dir.exists() and any(data_dir.iterdir()):
-            die(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
+            raise ProbeError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
         if not download:
-            die(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/esc50.csv, audio/) or allow the download")
+            raise ProbeError(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/esc50.csv, audio/) or allow the download")
         download_esc50(data_dir)
     path = data_dir / "meta" / "esc50.csv"
     rows = read_table(path, ["filename", "fold", "category"])
@@ -166,7 +187,7 @@ def load_us8k(data_dir):
     data_dir = Path(data_dir)
     path = data_dir / "metadata" / "UrbanSound8K.csv"
     if not path.is_file():
-        die(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); download it from {US8K_URL} and unpack it there")
+        raise ProbeError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); download it from {US8K_URL} and unpack it there")
     rows = read_table(path, ["slice_file_name", "fold", "class"])
     return multiclass_task("us8k", data_dir, [f"audio/fold{r['fold']}/{r['slice_file_name']}" for r in rows],
                            [r["class"] for r in rows], [to_int(r["fold"], path) for r in rows])
@@ -177,54 +198,52 @@ def load_hear(data_dir):
     ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
     data_dir = Path(data_dir)
     if not (data_dir / "task_metadata.json").is_file():
-        die(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
-    meta = json.loads((data_dir / "task_metadata.json").read_text())
+        raise ProbeError(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
+    meta = read_json(data_dir / "task_metadata.json")
+    kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
-        die(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks need timestamp embeddings; only scene tasks are probed")
-    multilabel = meta.get("prediction_type", "multiclass") == "multilabel"
-    if meta.get("prediction_type", "multiclass") not in ("multiclass", "multilabel"):
-        die(f"{data_dir}: prediction_type {meta['prediction_type']!r} is neither multiclass nor multilabel")
+        raise ProbeError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks need timestamp embeddings; only scene tasks are probed")
+    if kind not in ("multiclass", "multilabel"):
+        raise ProbeError(f"{data_dir}: prediction_type {kind!r} is neither multiclass nor multilabel")
     vocab = read_table(data_dir / "labelvocabulary.csv", ["idx", "label"])
-    classes = [r["label"] for r in sorted(vocab, key=lambda r: int(r["idx"]))]
+    classes = [r["label"] for r in sorted(vocab, key=lambda r: to_int(r["idx"], data_dir / "labelvocabulary.csv", "idx"))]
     index = {c: i for i, c in enumerate(classes)}
 
     # k-fold tasks name their folds (fold00, fold01, ...); otherwise one split, reported as fold 0
-    splits = sorted(meta.get("splits") or [p.stem for p in data_dir.glob("fold*.json")])
-    if splits:
-        fold_of, test_folds, valid_fold = {s: i for i, s in enumerate(splits)}, list(range(len(splits))), None
-    elif (data_dir / "train.json").is_file() and (data_dir / "test.json").is_file():
-        fold_of, test_folds, valid_fold = {"test": 0, "train": 1}, [0], None
+    splits = meta.get("splits") or [p.stem for p in data_dir.glob("fold*.json")]
+    if not isinstance(splits, list):
+        raise ProbeError(f"{data_dir / 'task_metadata.json'}: splits is not a list")
+    splits = sorted(map(str, splits))
+    fold_of, valid_fold = {s: i for i, s in enumerate(splits)}, None
+    if not splits and (data_dir / "train.json").is_file() and (data_dir / "test.json").is_file():
+        fold_of = {"test": 0, "train": 1}
         if (data_dir / "valid.json").is_file():
             fold_of["valid"] = valid_fold = 2
-    else:
-        die(f"{data_dir}: no split files (fold00.json, ... or train.json and test.json)")
-
+    elif not splits:
+        raise ProbeError(f"{data_dir}: no split files (fold00.json, ... or train.json and test.json)")
     rates = sorted(int(p.name) for p in data_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if not rates:
-        die(f"{data_dir}: no audio folder such as 16000/")
+        raise ProbeError(f"{data_dir}: no audio folder such as 16000/")
     rate_dir = "16000" if SR in rates else str(rates[-1])
 
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
-        path = data_dir / f"{split}.json"
-        if not path.is_file():
-            die(f"{data_dir}: task_metadata.json lists split {split!r} but there is no {path.name}")
-        entries = json.loads(path.read_text())
+        entries = read_json(path := data_dir / f"{split}.json")
         for name in sorted(entries):
+            if not isinstance(entries[name], list):
+                raise ProbeError(f"{path}: the labels of {name} are not a list")
             names = [str(x) for x in entries[name]]
             unknown = [x for x in names if x not in index]
             if unknown:
-                die(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
-            if not multilabel and len(names) != 1:
-                die(f"{path}: {name} has {len(names)} labels in a multiclass task")
-            hot = np.zeros(len(classes), dtype=np.float32)
-            hot[[index[x] for x in names]] = 1
+                raise ProbeError(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
+            if kind == "multiclass" and len(names) != 1:
+                raise ProbeError(f"{path}: {name} has {len(names)} labels in a multiclass task")
             files.append(f"{rate_dir}/{split}/{name}")
-            labels.append(hot if multilabel else index[names[0]])
+            labels.append(np.isin(classes, names).astype(np.float32) if kind == "multilabel" else index[names[0]])
             folds.append(fold)
-    return dict(name=f"hear:{meta.get('task_name', data_dir.name)}", root=data_dir, files=files,
-                classes=classes, multilabel=multilabel, labels=np.array(labels),
-                folds=np.array(folds, dtype=np.int64), test_folds=test_folds, valid_fold=valid_fold)
+    return dict(name=f"hear:{meta.get('task_name', data_dir.name)}", root=data_dir, files=files, classes=classes,
+                multilabel=kind == "multilabel", labels=np.array(labels), folds=np.array(folds, dtype=np.int64),
+                test_folds=list(range(len(splits))) or [0], valid_fold=valid_fold)
 
 
 def stratified_folds(labels, k, seed):
@@ -244,12 +263,12 @@ def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
     column (default `fold`; without one, a seeded stratified n_folds split)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        die(f"no data folder {data_dir}")
+        raise ProbeError(f"no data folder {data_dir}")
     path = data_dir / "meta.csv"
     rows = read_table(path, ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
     if "" in values:
-        die(f"{path}: empty {label!r} in row {values.index('') + 2}")
+        raise ProbeError(f"{path}: empty {label!r} in row {values.index('') + 2}")
     column = fold_column or ("fold" if "fold" in rows[0] else None)
     folds = [to_int(r[column], path) for r in rows] if column else [0] * len(rows)
     task = multiclass_task(f"csv:{data_dir.name}:{label}", data_dir, [r["file"] for r in rows], values, folds)
@@ -260,25 +279,17 @@ def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
     return task
 
 
-def strata(task):
-    # multilabel clips are stratified by their first label
-    return task["labels"].argmax(1) if task["multilabel"] else task["labels"]
-
-
 def select(task, idx):
     idx = np.asarray(idx, dtype=np.int64)
     folds = task["folds"][idx]
-    out = dict(task, files=[task["files"][i] for i in idx], labels=task["labels"][idx], folds=folds,
-               test_folds=[k for k in task["test_folds"] if (folds == k).any()])
-    if "lengths" in task:
-        out["lengths"] = task["lengths"][idx]
-    return out
+    return dict(task, files=[task["files"][i] for i in idx], labels=task["labels"][idx], folds=folds,
+                test_folds=[k for k in task["test_folds"] if (folds == k).any()])
 
 
 def subsample(task, max_per_class, seed):
     """At most max_per_class clips per class, taken round-robin over the folds (seeded)."""
     rng = np.random.default_rng(seed)
-    y, keep = strata(task), []
+    y, keep = task["labels"].argmax(1) if task["multilabel"] else task["labels"], []  # multilabel: by first label
     for c in np.unique(y):
         by_fold = [rng.permutation(np.flatnonzero((y == c) & (task["folds"] == f))) for f in np.unique(task["folds"])]
         order = [i for group in itertools.zip_longest(*by_fold) for i in group if i is not None]
@@ -287,28 +298,40 @@ def subsample(task, max_per_class, seed):
 
 
 def check_classes(task, drop_rare=False):
-    """A class with a single clip cannot be both trained on and tested: stop, or drop it if asked."""
-    if task["multilabel"]:
-        return task
-    counts = np.bincount(task["labels"], minlength=len(task["classes"]))
-    rare = [c for c, n in zip(task["classes"], counts) if n == 1]
-    if not rare:
-        return task
-    if not drop_rare:
-        die(f"{task['name']}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 per class "
-            f"({len(rare)} such classes; --drop-rare leaves them out)")
-    warn(f"{task['name']}: left out {len(rare)} classes with a single clip ({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''})")
-    kept = [i for i, n in enumerate(counts) if n >= 2]
-    task = select(task, np.flatnonzero(counts[task["labels"]] >= 2))
-    remap = np.full(len(counts), -1)
-    remap[kept] = np.arange(len(kept))
-    return dict(task, labels=remap[task["labels"]], classes=[task["classes"][i] for i in kept])
+    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it
+    cannot be both trained on and tested; dropped if asked), a left-out fold that leaves too few
+    training clips or shares no class with them. Returns the task and the indices of the clips kept."""
+    y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
+    counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
+    rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
+    if rare and not drop_rare:
+        raise ProbeError(f"{name}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
+                         f"per class ({len(rare)} such classes; --drop-rare leaves them out)")
+    if rare:
+        warn(f"{name}: left out {len(rare)} classes with a single clip ({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''})")
+        keep = np.flatnonzero(counts[y] >= 2)
+        task = dict(select(task, keep), classes=[c for c, n in zip(task["classes"], counts) if n >= 2])
+        y = task["labels"] = (np.cumsum(counts >= 2) - 1)[task["labels"]]  # old class index -> new one
+        counts = counts[counts >= 2]
+    present = [c for c, n in zip(task["classes"], counts) if n > 0]
+    if len(present) < 2:
+        raise ProbeError(f"{name}: {len(present)} class ({', '.join(present)}) among {len(y)} clips; "
+                         f"a probe needs at least 2 classes")
+    folds = task["folds"]
+    for k in task["test_folds"]:
+        train = (folds != k) & (folds != task["valid_fold"])
+        if train.sum() < (1 if task["valid_fold"] is not None else 2):  # 2: one to train on, one to stop on
+            raise ProbeError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
+                             f"(folds: {', '.join(map(str, sorted(set(folds.tolist()))))}); it needs at least 2 folds")
+        if not task["multilabel"] and not np.isin(y[folds == k], y[train]).any():
+            raise ProbeError(f"{name}: fold {k} holds only classes that no training fold has, so its score would mean nothing")
+    return task, keep
 
 
 def cv_splits(task, valid_frac, seed):
     """(fold, train, valid, test) index arrays: each test fold left out in turn; the validation clips
     come from valid_fold when the task has one, else a stratified valid_frac of the training folds."""
-    folds, y = task["folds"], strata(task)
+    folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
         if task["valid_fold"] is not None:
@@ -333,37 +356,19 @@ def cv_splits(task, valid_frac, seed):
 def read_audio(path):
     """Any rate, any channel count -> float32 mono 16 kHz tensor (T,)."""
     x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    if len(x) == 0 or not np.isfinite(x).all():
+        raise ValueError("no samples" if len(x) == 0 else "non-finite samples")
     x = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1)))
     return x if sr == SR else torchaudio.functional.resample(x, sr, SR)
 
 
-def read_headers(task):
-    """Length at 16 kHz of every clip from its header; clips whose header does not decode are left out."""
-    lengths, ok, bad = [], [], []
-    for i, f in enumerate(task["files"]):
-        try:
-            info = sf.info(str(task["root"] / f))
-            if info.frames <= 0:
-                raise ValueError("no samples")
-        except Exception as e:  # any reason a file cannot be read counts as "does not decode"
-            bad.append(f"{f} ({first_line(e)})")
-            continue
-        ok.append(i)
-        lengths.append(math.ceil(info.frames * SR / info.samplerate))
-    if not ok:
-        die(f"{task['name']}: none of the {len(task['files'])} clips under {task['root']} decodes (first: {bad[0]})")
-    task = select(task, ok)
-    task["lengths"] = np.array(lengths, dtype=np.int64)
-    return task, bad
-
-
 def load_encoder(path, device):
     if not Path(path).is_file():
-        die(f"no encoder file {path}")
+        raise ProbeError(f"no encoder file {path}")
     try:
         encoder = torch.jit.load(str(path), map_location=device)
     except Exception as e:
-        die(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
+        raise ProbeError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
     encoder.eval()
     # (B, T) -> (B, D) with D independent of T: a 1-s and a 0.5-s batch must agree
     for b, t in [(2, SR), (1, SR // 2)]:
@@ -371,136 +376,107 @@ def load_encoder(path, device):
             with torch.no_grad():
                 y = encoder(torch.zeros(b, t, device=device))
         except Exception as e:
-            die(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
+            raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or (b == 1 and y.shape[1] != dim):
-            die(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
+            raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
         dim = y.shape[1]
-    if device == "cpu":
-        # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster on CPU
-        try:
+    if device == "cpu":  # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster
+        with contextlib.suppress(Exception):  # some scripted modules do not freeze; the plain one computes the same
             encoder = torch.jit.optimize_for_inference(torch.jit.freeze(encoder))
-        except Exception:
-            pass  # some scripted modules do not freeze; the plain one computes the same function
     return encoder
 
 
-def embed(encoder, task, batch_size, device, desc):
-    """Embeddings of all clips, whole. Clips up to 1 s are zero-padded to 1 s (as the encoder does),
-    so they batch together; longer clips batch with clips of the same length."""
-    keys = np.maximum(task["lengths"], SR)
-    order = np.lexsort((np.arange(len(keys)), keys))
-    batches = []
-    for _, run in itertools.groupby(order, key=lambda i: keys[i]):
-        run = list(run)
-        batches += [run[j:j + batch_size] for j in range(0, len(run), batch_size)]
-    out, bad = [None] * len(keys), []
-    with torch.no_grad(), tqdm(total=len(keys), unit="clip", desc=desc) as bar:
-        for batch in batches:
-            waves = {}
-            for i in batch:
-                try:
-                    x = read_audio(task["root"] / task["files"][i])
-                except Exception as e:  # header was fine but the data is not
-                    bad.append(f"{task['files'][i]} ({first_line(e)})")
-                    continue
-                waves[i] = torch.nn.functional.pad(x, (0, max(0, SR - len(x))))
-            # headers can disagree with the decoded length: stack only equal lengths
-            for _, group in itertools.groupby(sorted(waves, key=lambda i: len(waves[i])), key=lambda i: len(waves[i])):
-                group = list(group)
-                y = encoder(torch.stack([waves[i] for i in group]).to(device))
-                if y.dim() != 2 or y.shape[0] != len(group):
-                    die(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(group)} clips")
-                for i, e in zip(group, y.float().cpu().numpy()):
-                    out[i] = e
-            bar.update(len(batch))
-    ok = [i for i, e in enumerate(out) if e is not None]
-    if not ok:
-        die(f"{task['name']}: no clip decodes")
+def embed(encoder, root, files, batch_size, device, desc):
+    """Embeddings of the clips that decode, each whole, in one read pass. Clips up to 1 s are
+    zero-padded to 1 s (as the encoder does) so they batch together; a longer clip waits for
+    batch_size - 1 others of its length (or the end). Returns embeddings, their clip indices, and
+    the clips skipped with the reason."""
+    out, bad, waiting = {}, [], {}
+
+    def run(batch):
+        y = encoder(torch.stack([x for _, x in batch]).to(device))
+        if y.dim() != 2 or y.shape[0] != len(batch):
+            raise ProbeError(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(batch)} clips")
+        out.update(zip([i for i, _ in batch], y.float().cpu().numpy()))
+
+    with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
+        for i, f in enumerate(files):
+            bar.update()
+            try:
+                x = read_audio(root / f)
+            except Exception as e:  # any reason a file cannot be read counts as "does not decode"
+                bad.append(f"{f} ({first_line(e)})")
+                continue
+            x = torch.nn.functional.pad(x, (0, max(0, SR - len(x))))
+            waiting.setdefault(len(x), []).append((i, x))
+            if len(waiting[len(x)]) == batch_size:
+                run(waiting.pop(len(x)))
+        for group in waiting.values():
+            run(group)
+    if not out:
+        raise ProbeError(f"none of the {len(files)} clips under {root} decodes (first: {bad[0]})")
+    ok = sorted(out)
     emb = np.stack([out[i] for i in ok]).astype(np.float32)
     if not np.isfinite(emb).all():
-        die(f"{desc}: the encoder gives non-finite embeddings for {int((~np.isfinite(emb).all(1)).sum())} clips")
+        raise ProbeError(f"{desc}: the encoder gives non-finite embeddings for {int((~np.isfinite(emb).all(1)).sum())} clips")
     return emb, ok, bad
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(task):
-    """Hash of what the embeddings depend on besides the encoder: files (size, mtime), labels, folds."""
-    h = hashlib.sha256(json.dumps([task["name"], task["classes"], task["multilabel"]]).encode())
-    for f, y, k in zip(task["files"], task["labels"].tolist(), task["folds"].tolist()):
-        st = os.stat(task["root"] / f)
-        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\t{k}\n".encode())
-    return h.hexdigest()
-
-
-def slug(text):
-    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
-
-
-def cache_path(cache_dir, encoder_path, task_name):
-    p = Path(encoder_path).resolve()
+def cache_entry(cache_dir, encoder_path, task):
+    """Cache file and data hash of a task's embeddings. One file per (encoder, clip list), so every
+    label of a folder reuses it; the hash changes with any clip's size or mtime."""
+    p, root = Path(encoder_path).resolve(), task["root"].resolve()
     where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
-    return Path(cache_dir) / f"{slug(p.parent.name + '_' + p.stem)}-{where}__{slug(task_name)}.npz"
+    clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{p.parent.name}_{p.stem}-{where}__{root.name}-{clips}").strip("_")
+    h = hashlib.sha256(str(root).encode())
+    for f in task["files"]:
+        st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
+        h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
+    return Path(cache_dir) / f"{name}.npz", h.hexdigest()
 
 
-def task_embeddings(encoder, encoder_path, encoder_hash, task, cache_dir, batch_size, device):
-    """Embeddings of a task, from the cache when encoder and data are unchanged. Returns the task
-    restricted to the clips that decoded, their embeddings, and the clips that did not."""
-    path = cache_path(cache_dir, encoder_path, task["name"])
-    data_hash = fingerprint(task)
-    if path.is_file():
+def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
+    """Embeddings of a task's clips, from the cache when encoder and clips are unchanged. Returns
+    the indices of the clips that decoded, their embeddings, and the clips that did not."""
+    path, data_hash = cache_entry(cache_dir, encoder_path, task)
+    with open(encoder_path, "rb") as f:
+        encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
         with np.load(path) as z:
             if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
-                print(f"{task['name']}: cached embeddings {path}")
                 index = {f: i for i, f in enumerate(task["files"])}
-                return select(task, [index[f] for f in z["files"].tolist()]), z["embeddings"], z["skipped"].tolist()
+                ok, emb = [index[f] for f in z["files"].tolist()], z["embeddings"]
+                if emb.ndim == 2 and len(emb) == len(ok) and np.isfinite(emb).all():
+                    print(f"{task['name']}: cached embeddings {path}")
+                    return ok, emb, z["skipped"].tolist()
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a damaged cache costs one more embedding pass, never the run
+        warn(f"{path} is not a readable embedding cache ({first_line(e)}); embedding again")
     t0 = time.time()
-    emb, ok, bad = embed(encoder, task, batch_size, device, desc=f"{task['name']} {encoder_path}")
+    emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, desc=f"{task['name']} {encoder_path}")
     seconds = time.time() - t0
     print(f"{task['name']}: embedded {len(task['files'])} clips in {seconds:.1f} s ({len(task['files']) / seconds:.0f} clips/s)")
-    task = select(task, ok)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        np.savez(f, embeddings=emb, labels=task["labels"], folds=task["folds"], files=np.array(task["files"]),
-                 encoder_hash=encoder_hash, data_hash=data_hash, task=task["name"],
-                 classes=np.array(task["classes"]), skipped=np.array(bad, dtype=str))
-    os.replace(f.name, path)
-    return task, emb, bad
+    write_atomic(path, lambda f: np.savez(f, embeddings=emb, files=np.array([task["files"][i] for i in ok]),
+                                          skipped=np.array(bad, dtype=str), encoder_hash=encoder_hash, data_hash=data_hash))
+    return ok, emb, bad
 
 
 # ----------------------------------------------------------------------------- probe
 
-def mean_average_precision(y_true, scores):
-    """Macro average precision over the classes with at least one positive clip (NaN if none has);
-    per class as scikit-learn's average_precision_score: tied scores form one threshold."""
-    aps = []
-    for y, s in zip(y_true.T, scores.T):
-        if y.sum() == 0:
-            continue
-        order = np.argsort(-s, kind="stable")
-        y, s = y[order], s[order]
-        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last clip of each run of tied scores
-        tp = np.cumsum(y)[last]
-        aps.append(float((np.diff(tp, prepend=0) / tp[-1] * tp / (last + 1)).sum()))
-    return float(np.mean(aps)) if aps else float("nan")
-
-
 def score(y_true, logits, multilabel):
-    if multilabel:
-        return mean_average_precision(y_true, logits)
-    return float((logits.argmax(1) == y_true).mean())
+    """Accuracy, or macro average precision over the classes with a positive clip (NaN if none has)."""
+    if not multilabel:
+        return float((logits.argmax(1) == y_true).mean())
+    keep = y_true.sum(0) > 0
+    return float(average_precision_score(y_true[:, keep], logits[:, keep], average="macro")) if keep.any() else math.nan
 
 
 def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patience, lr, batch_size):
     """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss).
-    Returns the model of the best epoch, that epoch, and the epochs run."""
+    Returns the model of the best epoch and that epoch."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(x.shape[1], n_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -524,7 +500,7 @@ def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patienc
         elif epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)
-    return model, best_epoch, epoch
+    return model, best_epoch
 
 
 def probe_task(emb, task, args):
@@ -538,7 +514,7 @@ def probe_task(emb, task, args):
         # standardize with statistics of the clips the probe is fit on only
         mean, std = x[train].mean(0), x[train].std(0)
         xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
-        model, best_epoch, _ = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
+        model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
                                            args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
         with torch.no_grad():
             s = score(y[test].numpy(), model(xs[test]).numpy(), task["multilabel"])
@@ -548,10 +524,18 @@ def probe_task(emb, task, args):
     return rows
 
 
-def write_json(path, obj):
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=1)
-    os.replace(f.name, path)
+def write_atomic(path, write):
+    """write(file) to a temporary file next to path, then rename it: path is never half-written, and
+    the temporary file is removed if anything (an error, SIGTERM, Ctrl-C) stops the write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with f:
+            write(f)
+        os.replace(f.name, path)
+    finally:
+        if os.path.exists(f.name):
+            os.unlink(f.name)
 
 
 def table(summary):
@@ -565,9 +549,8 @@ def table(summary):
 
 # ----------------------------------------------------------------------------- main
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.error = die  # one line on stderr, exit 2
     parser.add_argument("--encoder", nargs="+", required=True, metavar="PATH",
                         help="exported encoders (TorchScript runs/NAME/encoder.pt); several give one table row each")
     parser.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
@@ -589,68 +572,109 @@ def main():
     parser.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
     parser.add_argument("--no-download", action="store_true",
                         help="never download a missing dataset (also: environment PROBE_NO_DOWNLOAD=1)")
-    args = parser.parse_args()
-    cache_dir = args.cache_dir or args.out / "embeddings"
-    if args.task == "csv" and not args.label:
-        die("--task csv needs --label COLUMN")
-    if args.task in ("hear", "csv") and args.data_dir is None:
-        die(f"--task {args.task} needs --data-dir")
-    if args.max_per_class is not None and args.max_per_class < 2:
-        die("--max-per-class must be at least 2")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {args.device} but CUDA is not available")
+    return parser
 
+
+def check_args(args):
+    if args.task == "csv" and not args.label:
+        raise ProbeError("--task csv needs --label COLUMN")
+    if args.task in ("hear", "csv") and args.data_dir is None:
+        raise ProbeError(f"--task {args.task} needs --data-dir")
+    for flag, low in [("batch_size", 1), ("epochs", 1), ("probe_batch_size", 1), ("patience", 0), ("seed", 0),
+                      ("max_per_class", 2)]:
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ProbeError(f"--{flag.replace('_', '-')} must be at least {low}, not {value}")
+    if not 0 < args.lr < math.inf:
+        raise ProbeError(f"--lr must be a positive number, not {args.lr}")
+    if not 0 <= args.valid_frac < 1:
+        raise ProbeError(f"--valid-frac must be in [0, 1), not {args.valid_frac}")
+    for flag, path in [("--out", args.out), ("--cache-dir", args.cache_dir)]:
+        if path is not None and path.exists() and not path.is_dir():
+            raise ProbeError(f"{flag} {path} is a file, not a folder")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ProbeError(f"--device {args.device} but CUDA is not available")
+
+
+def read_results(path):
+    """The results.json that this run adds to, checked before anything is embedded."""
+    empty = dict(rows=[], summary=[], skipped_files={})
+    results = dict(empty, **read_json(path)) if path.exists() else empty
+    rows_of = lambda rows, keys: isinstance(rows, list) and all(isinstance(r, dict) and keys <= r.keys() for r in rows)
+    if not (rows_of(results["rows"], {"encoder", "task"}) and rows_of(results["summary"], {"encoder", "task", "mean", "std"})
+            and all(isinstance(s[k], (int, float)) for s in results["summary"] for k in ("mean", "std"))
+            and isinstance(results["skipped_files"], dict)):
+        raise ProbeError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away to start a new one")
+    return results
+
+
+def probe(args):
+    check_args(args)
     # encoders first: a bad one fails in seconds, before any audio is read
     encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(args.encoder)}
-    hashes = {path: sha256(path) for path in encoders}
-
     if args.task == "esc50":
         download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
         task = load_esc50(args.data_dir or DATA / "ESC-50", download)
     elif args.task == "us8k":
         task = load_us8k(args.data_dir or DATA / "UrbanSound8K")
-    elif args.task == "hear":
-        task = load_hear(args.data_dir)
     else:
-        task = load_csv(args.data_dir, args.label, args.fold_column, args.seed)
-    if args.max_per_class:
-        task = subsample(task, args.max_per_class, args.seed)
-    task, skipped = read_headers(task)
+        task = load_hear(args.data_dir) if args.task == "hear" else load_csv(args.data_dir, args.label, args.fold_column, args.seed)
+    task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
+    task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
+    metric = "mAP" if task["multilabel"] else "accuracy"
+    print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
+          f"{len(task['test_folds'])} test folds, {metric}")
+    out_path = args.out / "results.json"
+    results = read_results(out_path)  # a foreign results.json stops the run before the long part
+
+    # every encoder embeds the same clips, so the ones that decode (ok) are the same for all
+    embeddings = {}
+    for path, encoder in encoders.items():
+        ok, embeddings[path], skipped = task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings",
+                                                        args.batch_size, args.device)
     if skipped:
         warn(f"{task['name']}: skipped {len(skipped)} clips that do not decode (first: {skipped[0]})")
-    task = check_classes(task, args.drop_rare)
-    print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
-          f"{len(task['test_folds'])} test folds, {'mAP' if task['multilabel'] else 'accuracy'}")
-
-    out_path = args.out / "results.json"
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    except json.JSONDecodeError:
-        die(f"{out_path} is not valid JSON; move it away to start a new one")
-    results.setdefault("rows", [])
-    results.setdefault("summary", [])
-    results.setdefault("skipped_files", {})
-    metric = "mAP" if task["multilabel"] else "accuracy"
-    for path, encoder in encoders.items():
-        t, emb, bad = task_embeddings(encoder, path, hashes[path], task, cache_dir, args.batch_size, args.device)
-        if bad:  # headers fine, audio not
-            warn(f"{task['name']}: skipped {len(bad)} more clips that do not decode (first: {bad[0]})")
-        t = check_classes(t, args.drop_rare)
-        rows = [dict(encoder=path, task=t["name"], metric=metric, **r) for r in probe_task(emb, t, args)]
+    task, keep = check_classes(select(task, ok), args.drop_rare)  # the skipped clips may leave a class too small
+    for path, emb in embeddings.items():
+        rows = [dict(encoder=path, task=task["name"], metric=metric, **r) for r in probe_task(emb[keep], task, args)]
         for r in rows:
-            print(f"{path} {t['name']} fold {r['fold']}: {metric} {100 * r['score']:.1f} "
+            print(f"{path} {task['name']} fold {r['fold']}: {metric} {100 * r['score']:.1f} "
                   f"(epoch {r['epochs']}, {r['n_train']} train / {r['n_test']} test, {r['seconds']:.1f} s)")
         scores = np.array([r["score"] for r in rows])
-        same = lambda r: r["encoder"] == path and r["task"] == t["name"]
+        same = lambda r: r["encoder"] == path and r["task"] == task["name"]
         results["rows"] = [r for r in results["rows"] if not same(r)] + rows
         results["summary"] = [s for s in results["summary"] if not same(s)] + [dict(
-            encoder=path, task=t["name"], metric=metric, mean=float(np.nanmean(scores)),
+            encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
             std=float(np.nanstd(scores)), folds=len(rows))]
-        results["skipped_files"][t["name"]] = sorted(skipped + bad)
-        write_json(out_path, results)  # after every encoder: nothing finished is lost
+        results["skipped_files"][task["name"]] = sorted(skipped)
+        write_atomic(out_path, lambda f: f.write(json.dumps(results, indent=1).encode()))  # nothing finished is lost
     print(f"\nresults: {out_path}\n")
     print(table(results["summary"]))
+
+
+def fail(msg):
+    print(f"probe.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def main():
+    parser = build_parser()
+    parser.error = fail  # one line on stderr, exit 2
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: unwinds, so write_atomic removes its temp file
+    try:
+        probe(parser.parse_args())
+    except ProbeError as e:
+        fail(e)
+    except OSError as e:  # e.g. --out on a read-only or full disk
+        fail(f"{e.filename}: {e.strerror}" if e.filename else e)
+    except KeyboardInterrupt as e:
+        print("probe.py: interrupted", file=sys.stderr)
+        sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 import torchaudio
-from sklearn.metrics import average_precision_score
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "probe.py"
@@ -249,19 +248,15 @@ def test_read_audio_downmixes_and_resamples(tmp_path):
     assert probe.read_audio(tmp_path / "opposite.wav").abs().max() < 1e-3  # channels averaged
 
 
-def test_mean_average_precision_matches_sklearn():
+def test_map_score_leaves_out_classes_without_positives():
     # hand-checkable: class 0 ranked perfectly (AP 1), class 1 positives at ranks 1 and 3 (AP 5/6),
-    # class 2 has no positive and is left out
+    # class 2 has no positive and is left out; tied scores form one threshold
     y = np.array([[1, 1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=np.float32)
     s = np.array([[.9, .9, .1], [.1, .8, .2], [.2, .7, .3], [.05, .1, .4]])
-    assert probe.mean_average_precision(y, s) == pytest.approx((1 + 5 / 6) / 2)
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        y = (rng.random((30, 6)) < 0.3).astype(np.float32)
-        s = np.round(rng.random((30, 6)), 1)  # ties, as from a saturated probe
-        keep = y.sum(0) > 0
-        assert probe.mean_average_precision(y, s) == pytest.approx(
-            average_precision_score(y[:, keep], s[:, keep], average="macro"), abs=1e-12)
+    assert probe.score(y, s, multilabel=True) == pytest.approx((1 + 5 / 6) / 2)
+    assert probe.score(np.array([[1, 0], [0, 1]], np.float32), np.array([[.5, .5], [.5, .5]]), True) == pytest.approx(0.5)
+    assert np.isnan(probe.score(np.zeros((3, 2), np.float32), s[:3, :2], multilabel=True))
+    assert probe.score(np.array([0, 1, 1]), np.array([[1, 0], [0, 1], [1, 0]]), multilabel=False) == pytest.approx(2 / 3)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -297,11 +292,11 @@ def test_cache_reused_and_invalidated(fsdd_runs):
     args = [*FSDD, "--encoder", enc, "--out", tmp / "a"]
     (cache,) = (tmp / "a" / "embeddings").glob("*.npz")
     with np.load(cache) as z:
-        assert {"embeddings", "labels", "folds", "files", "encoder_hash", "task", "classes"} <= set(z.files)
+        assert {"embeddings", "files", "skipped", "encoder_hash", "data_hash"} <= set(z.files)
         assert z["embeddings"].shape == (200, 512) and z["embeddings"].dtype == np.float32
         assert str(z["encoder_hash"]) == hashlib.sha256(enc.read_bytes()).hexdigest()
-        assert str(z["task"]) == "csv:fsdd:digit" and z["classes"].tolist() == [str(d) for d in range(10)]
-        assert sorted(set(z["folds"].tolist())) == [0, 1, 2, 3, 4] and np.bincount(z["labels"]).tolist() == [20] * 10
+        task = probe.subsample(probe.load_csv(DATA / "fsdd", "digit"), 20, seed=0)
+        assert z["files"].tolist() == task["files"] and z["skipped"].tolist() == []
         before = z["embeddings"].copy()
     mtime = cache.stat().st_mtime_ns
 
@@ -319,6 +314,19 @@ def test_cache_reused_and_invalidated(fsdd_runs):
 
     fewer = run(*args, "--epochs", "1", "--max-per-class", "10")  # other clips (last flag wins): embedded again
     assert fewer.returncode == 0 and "embedded 100 clips" in fewer.stdout
+
+
+def test_every_label_of_a_folder_reuses_one_embedding_file(encoder, tmp_path):
+    root = tmp_path / "data"
+    for i in range(12):
+        tone(root / f"{i}.wav", i % 3)
+    write_csv(root / "meta.csv", ["file", "pitch", "loud", "fold"], [[f"{i}.wav", i % 3, i // 2 % 2, i % 2] for i in range(12)])
+    args = ["--task", "csv", "--data-dir", root, "--encoder", encoder, "--out", tmp_path / "out", "--epochs", "2"]
+    first, second = run(*args, "--label", "pitch"), run(*args, "--label", "loud")
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "embedded 12 clips" in first.stdout and "cached embeddings" in second.stdout and "embedded" not in second.stdout
+    assert len(list((tmp_path / "out" / "embeddings").glob("*.npz"))) == 1
+    assert [s["task"] for s in results(tmp_path / "out")["summary"]] == ["csv:data:pitch", "csv:data:loud"]
 
 
 def test_gm_notes_pitch_above_chance(encoder, tmp_path):
@@ -421,9 +429,8 @@ def test_undecodable_clips_are_skipped_and_counted(encoder, tmp_path):
                "--epochs", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("probe.py:")]
-    assert len(warnings) == 2, warnings
-    assert "skipped 1 clips" in warnings[0] and "audio/3.wav" in warnings[0]
-    assert "skipped 1 more clips" in warnings[1] and "audio/5.wav" in warnings[1]
+    assert len(warnings) == 1, warnings  # one read pass: both counted together
+    assert "skipped 2 clips" in warnings[0] and "audio/3.wav" in warnings[0]
     res = results(tmp_path / "out")
     assert [f.split(" ")[0] for f in res["skipped_files"]["csv:data:kind"]] == ["audio/3.wav", "audio/5.wav"]
     assert sum(r["n_test"] for r in res["rows"]) == 6

@@ -26,6 +26,18 @@ in percent.
   # quick look: at most 20 clips per class (stratified, deterministic)
   python probe.py --task csv --data-dir ../shared/data/fsdd --label digit --max-per-class 20 --encoder runs/voice/encoder.pt
 
+  # no --encoder: every runs/*/encoder.pt, one row each
+  python probe.py --task esc50
+
+probe.py is also a HEAR 2021 module (load_model, get_scene_embeddings, get_timestamp_embeddings):
+
+  python -m heareval.embeddings.runner probe --model runs/voice/encoder.pt --tasks-dir hear/tasks
+  python -m hearvalidator.validate probe --model runs/voice/encoder.pt
+  # the runner's embeddings, alone or beside our encoders on the task folder
+  python probe.py --task hear --data-dir embeddings/probe/nsynth_pitch-v2.2.3-5h --out probes/
+  python probe.py --task hear --data-dir hear/tasks/nsynth_pitch-v2.2.3-5h --encoder runs/voice/encoder.pt \\
+      --embeddings embeddings/openl3_hear/nsynth_pitch-v2.2.3-5h --out probes/
+
 Runs with the same --out add to one results.json (rows of the same encoder and task are
 replaced), so the printed table gathers every encoder x task probed into that folder.
 """
@@ -222,9 +234,10 @@ def load_hear(data_dir):
     elif not splits:
         raise ProbeError(f"{data_dir}: no split files (fold00.json, ... or train.json and test.json)")
     rates = sorted(int(p.name) for p in data_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    if not rates:
-        raise ProbeError(f"{data_dir}: no audio folder such as 16000/")
-    rate_dir = "16000" if SR in rates else str(rates[-1])
+    runner = not rates and any(data_dir.glob("*/*.embedding.npy"))  # what heareval's runner writes: no audio
+    if not rates and not runner:
+        raise ProbeError(f"{data_dir}: no audio folder such as 16000/, nor the runner's <split>/*.embedding.npy")
+    prefix = "" if runner else ("16000/" if SR in rates else f"{rates[-1]}/")
 
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
@@ -238,12 +251,12 @@ def load_hear(data_dir):
                 raise ProbeError(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
             if kind == "multiclass" and len(names) != 1:
                 raise ProbeError(f"{path}: {name} has {len(names)} labels in a multiclass task")
-            files.append(f"{rate_dir}/{split}/{name}")
+            files.append(f"{prefix}{split}/{name}")
             labels.append(np.isin(classes, names).astype(np.float32) if kind == "multilabel" else index[names[0]])
             folds.append(fold)
     return dict(name=f"hear:{meta.get('task_name', data_dir.name)}", root=data_dir, files=files, classes=classes,
                 multilabel=kind == "multilabel", labels=np.array(labels), folds=np.array(folds, dtype=np.int64),
-                test_folds=list(range(len(splits))) or [0], valid_fold=valid_fold)
+                test_folds=list(range(len(splits))) or [0], valid_fold=valid_fold, prefix=prefix, runner=runner)
 
 
 def stratified_folds(labels, k, seed):
@@ -362,25 +375,31 @@ def read_audio(path):
     return x if sr == SR else torchaudio.functional.resample(x, sr, SR)
 
 
-def load_encoder(path, device):
+def read_encoder(path):
+    """An exported encoder (TorchScript, train.py's encoder.pt) on the CPU, checked: (B, T) -> (B, D)
+    with D independent of T, as a 1-s and a 0.5-s batch must agree. Returns (encoder, D)."""
     if not Path(path).is_file():
         raise ProbeError(f"no encoder file {path}")
     try:
-        encoder = torch.jit.load(str(path), map_location=device)
+        encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
         raise ProbeError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
-    encoder.eval()
-    # (B, T) -> (B, D) with D independent of T: a 1-s and a 0.5-s batch must agree
+    dims = []
     for b, t in [(2, SR), (1, SR // 2)]:
         try:
             with torch.no_grad():
-                y = encoder(torch.zeros(b, t, device=device))
+                y = encoder(torch.zeros(b, t))
         except Exception as e:
             raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or (b == 1 and y.shape[1] != dim):
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or y.shape[1] != (dims or [y.shape[1]])[0]:
             raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
-        dim = y.shape[1]
+        dims.append(y.shape[1])
+    return encoder, dims[0]
+
+
+def load_encoder(path, device):
+    encoder = read_encoder(path)[0].to(device)
     if device == "cpu":  # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster
         with contextlib.suppress(Exception):  # some scripted modules do not freeze; the plain one computes the same
             encoder = torch.jit.optimize_for_inference(torch.jit.freeze(encoder))
@@ -462,6 +481,27 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
     write_atomic(path, lambda f: np.savez(f, embeddings=emb, files=np.array([task["files"][i] for i in ok]),
                                           skipped=np.array(bad, dtype=str), encoder_hash=encoder_hash, data_hash=data_hash))
     return ok, emb, bad
+
+
+def runner_embeddings(folder, task):
+    """Scene embeddings that heareval's runner wrote for a HEAR task's clips
+    (embeddings/MODULE/TASK/<split>/<file>.embedding.npy), with the contract of task_embeddings."""
+    ok, emb, missing = [], [], []
+    for i, f in enumerate(task["files"]):
+        path = Path(folder) / f"{f.removeprefix(task['prefix'])}.embedding.npy"
+        if not path.is_file():
+            missing.append(f"{f} (no {path.name} in {folder})")
+            continue
+        try:
+            e = np.load(path)
+        except Exception as e:
+            raise ProbeError(f"{path} is not a .npy embedding ({first_line(e)})")
+        if e.ndim != 1 or not np.isfinite(e).all() or (emb and e.shape != emb[0].shape):
+            raise ProbeError(f"{path}: not a finite scene embedding of the others' size (shape {e.shape})")
+        ok.append(i), emb.append(e.astype(np.float32))
+    if not ok:
+        raise ProbeError(f"{folder} holds no embedding of {task['name']}'s clips (<split>/<file>.embedding.npy)")
+    return ok, np.stack(emb), missing
 
 
 # ----------------------------------------------------------------------------- probe
@@ -547,12 +587,86 @@ def table(summary):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- HEAR 2021 API
+# probe.py is also a HEAR module: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt`
+# loads it with load_model and calls the two functions below, as hearvalidator checks.
+
+HEAR_HOP_MS = 50.0  # HEAR asks for a timestamp hop of at most 50 ms
+WINDOWS_PER_CALL = 256  # 1-s windows per encoder call: memory stays bounded whatever the clip length
+
+
+class HearModel(torch.nn.Module):
+    """An exported encoder with the attributes of the HEAR API; .to(device) moves its weights."""
+
+    def __init__(self, encoder, dim, hop_ms):
+        super().__init__()
+        self.encoder, self.hop_ms, self.sample_rate = encoder, float(hop_ms), SR
+        self.scene_embedding_size = self.timestamp_embedding_size = int(dim)
+
+    def train(self, mode=True):  # the encoder's BatchNorm stays in eval mode: no embedding depends on its batch
+        self.training = mode
+        return self
+
+    def __repr__(self):  # one line, not the encoder's module tree
+        return f"HearModel(sample_rate={self.sample_rate}, dim={self.scene_embedding_size}, hop_ms={self.hop_ms})"
+
+
+def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
+    """HEAR: the exported encoder at model_file_path as a torch.nn.Module. hop_ms, the timestamp hop,
+    is an option (the runner's --model-options '{"hop_ms": 25}')."""
+    if not model_file_path:
+        raise ProbeError("load_model needs the path of an exported encoder (runs/NAME/encoder.pt)")
+    if not 0 < float(hop_ms) <= 1000:
+        raise ProbeError(f"hop_ms must be in (0, 1000], not {hop_ms}")
+    return HearModel(*read_encoder(model_file_path), hop_ms)
+
+
+def hear_audio(audio, model):
+    """(n_sounds, n_samples) float32 on the model's device, whatever came in."""
+    audio = torch.as_tensor(audio)
+    if audio.dim() != 2:
+        raise ProbeError(f"audio must be (n_sounds, n_samples), not {tuple(audio.shape)}")
+    return audio.to(next(model.encoder.parameters()).device, torch.float32)
+
+
+@torch.no_grad()
+def get_scene_embeddings(audio, model):
+    """HEAR: (n_sounds, n_samples) -> (n_sounds, D), the encoder's own embedding of each whole clip
+    (the one probe.py measures), computed a few clips at a time."""
+    audio = hear_audio(audio, model)
+    per_call = max(1, WINDOWS_PER_CALL // max(1, round(audio.shape[1] / SR)))
+    return torch.cat([model.encoder(a) for a in audio.split(per_call)]).float()
+
+
+@torch.no_grad()
+def get_timestamp_embeddings(audio, model):
+    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds,
+    n_frames) in ms). Frame k embeds the 1-s window centred on k * hop_ms, the clip zero-padded by
+    half a window at both ends, for every k * hop_ms within the clip: a 0.3-s clip gets 7 frames."""
+    audio = hear_audio(audio, model)
+    n_sounds, n_samples = audio.shape
+    hop = model.hop_ms * SR / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift
+    n_frames = int(n_samples / hop + 1e-9) + 1
+    starts = (torch.arange(n_frames, dtype=torch.float64) * hop).round().long().to(audio.device)
+    window = torch.arange(SR, device=audio.device)
+    padded = torch.nn.functional.pad(audio, (SR // 2, SR - SR // 2))
+    per_call = max(1, WINDOWS_PER_CALL // n_sounds)
+    embeddings = torch.cat([model.encoder(padded[:, s[:, None] + window].reshape(-1, SR)).reshape(n_sounds, len(s), -1)
+                            for s in starts.split(per_call)], dim=1)
+    timestamps = (torch.arange(n_frames, dtype=torch.float64) * model.hop_ms).float().to(audio.device)
+    return embeddings.float(), timestamps.expand(n_sounds, -1).contiguous()
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", nargs="+", required=True, metavar="PATH",
-                        help="exported encoders (TorchScript runs/NAME/encoder.pt); several give one table row each")
+    parser.add_argument("--encoder", nargs="+", metavar="PATH",
+                        help="exported encoders (TorchScript runs/NAME/encoder.pt); several give one table row each "
+                             "(default: every runs/*/encoder.pt)")
+    parser.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="hear: embeddings that heareval's runner wrote for this task (embeddings/MODULE/TASK), "
+                             "probed beside the encoders, one row each")
     parser.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
     parser.add_argument("--data-dir", type=Path,
                         help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
@@ -580,6 +694,8 @@ def check_args(args):
         raise ProbeError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:
         raise ProbeError(f"--task {args.task} needs --data-dir")
+    if args.embeddings and args.task != "hear":
+        raise ProbeError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
     for flag, low in [("batch_size", 1), ("epochs", 1), ("probe_batch_size", 1), ("patience", 0), ("seed", 0),
                       ("max_per_class", 2)]:
         value = getattr(args, flag)
@@ -608,10 +724,17 @@ def read_results(path):
     return results
 
 
+def default_encoders():
+    found = sorted(map(str, Path("runs").glob("*/encoder.pt")))
+    if not found:
+        raise ProbeError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
+                         "with python train.py --epochs 0 --out runs/random")
+    print(f"probing every runs/*/encoder.pt: {', '.join(found)}")
+    return found
+
+
 def probe(args):
     check_args(args)
-    # encoders first: a bad one fails in seconds, before any audio is read
-    encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(args.encoder)}
     if args.task == "esc50":
         download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
         task = load_esc50(args.data_dir or DATA / "ESC-50", download)
@@ -621,17 +744,25 @@ def probe(args):
         task = load_hear(args.data_dir) if args.task == "hear" else load_csv(args.data_dir, args.label, args.fold_column, args.seed)
     task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
     task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
+    runs = ([args.data_dir] if task.get("runner") else []) + args.embeddings  # heareval runner outputs
+    paths = args.encoder if args.encoder is not None else [] if runs else default_encoders()
+    encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(paths)}  # bad ones fail in seconds
     metric = "mAP" if task["multilabel"] else "accuracy"
     print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
           f"{len(task['test_folds'])} test folds, {metric}")
     out_path = args.out / "results.json"
     results = read_results(out_path)  # a foreign results.json stops the run before the long part
 
-    # every encoder embeds the same clips, so the ones that decode (ok) are the same for all
+    # every source is probed on the clips that all of them embed
+    got = {path: task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings", args.batch_size,
+                                 args.device) for path, encoder in encoders.items()}
+    got.update({str(folder): runner_embeddings(folder, task) for folder in dict.fromkeys(runs)})
+    ok = sorted(set.intersection(*(set(o) for o, _, _ in got.values())))
+    skipped = sorted(set().union(*(s for _, _, s in got.values())))
     embeddings = {}
-    for path, encoder in encoders.items():
-        ok, embeddings[path], skipped = task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings",
-                                                        args.batch_size, args.device)
+    for name, (o, e, _) in got.items():
+        pos = {i: k for k, i in enumerate(o)}
+        embeddings[name] = e[[pos[i] for i in ok]]
     if skipped:
         warn(f"{task['name']}: skipped {len(skipped)} clips that do not decode (first: {skipped[0]})")
     task, keep = check_classes(select(task, ok), args.drop_rare)  # the skipped clips may leave a class too small

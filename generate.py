@@ -322,7 +322,7 @@ def benchmark(args):
               f"{sounds_per_s * args.seconds:>11.0f}")
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
     p.add_argument("--delta", nargs="+", type=float, default=[0.25], help="perturbation size(s) delta >= 0 (default 0.25)")
@@ -340,7 +340,11 @@ def main():
                         "beside doppelganger and negative pairs; no names = all (for analyze.py invariance)")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
     p.add_argument("--benchmark-seconds", type=float, default=10.0)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
 
     for s in args.synth:
         if s not in SYNTHS:

@@ -34,32 +34,31 @@ and prints a short summary. Nothing downloads: every model is read from a local 
   python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --runs runs/* --results probes/results.json --out report/
 
-Sets: --set NAME=PATH reads every audio file under PATH (recursively: wav, flac, ogg, mp3, aiff),
-or, for fad, a probe.py embedding cache PATH.npz (key `embeddings`). NAME=mixK:PATH makes the
-paper's "Mix" set from PATH: each clip becomes the sum of K random 1-s segments of one file.
---max-files N keeps a fixed, seeded subset of N files per set.
+Sets: --set NAME=PATH reads every audio file under PATH (recursively: wav, flac, ogg, mp3, aiff), or, for fad, a
+probe.py embedding cache PATH.npz (key `embeddings`). NAME=mixK:PATH makes the paper's "Mix" set from PATH: each
+clip becomes the sum of K random 1-s segments of one file. --max-files N keeps a fixed, seeded subset of N files
+per set.
 
-uncertainty: class probabilities are a softmax over the logits of a single-label head; a multi-label
-(AudioSet, sigmoid) head's sigmoid outputs are normalized to sum 1 (--activation overrides).
+uncertainty: class probabilities are a softmax over the logits of a single-label head; a multi-label (AudioSet,
+sigmoid) head's sigmoid outputs are normalized to sum 1 (--activation overrides).
 
-Embedders (--embedder): `mfcc` = mean and std over time of 20 MFCCs at 16 kHz (no weights);
-`encoder:PATH` = an encoder.pt exported by train.py (TorchScript); `clap` = LAION-CLAP through the
-laion_clap package and local weights (--clap-checkpoint FILE). In `pairs`, mfcc features are
-z-scored per dimension over all sounds of the sweep before the cosine similarity: raw MFCC
-statistics are dominated by the energy coefficient, which inflates every similarity, random pairs
-included.
+Embedders (--embedder): `mfcc` = mean and std over time of 20 MFCCs at 16 kHz (no weights); `encoder:PATH` = an
+encoder.pt exported by train.py (TorchScript); `clap` = LAION-CLAP through the laion_clap package and local
+weights (--clap-checkpoint FILE). In `pairs`, mfcc features are z-scored per dimension over all sounds of the
+sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which inflates
+every similarity, random pairs included.
 
-features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to
-[1e-3, 1e3] because Essentia saturates at FLT_MAX when even harmonics vanish, and plotted in log10.
-Essentia's PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure
-sine ~0, a 1/k sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
+features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3]
+because Essentia saturates at FLT_MAX when even harmonics vanish, and plotted in log10. Essentia's PitchSalience
+does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k sawtooth ~0.57,
+equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
 """
 import argparse
 import collections
 import contextlib
 import csv
 import functools
-import io
+import importlib.util
 import json
 import os
 import re
@@ -77,8 +76,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
-# torch, torchaudio, essentia and transformers are imported where they are used: importing them
-# takes seconds, and a bad input should fail at once
+# torch, torchaudio, essentia, transformers: imported where used, as each takes seconds and bad input fails at once
 
 SR = 16000
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
@@ -97,15 +95,22 @@ class Interrupted(BaseException):  # BaseException: no `except Exception` in a h
     """SIGTERM or SIGINT; main exits 128 + signal number."""
 
 
-# what a subcommand hands to report.md: a title, its PNG names and (caption, columns, rows) tables
-Section = collections.namedtuple("Section", "title figures tables")
+Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
 
 
 def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-# -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def bad_input(msg, errors=Exception):
+    """An error in the block becomes AnalyzeError(msg), followed by its cause when msg ends with ':'."""
+    try:
+        yield
+    except errors as e:
+        raise AnalyzeError(f"{msg} {first_line(e)}" if msg.endswith(":") else msg)
+
+
 # atomic outputs: a reader never sees half a file, and a crash never truncates an old one
 
 @contextlib.contextmanager
@@ -120,17 +125,11 @@ def atomic(path):
         tmp.unlink(missing_ok=True)
 
 
-def write_text(path, text):
-    with atomic(path) as tmp:
-        tmp.write_text(text)
-
-
 def write_csv(path, rows, cols):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(map(fmt_row, rows))
-    write_text(path, buf.getvalue())
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(map(fmt_row, rows))
 
 
 def save_fig(fig, path):
@@ -152,15 +151,12 @@ def delta_axis(ax, deltas):
     ax.set_xlabel("δ")
 
 
-# -----------------------------------------------------------------------------
 # audio and sets
 
 def load_audio(path):
     """-> mono float32 at 16 kHz, or None if the file holds non-finite samples."""
-    try:
+    with bad_input(f"cannot read audio {path}:"):
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AnalyzeError(f"cannot read audio {path}: {first_line(e)}")
     if len(x) == 0:
         raise AnalyzeError(f"empty audio file {path}")
     if not np.isfinite(x).all():
@@ -173,34 +169,11 @@ def load_audio(path):
     return x
 
 
-def list_audio(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise AnalyzeError(f"no such folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
-    if not files:
-        raise AnalyzeError(f"no audio files under {folder}")
-    return files
-
-
-def skipped(what, n, unit="clip"):
-    if n:
-        print(f"analyze.py: {what}: {n} {unit}(s) with non-finite samples skipped", file=sys.stderr)
-
-
 def subset(n, max_files):
     """A fixed seeded subset (in original order), so runs and sets are comparable."""
     if not max_files or n <= max_files:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
-
-
-def mixture(x, k, rng):
-    """The paper's Mix sets: K random 1-s segments of one file, layered (circularly for short files)."""
-    x = np.pad(x, (0, max(0, SR - len(x))))
-    segs = [np.take(x, o + np.arange(SR), mode="wrap") for o in rng.integers(0, len(x), k)]
-    m = np.sum(segs, 0)
-    return (m * np.sqrt(np.mean(x ** 2) / max(np.mean(m ** 2), 1e-12))).astype(np.float32)  # keep loudness
 
 
 def parse_set(spec):
@@ -215,18 +188,6 @@ def parse_set(spec):
     return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
 
 
-def is_cache(spec):
-    return parse_set(spec)[1].suffix == ".npz"
-
-
-def audio_sets(specs, max_files):
-    """The sets of a subcommand that needs audio (embedding caches serve fad only)."""
-    for name, path, _ in map(parse_set, specs):
-        if path.suffix == ".npz":
-            raise AnalyzeError(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
-    return [load_set(s, max_files) for s in specs]
-
-
 @functools.lru_cache(maxsize=None)  # report reads each set once for all its sections; callers never mutate
 def load_set(spec, max_files):
     """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
@@ -234,11 +195,9 @@ def load_set(spec, max_files):
     if path.suffix == ".npz":
         if not path.is_file():
             raise AnalyzeError(f"no such file: {path}")
-        try:
+        with bad_input(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)"):
             z = np.load(path, allow_pickle=False)
             emb = np.asarray(z["embeddings"], dtype=np.float64)
-        except Exception:
-            raise AnalyzeError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)")
         if emb.ndim != 2 or len(emb) == 0:
             raise AnalyzeError(f"set {name}: {path} holds no (N, D) embeddings")
         if not np.isfinite(emb).all():
@@ -251,35 +210,68 @@ def load_set(spec, max_files):
             raise AnalyzeError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
-    files = list_audio(path)
+    if not path.is_dir():
+        raise AnalyzeError(f"no such folder: {path}")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    if not files:
+        raise AnalyzeError(f"no audio files under {path}")
     files = [files[i] for i in subset(len(files), max_files)]
     waves = [load_audio(f) for f in tqdm(files, desc=f"read {name}", disable=None)]
-    if all(w is None for w in waves):
+    bad = sum(w is None for w in waves)
+    if bad == len(waves):
         raise AnalyzeError(f"set {name}: every clip under {path} has non-finite samples")
-    skipped(f"set {name}", sum(w is None for w in waves))
+    if bad:
+        print(f"analyze.py: set {name}: {bad} clip(s) with non-finite samples skipped", file=sys.stderr)
     files, waves = [f for f, w in zip(files, waves) if w is not None], [w for w in waves if w is not None]
-    if k:
+    if k:  # the paper's Mix sets: K random 1-s segments of one file, layered (circularly for short files)
         rng = np.random.default_rng(0)
-        waves = [mixture(w, k, rng) for w in waves]
+        for i, x in enumerate(waves):
+            x = np.pad(x, (0, max(0, SR - len(x))))
+            m = np.sum([np.take(x, o + np.arange(SR), mode="wrap") for o in rng.integers(0, len(x), k)], 0)
+            waves[i] = (m * np.sqrt(np.mean(x ** 2) / max(np.mean(m ** 2), 1e-12))).astype(np.float32)  # loudness kept
     return dict(name=name, files=[str(f.relative_to(path)) for f in files], waves=waves)
 
 
-# -----------------------------------------------------------------------------
-# embedders: each maps a float32 (B, T) 16 kHz batch to (B, D)
+# embedders
 
 def get_embedder(spec, args):
-    if spec == "mfcc":
-        return mfcc_embedder()
-    if spec.startswith("encoder:"):
-        return load_encoder(Path(spec[len("encoder:"):]))
-    if spec == "clap":
-        return load_clap(args.clap_checkpoint, args.clap_amodel)
-    raise AnalyzeError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
-
-
-def mfcc_embedder():
+    """A function from a float32 (B, T) 16 kHz batch to (B, D) embeddings; see the module docstring."""
+    if spec not in ("mfcc", "clap") and not spec.startswith("encoder:"):
+        raise AnalyzeError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
     import torch
     import torchaudio
+    if spec.startswith("encoder:"):  # an encoder.pt exported by train.py, checked on a dummy batch
+        path = Path(spec[len("encoder:"):])
+        if not path.is_file():
+            raise AnalyzeError(f"no such encoder file: {path}")
+        with bad_input(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))"):
+            enc = torch.jit.load(str(path), map_location="cpu").eval()
+            with torch.no_grad():
+                out = enc(torch.zeros(2, SR))
+            if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2):
+                raise ValueError("not (B, D)")
+
+        def encode(x):
+            e = enc(x).float()
+            if not torch.isfinite(e).all():
+                raise AnalyzeError(f"{path} gives non-finite embeddings")
+            return e
+        return encode
+    if spec == "clap":
+        missing = [] if importlib.util.find_spec("laion_clap") else ["the laion_clap package (pip install laion_clap)"]
+        if not args.clap_checkpoint:
+            missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
+        elif not Path(args.clap_checkpoint).is_file():
+            missing.append(f"the CLAP checkpoint {args.clap_checkpoint} (no such file)")
+        if missing:
+            raise AnalyzeError("--embedder clap needs " + " and ".join(missing))
+        with bad_input(f"cannot load LAION-CLAP from {args.clap_checkpoint}:"):
+            import laion_clap
+            model = laion_clap.CLAP_Module(enable_fusion=False, amodel=args.clap_amodel, device="cpu")
+            model.load_ckpt(args.clap_checkpoint, verbose=False)
+            model.eval()
+        return lambda x: model.get_audio_embedding_from_data(
+            x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()  # CLAP works at 48 kHz
     mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
 
     def fn(x):
@@ -289,73 +281,18 @@ def mfcc_embedder():
     return fn
 
 
-def load_encoder(path):
-    """An encoder.pt exported by train.py, checked on a dummy batch."""
-    import torch
-    if not path.is_file():
-        raise AnalyzeError(f"no such encoder file: {path}")
-    try:
-        enc = torch.jit.load(str(path), map_location="cpu").eval()
-        with torch.no_grad():
-            out = enc(torch.zeros(2, SR))
-        ok = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2
-    except Exception:
-        ok = False
-    if not ok:
-        raise AnalyzeError(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))")
-
-    def fn(x):
-        e = enc(x).float()
-        if not torch.isfinite(e).all():
-            raise AnalyzeError(f"{path} gives non-finite embeddings")
-        return e
-    return fn
-
-
-def load_clap(checkpoint, amodel):
-    missing = []
-    try:
-        import laion_clap
-    except ImportError:
-        missing.append("the laion_clap package (pip install laion_clap)")
-    if not checkpoint:
-        missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
-    elif not Path(checkpoint).is_file():
-        missing.append(f"the CLAP checkpoint {checkpoint} (no such file)")
-    if missing:
-        raise AnalyzeError("--embedder clap needs " + " and ".join(missing))
-    import torchaudio
-    try:
-        model = laion_clap.CLAP_Module(enable_fusion=False, amodel=amodel, device="cpu")
-        model.load_ckpt(checkpoint, verbose=False)
-        model.eval()
-    except Exception as e:
-        raise AnalyzeError(f"cannot load LAION-CLAP from {checkpoint}: {first_line(e)}")
-    # CLAP works at 48 kHz
-    return lambda x: model.get_audio_embedding_from_data(
-        x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()
-
-
-def batches(waves, batch_size):
-    """Index lists of equal-length clips, so a batch is one tensor and nothing is padded."""
-    order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
-    cur = []
-    for i in order:
-        if cur and (len(waves[i]) != len(waves[cur[0]]) or len(cur) == batch_size):
-            yield cur
-            cur = []
-        cur.append(i)
-    if cur:
-        yield cur
-
-
 def embed(waves, fn, batch_size, desc="embed"):
+    """(N, D) embeddings; each batch holds clips of one length, so it is one tensor and nothing is padded."""
     import torch
+    by_len = {}
+    for i, w in enumerate(waves):
+        by_len.setdefault(len(w), []).append(i)
+    idx = [ix[k:k + batch_size] for _, ix in sorted(by_len.items()) for k in range(0, len(ix), batch_size)]
     out = [None] * len(waves)
     with torch.no_grad():
-        for idx in tqdm(list(batches(waves, batch_size)), desc=desc, disable=None):
-            e = fn(torch.from_numpy(np.stack([waves[i] for i in idx]).astype(np.float32))).numpy()
-            for j, i in enumerate(idx):
+        for ix in tqdm(idx, desc=desc, disable=None):
+            e = fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
+            for j, i in enumerate(ix):
                 out[i] = e[j]
     out = np.stack(out).astype(np.float64)
     if not np.isfinite(out).all():
@@ -363,42 +300,28 @@ def embed(waves, fn, batch_size, desc="embed"):
     return out
 
 
-def set_embeddings(sets, fn, batch_size):
-    """Embeddings of every set: audio sets embedded with fn, caches used as they are."""
-    embs = [s["emb"] if "emb" in s else embed(s["waves"], fn, batch_size, desc=f"embed {s['name']}")
-            for s in sets]
-    dims = {s["name"]: e.shape[1] for s, e in zip(sets, embs)}
-    if len(set(dims.values())) > 1:
-        raise AnalyzeError("embedding dimensions differ: " + ", ".join(f"{k} has {v}" for k, v in dims.items()))
-    return embs
-
-
-# -----------------------------------------------------------------------------
 # pairs (Fig. 1)
 
-def pair_files(d, max_pairs=0):
-    """The NNNNNN_a.wav / NNNNNN_b.wav files of a generate.py pair folder, at most max_pairs (0 = all)."""
+def read_pairs(d, max_pairs=0):
+    """The NNNNNN_a.wav / NNNNNN_b.wav pairs of a generate.py pair folder, at most max_pairs (0 = all), as two
+    lists of waves; a pair with a non-finite clip is skipped and counted."""
     fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
     fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
     if not fa:
         raise AnalyzeError(f"no NNNNNN_a.wav files in {d}")
     if not all(f.is_file() for f in fb):
         raise AnalyzeError(f"{d}: some _a.wav files have no matching _b.wav")
-    return fa, fb
-
-
-def load_pairs(fa, fb, where):
-    """The two sides of each pair as waves; a pair with a non-finite clip is skipped and counted."""
-    pairs = [(load_audio(a), load_audio(b)) for a, b in tqdm(list(zip(fa, fb)), desc=f"read {where}", disable=None)]
+    pairs = [(load_audio(a), load_audio(b)) for a, b in tqdm(list(zip(fa, fb)), desc=f"read {d}", disable=None)]
     keep = [(a, b) for a, b in pairs if a is not None and b is not None]
     if not keep:
-        raise AnalyzeError(f"{where}: every pair has a clip with non-finite samples")
-    skipped(where, len(pairs) - len(keep), "pair")
+        raise AnalyzeError(f"{d}: every pair has a clip with non-finite samples")
+    if len(keep) < len(pairs):
+        print(f"analyze.py: {d}: {len(pairs) - len(keep)} pair(s) with non-finite samples skipped", file=sys.stderr)
     return [a for a, _ in keep], [b for _, b in keep]
 
 
 def read_sweep(root, max_pairs):
-    """The generate.py pair folders under root -> [dict(synth, delta, fa, fb)], in folder order."""
+    """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
     root = Path(root)
     if not root.is_dir():
         raise AnalyzeError(f"no such folder: {root}")
@@ -407,34 +330,28 @@ def read_sweep(root, max_pairs):
         raise AnalyzeError(f"no generate.py pair folders (params.npz) under {root}")
     groups = []
     for d in dirs:
-        try:
+        with bad_input(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)"):
             z = np.load(d / "params.npz", allow_pickle=False)
-            synth, delta = str(z["synth"]), float(z["delta"])
-        except Exception:
-            raise AnalyzeError(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)")
-        fa, fb = pair_files(d, max_pairs)
-        groups.append(dict(synth=synth, delta=delta, fa=fa, fb=fb))
+            groups.append(dict(synth=str(z["synth"]), delta=float(z["delta"])))
+    for g, d in zip(groups, dirs):  # every folder checked before any audio is read
+        g["wa"], g["wb"] = read_pairs(d, max_pairs)
     return groups
 
 
 def pair_similarity(groups, fn, embedder, batch_size):
     """Cosine similarity of each group's positive pairs and of random negatives -> (rows, groups with
     their unit-norm embeddings a, b)."""
-    waves, ns = [], []
-    for g in groups:
-        wa, wb = load_pairs(g["fa"], g["fb"], str(g["fa"][0].parent))
-        waves += wa + wb
-        ns.append(len(wa))
-    emb = embed(waves, fn, batch_size)
+    emb = embed([w for g in groups for w in g["wa"] + g["wb"]], fn, batch_size)
     if embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(0)
     rows, out, s = [], [], 0
-    for g, n in zip(groups, ns):
+    for g in groups:
+        n = len(g["wa"])
         a, b = emb[s:s + n], emb[s + n:s + 2 * n]
         s += 2 * n
-        out.append(dict(g, a=a, b=b))
+        out.append(dict(synth=g["synth"], delta=g["delta"], a=a, b=b))
         pos = (a * b).sum(1)
         perm = rng.permutation(n)  # random negatives: a against a shuffled b (never its own pair)
         neg = (a[perm] * b[np.roll(perm, 1)]).sum(1) if n > 1 else np.array([np.nan])
@@ -442,21 +359,6 @@ def pair_similarity(groups, fn, embedder, batch_size):
                          neg_mean=neg.mean(), neg_sd=neg.std()))
     rows.sort(key=lambda r: (r["synth"], r["delta"]))
     return rows, out
-
-
-def plot_pair_similarity(rows, embedder):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
-        rs = [r for r in rows if r["synth"] == sy]
-        x = [r["delta"] for r in rs]
-        ax.errorbar(x, [r["pos_mean"] for r in rs], yerr=[r["pos_sd"] for r in rs], marker="o", capsize=3,
-                    color=f"C{i}", label=f"{sy} positives")
-        ax.plot(x, [r["neg_mean"] for r in rs], ls="--", color=f"C{i}", alpha=0.6, label=f"{sy} random negatives")
-    delta_axis(ax, sorted({r["delta"] for r in rows}))
-    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if embedder == "mfcc" else ""))
-    ax.set_title(f"positive-pair similarity vs δ ({embedder})")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    return fig
 
 
 def plot_pair_pca(groups, pca_pairs):
@@ -491,7 +393,18 @@ def cmd_pairs(args):
     out = Path(args.out)
     cols = ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"]
     write_csv(out / "pairs.csv", rows, cols)
-    figures = [save_fig(plot_pair_similarity(rows, args.embedder), out / "pairs_similarity.png"),
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
+        rs = [r for r in rows if r["synth"] == sy]
+        x = [r["delta"] for r in rs]
+        ax.errorbar(x, [r["pos_mean"] for r in rs], yerr=[r["pos_sd"] for r in rs], marker="o", capsize=3,
+                    color=f"C{i}", label=f"{sy} positives")
+        ax.plot(x, [r["neg_mean"] for r in rs], ls="--", color=f"C{i}", alpha=0.6, label=f"{sy} random negatives")
+    delta_axis(ax, sorted({r["delta"] for r in rows}))
+    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
+    ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figures = [save_fig(fig, out / "pairs_similarity.png"),
                save_fig(plot_pair_pca(groups, args.pca_pairs), out / "pairs_pca.png")]
     print(f"pairs ({args.embedder}): positive / random-negative cosine similarity")
     for r in rows:
@@ -500,38 +413,34 @@ def cmd_pairs(args):
     return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [("pairs.csv", cols, rows)])
 
 
-# -----------------------------------------------------------------------------
 # invariance (beyond the paper): what an encoder has learned to ignore
 
-def invariance_scores(factor_dirs, fn, batch_size, max_pairs=0):
-    """Mean cosine between the two sides of each factor's pairs, and the invariance
-    (s - s_neg) / (1 - s_neg): 1 = the factor is ignored, 0 = as different as a random negative."""
-    sims = {}
-    for name, d in factor_dirs.items():
-        wa, wb = load_pairs(*pair_files(d, max_pairs), str(d))
-        e = embed(wa + wb, fn, batch_size, desc=f"embed {name}")
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
-    s_neg = sims["negative"].mean()
-    return [dict(factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
-                 invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
-
-
-def read_factors(root):
-    """generate.py --factors output -> {factor: pair folder}."""
-    root = Path(root)
-    dirs = {}
-    for npz in sorted(root.glob("*/params.npz")):
-        try:
+def cmd_invariance(args):
+    dirs = {}  # generate.py --factors output: {factor: pair folder}
+    for npz in sorted(Path(args.factors).glob("*/params.npz")):
+        with bad_input(f"{npz} has no factor (not written by generate.py --factors)"):
             dirs[str(np.load(npz, allow_pickle=False)["factor"])] = npz.parent
-        except Exception:
-            raise AnalyzeError(f"{npz} has no factor (not written by generate.py --factors)")
     if "negative" not in dirs:
-        raise AnalyzeError(f"no generate.py --factors output with a 'negative' folder under {root}")
-    return dirs
-
-
-def plot_invariance(rows, factors):
+        raise AnalyzeError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
+    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in args.encoder]
+    rows = []
+    for path, label in zip(args.encoder, labels):
+        fn, sims = get_embedder(f"encoder:{path}", args), {}
+        for name, d in dirs.items():  # mean cosine between the two sides of each factor's pairs
+            wa, wb = read_pairs(d, args.max_pairs)
+            e = embed(wa + wb, fn, args.batch_size, desc=f"embed {name}")
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
+        s_neg = sims["negative"].mean()  # invariance 1: the factor is ignored, 0: as different as a random negative
+        rows += [dict(encoder=label, factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
+                      invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
+    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
+    out = Path(args.out)
+    write_csv(out / "invariance.csv", rows, cols)
+    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
+    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
     fig, ax = plt.subplots(figsize=(6, 0.25 * len(factors) * len(encoders) + 1.5))
     h = 0.8 / len(encoders)
@@ -544,34 +453,15 @@ def plot_invariance(rows, factors):
     ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
     ax.set_title("what the encoder ignores: pairs that differ in one factor")
     ax.legend(fontsize=7)
-    return fig
-
-
-def cmd_invariance(args):
-    dirs = read_factors(args.factors)
-    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
-    if len(set(labels)) < len(labels):
-        labels = [str(p) for p in args.encoder]
-    rows = []
-    for path, label in zip(args.encoder, labels):
-        scores = invariance_scores(dirs, load_encoder(Path(path)), args.batch_size, args.max_pairs)
-        rows += [dict(encoder=label, **r) for r in scores]
-    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
-    out = Path(args.out)
-    write_csv(out / "invariance.csv", rows, cols)
-
-    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
-    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
-    figures = [save_fig(plot_invariance(rows, factors), out / "invariance.png")]
+    figures = [save_fig(fig, out / "invariance.png")]
     print("invariance: (s - s_neg) / (1 - s_neg) per factor")
-    for enc in dict.fromkeys(r["encoder"] for r in rows):
+    for enc in encoders:
         print(f"  {enc}: " + ", ".join(f"{r['factor']} {r['invariance']:.2f}" for r in rows
                                        if r["encoder"] == enc and r["factor"] != "negative"))
     return Section("Invariance: embedding similarity of pairs that differ in one factor", figures,
                    [("invariance.csv", cols, rows)])
 
 
-# -----------------------------------------------------------------------------
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
 
 def make_essentia():
@@ -580,20 +470,14 @@ def make_essentia():
     essentia.log.warningActive = False
     import essentia.standard as es
     return dict(
-        es=es,
-        window=es.Windowing(type="hann", size=FRAME),
-        spectrum=es.Spectrum(size=FRAME),
+        es=es, window=es.Windowing(type="hann", size=FRAME), spectrum=es.Spectrum(size=FRAME),
         peaks=es.SpectralPeaks(sampleRate=SR, minFrequency=20, maxFrequency=SR / 2, maxPeaks=100,
                                orderBy="frequency"),  # HarmonicPeaks needs ascending, > 0 Hz
         pitch=es.PitchYinFFT(frameSize=FRAME, sampleRate=SR, minFrequency=40, maxFrequency=4000),
-        harmonics=es.HarmonicPeaks(maxHarmonics=20),
-        inharmonicity=es.Inharmonicity(),
-        odd_even=es.OddToEvenHarmonicEnergyRatio(),
+        harmonics=es.HarmonicPeaks(maxHarmonics=20), inharmonicity=es.Inharmonicity(),
+        odd_even=es.OddToEvenHarmonicEnergyRatio(), flatness=es.Flatness(), flux=es.Flux(),
         salience=es.PitchSalience(sampleRate=SR, lowBoundary=100, highBoundary=5000),  # must be < Nyquist
-        flatness=es.Flatness(),
-        flux=es.Flux(),
-        complexity=es.SpectralComplexity(sampleRate=SR, magnitudeThreshold=0.005),
-    )
+        complexity=es.SpectralComplexity(sampleRate=SR, magnitudeThreshold=0.005))
 
 
 def clip_features(x, E):
@@ -649,14 +533,10 @@ def violins(ax, data, names, title, log=False):
 
 
 def cmd_features(args):
-    if not args.set:
-        raise AnalyzeError("features needs at least one --set NAME=PATH")
-    sets = audio_sets(args.set, args.max_files)
+    sets = [load_set(s, args.max_files) for s in args.set]
     E = make_essentia()
-    rows = []
-    for s in sets:
-        for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None):
-            rows.append(dict(set=s["name"], file=f, **clip_features(w, E)))
+    rows = [dict(set=s["name"], file=f, **clip_features(w, E)) for s in sets
+            for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None)]
     out = Path(args.out)
     write_csv(out / "features.csv", rows, ["set", "file"] + FEATURES)
     names = [s["name"] for s in sets]
@@ -679,7 +559,6 @@ def cmd_features(args):
                    [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
 
 
-# -----------------------------------------------------------------------------
 # uncertainty (Fig. 2B)
 
 def uncertainty_proxies(p):
@@ -697,15 +576,12 @@ def classify(sets, args):
     -> (class names, how logits became probabilities, [(N, C) probabilities per set])."""
     import torch
     import torchaudio
-    import transformers
-    from transformers import ASTFeatureExtractor, ASTForAudioClassification
-    transformers.logging.set_verbosity_error()
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification, logging as hf_logging
+    hf_logging.set_verbosity_error()
     d = Path(args.classifier_path)
-    try:
+    with bad_input(f"cannot load an AST classifier from {d}:"):
         fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
-    except Exception as e:
-        raise AnalyzeError(f"cannot load an AST classifier from {d}: {first_line(e)}")
     cfg = model.config
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
     sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
@@ -728,13 +604,7 @@ def classify(sets, args):
 
 
 def cmd_uncertainty(args):
-    if not args.set:
-        raise AnalyzeError("uncertainty needs at least one --set NAME=PATH")
-    if not args.classifier_path:
-        raise AnalyzeError("uncertainty needs --classifier-path DIR (a local AST classifier)")
-    if not Path(args.classifier_path).is_dir():
-        raise AnalyzeError(f"no such classifier folder: {args.classifier_path}")
-    sets = audio_sets(args.set, args.max_files)
+    sets = [load_set(s, args.max_files) for s in args.set]
     labels, how, probs = classify(sets, args)
     rows = []
     for s, p in zip(sets, probs):
@@ -764,12 +634,13 @@ def cmd_uncertainty(args):
                      ["set", "n"] + PROXIES, summary)])
 
 
-# -----------------------------------------------------------------------------
 # fad (Table 2)
 
-def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the standard FAD/FID code computes it."""
+def fad(e1, e2, eps=1e-6):
+    """Frechet distance of two embedding sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the
+    standard FAD/FID code computes it."""
     import scipy.linalg
+    mu1, s1, mu2, s2 = e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "singular matrix" warnings: handled by the offset below
         covmean = scipy.linalg.sqrtm(s1 @ s2)
@@ -777,27 +648,23 @@ def frechet_distance(mu1, s1, mu2, s2, eps=1e-6):
             off = eps * np.eye(len(s1))
             covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
     covmean = np.real(covmean)  # tiny imaginary parts are numerical noise
-    d = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-    return max(d, 0.0)
-
-
-def fad(e1, e2):
-    return frechet_distance(e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False))
+    return max(float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)), 0.0)
 
 
 def cmd_fad(args):
-    if not args.set:
-        raise AnalyzeError("fad needs at least one --set NAME=PATH (and --target, or two --set for all pairs)")
-    if not args.target and len(args.set) < 2:
-        raise AnalyzeError("fad needs a --target or at least two --set")
-    audio = not all(map(is_cache, args.set + args.target))
+    audio = any(parse_set(s)[1].suffix != ".npz" for s in args.set + args.target)
     fn = get_embedder(args.embedder, args) if audio else None
     sets = [load_set(s, args.max_files) for s in args.set + args.target]
     for s in sets:
         if len(s["files"]) < 2:
             raise AnalyzeError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
-    embs = dict(zip([s["name"] for s in sets], set_embeddings(sets, fn, args.batch_size)))
     names = [s["name"] for s in sets]
+    # audio sets embedded with fn, caches used as they are
+    embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
+            for s in sets}
+    if len({e.shape[1] for e in embs.values()}) > 1:
+        raise AnalyzeError("embedding dimensions differ: "
+                           + ", ".join(f"{k} has {e.shape[1]}" for k, e in embs.items()))
     set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
     rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
             for s in set_names for t in target_names]
@@ -822,7 +689,6 @@ def cmd_fad(args):
     return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [("fad.csv", cols, rows)])
 
 
-# -----------------------------------------------------------------------------
 # training (Fig. 5, Fig. 3)
 
 def read_json(path, what):
@@ -839,42 +705,38 @@ def read_json(path, what):
 
 
 def read_run(d):
+    """A train.py run folder -> dict(run, synth, delta, steps, epochs, val_align, val_unif) of the final model."""
     d = Path(d)
     if not d.is_dir():
         raise AnalyzeError(f"no such run folder: {d}")
     if not (d / "config.json").is_file():
         raise AnalyzeError(f"{d} is not a train.py run folder (no readable config.json)")
     cfg = read_json(d / "config.json", "train.py config")
-    try:
+    with bad_input(f"{d / 'config.json'} has no synth/delta", (KeyError, TypeError, ValueError)):
         synth = "+".join(map(str, cfg["synth"])) if isinstance(cfg["synth"], list) else str(cfg["synth"])
         delta = float(cfg["delta"])
-    except (KeyError, TypeError, ValueError):
-        raise AnalyzeError(f"{d / 'config.json'} has no synth/delta")
     if cfg.get("data"):  # the paper's real-audio baselines: no synth, no delta
         synth, delta = f"real ({cfg.get('positives', 'aug')})", float("nan")
     elif cfg.get("epochs") == 0:  # "Random Init." baseline
         synth, delta = "random init", float("nan")
     row = dict(run=d.name, synth=synth, delta=delta, steps=0, epochs=0,
                val_align=float("nan"), val_unif=float("nan"))
-    if (d / "log.csv").is_file():
-        row.update(read_log(d / "log.csv"))
-    return row
-
-
-def read_log(path):
-    """train.py's log.csv -> steps, epochs and the last validation (the final model's)."""
-    try:
+    path = d / "log.csv"
+    if not path.is_file():
+        return row
+    try:  # steps and epochs of the last row, the last validation
         with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
             log = list(csv.DictReader(f))
-        last = dict(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"]))) if log else {}
+        if log:
+            row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
         val = [r for r in log if (r.get("val_align") or "").strip()]
         if val:
-            last.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
+            row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
     except UnicodeDecodeError:
         raise AnalyzeError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
     except (KeyError, TypeError, ValueError, csv.Error) as e:
         raise AnalyzeError(f"{path} is not a train.py log.csv ({first_line(e)})")
-    return last
+    return row
 
 
 def read_results(path, runs):
@@ -882,18 +744,22 @@ def read_results(path, runs):
     path = Path(path)
     res = read_json(path, "probe.py results.json")
     try:
-        summary = probe_summary(res)
+        summary = res.get("summary")
+        if not summary:  # aggregate the per-fold rows
+            by = {}
+            for r in res.get("rows", []):
+                by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
+            summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
+                       for (e, t, m), v in by.items()]
+        summary = [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
+                        std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise AnalyzeError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
     out, skipped = [], set()
     for s in summary:
         enc = Path(s.pop("encoder"))
-        run = None
-        for d in (enc.parent, path.parent / enc.parent):  # runs/NAME/encoder.pt -> runs/NAME/
-            if (d / "config.json").is_file():
-                run = read_run(d)
-                break
-        run = run or runs.get(enc.parent.name)
+        run = next((read_run(d) for d in (enc.parent, path.parent / enc.parent)  # runs/NAME/encoder.pt -> runs/NAME/
+                    if (d / "config.json").is_file()), None) or runs.get(enc.parent.name)
         if run is None:
             skipped.add(str(enc))
             continue
@@ -901,19 +767,6 @@ def read_results(path, runs):
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
-
-
-def probe_summary(res):
-    """The summary rows of a results.json, aggregated from the per-fold rows when it has none."""
-    summary = res.get("summary")
-    if not summary:  # aggregate the per-fold rows
-        by = {}
-        for r in res.get("rows", []):
-            by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
-        summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
-                   for (e, t, m), v in by.items()]
-    return [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
-                 std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
 
 
 def by_synth(ax, rows, key, err=None):
@@ -934,21 +787,15 @@ def by_synth(ax, rows, key, err=None):
 
 
 def cmd_training(args):
-    if not args.runs and not args.results:
-        raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
-    runs = {}
-    for d in args.runs:
-        r = read_run(d)
-        runs[r["run"]] = r
+    runs = {r["run"]: r for r in map(read_run, args.runs)}
     probes = [p for f in args.results for p in read_results(f, runs)]
     if not runs and not probes:
         raise AnalyzeError("no probe result maps to a train.py run folder (runs/NAME/encoder.pt -> runs/NAME/config.json)")
     out = Path(args.out)
-    figures, tables = [], []
     cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
     rows = sorted(runs.values(), key=lambda r: (r["synth"], r["delta"], r["run"]))
     write_csv(out / "training.csv", rows, cols)
-    tables.append(("training.csv: final validation alignment and uniformity", cols, rows))
+    figures, tables = [], [("training.csv: final validation alignment and uniformity", cols, rows)]
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, k in zip(axes, ["val_align", "val_unif"]):
@@ -978,17 +825,10 @@ def cmd_training(args):
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 
 
-# -----------------------------------------------------------------------------
 # report
 
-def md_table(cols, rows):
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def cmd_report(args):
-    audio = [s for s in args.set if not is_cache(s)]  # caches only serve fad
+    audio = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
     audio_args = argparse.Namespace(**{**vars(args), "set": audio})
     sections = [cmd(a) for wanted, cmd, a in [
         (args.pairs, cmd_pairs, args),
@@ -1002,15 +842,15 @@ def cmd_report(args):
                            "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""]
     for s in sections:
-        md += [f"## {s.title}", ""]
-        md += [f"![{f}]({f})" for f in s.figures] + [""]
-        for caption, cols, rows in s.tables:
-            md += [f"*{caption}*", "", md_table(cols, rows), ""]
-    write_text(Path(args.out) / "report.md", "\n".join(md))
+        md += [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
+        for caption, cols, rows in s.tables:  # markdown tables, numbers to 4 digits
+            md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            md += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows] + [""]
+    with atomic(Path(args.out) / "report.md") as tmp:
+        tmp.write_text("\n".join(md))
     print(f"report: {Path(args.out) / 'report.md'} ({len(sections)} sections)")
 
 
-# -----------------------------------------------------------------------------
 # command line
 
 class Parser(argparse.ArgumentParser):
@@ -1019,7 +859,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    fmt = argparse.RawDescriptionHelpFormatter
     output = Parser(add_help=False)
     output.add_argument("--out", required=True, help="output folder for PNGs, CSVs (created if absent)")
     batching = Parser(add_help=False)
@@ -1034,8 +873,7 @@ def build_parser():
     audio_sets.add_argument("--set", action="append", default=[], metavar="NAME=PATH",
                             help="audio folder (recursive), NAME=mixK:PATH for K-segment mixtures of its files, "
                                  "or (fad) a probe.py embedding cache .npz; repeat for more sets")
-    audio_sets.add_argument("--max-files", type=int, default=1000,
-                            help="files per set, fixed seeded subset (0 = all)")
+    audio_sets.add_argument("--max-files", type=int, default=1000, help="files per set, fixed seeded subset (0 = all)")
     targets = Parser(add_help=False)
     targets.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
                          help="FAD reference set(s), same syntax as --set (default: all pairs of --set)")
@@ -1054,49 +892,43 @@ def build_parser():
     factors.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
     factors.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
 
-    p = Parser(description=__doc__, formatter_class=fmt)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     sp = sub.add_parser("pairs", parents=[output, batching, embedder, sweep],
                         help="Fig. 1: positive-pair similarity vs delta, PCA of pairs",
-                        description="Cosine similarity of positive pairs (and of random negatives) per synth and "
-                                    "delta from a generate.py sweep; PCA of the pairs per delta. With --embedder "
-                                    "mfcc the features are z-scored per dimension over all sounds of the sweep "
-                                    "first. Writes pairs.csv, pairs_similarity.png, pairs_pca.png.")
+                        description="Cosine similarity of positive pairs and of random negatives per synth and delta "
+                                    "of a generate.py sweep, and a PCA of the pairs per delta. Writes pairs.csv, "
+                                    "pairs_similarity.png, pairs_pca.png.")
     sp.add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
-    sub.add_parser("features", parents=[output, audio_sets],
-                   help="Fig. 2A: spectral feature distributions per set",
-                   description="Inharmonicity, odd/even harmonic energy ratio (log10), pitch salience, spectral "
-                               "flatness, flux and complexity (Essentia; see the module docstring), median over "
-                               "each clip's non-silent frames, after normalizing the clip to a fixed RMS. "
+    sub.add_parser("features", parents=[output, audio_sets], help="Fig. 2A: spectral feature distributions per set",
+                   description="Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, "
+                               "flux and complexity: the median over each clip's non-silent frames, at a fixed RMS. "
                                "Writes features.csv, features.png.")
     sub.add_parser("uncertainty", parents=[output, batching, audio_sets, classifier],
                    help="Fig. 2B: causal-uncertainty proxies from an AST classifier",
-                   description="H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of "
-                               "an AST classifier's class probabilities per clip. Writes uncertainty.csv, "
-                               "uncertainty.png.")
+                   description="H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of an AST "
+                               "classifier's class probabilities per clip. Writes uncertainty.csv, uncertainty.png.")
     sub.add_parser("fad", parents=[output, batching, embedder, audio_sets, targets],
                    help="Table 2: Frechet Audio Distance between sets",
                    description="Frechet Audio Distance of every --set against every --target (or every other "
                                "--set). Writes fad.csv, fad.png.")
-    sub.add_parser("training", parents=[output, runs],
-                   help="Fig. 5/3: final val align/unif and probe scores vs delta",
-                   description="Final validation alignment/uniformity of train.py runs and probe.py scores, "
-                               "against each run's delta, one line per synth. Writes training.csv, probe.csv, "
+    sub.add_parser("training", parents=[output, runs], help="Fig. 5/3: final val align/unif and probe scores vs delta",
+                   description="Final validation alignment/uniformity of train.py runs and probe.py scores vs each "
+                               "run's delta, one line per synth. Writes training.csv, probe.csv, "
                                "training_align_unif.png, training_probe.png.")
     ip = sub.add_parser("invariance", parents=[output, batching, factors],
                         help="what an encoder ignores: similarity of pairs that differ in one factor",
-                        description="Mean cosine similarity of the embeddings of pairs that differ in one factor "
-                                    "(noise realization, gain, time shift, each parameter group of the synth) "
-                                    "beside doppelgänger pairs and random negatives, and the invariance "
-                                    "(s - s_neg) / (1 - s_neg), for each --encoder. Writes invariance.csv, "
+                        description="Per --encoder, the mean cosine similarity of pairs that differ in one factor "
+                                    "(noise, gain, shift, each parameter group) beside doppelgänger pairs and random "
+                                    "negatives, and the invariance (s - s_neg) / (1 - s_neg). Writes invariance.csv, "
                                     "invariance.png.")
     ip.add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
     rp = sub.add_parser("report", parents=[output, batching, embedder, audio_sets, targets, classifier, sweep, runs,
                                            factors],
                         help="run what the inputs allow and write report.md",
                         description="pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), "
-                                    "fad (two or more sets/targets) and training (--runs/--results): every figure "
-                                    "and table in OUT/report.md.")
+                                    "fad (two or more sets/targets), training (--runs/--results) and invariance "
+                                    "(--factors + --encoder): every figure and table in OUT/report.md.")
     rp.add_argument("--pairs", help="generate.py output for the pairs section")
     return p
 
@@ -1114,20 +946,26 @@ def check_args(args):
     names = [parse_set(s)[0] for s in getattr(args, "set", []) + getattr(args, "target", [])]
     if len(set(names)) < len(names):
         raise AnalyzeError(f"set names must be unique, got {', '.join(names)}")
-    if args.cmd == "invariance" and (not args.factors or not args.encoder):
+    cmd, clf = args.cmd, getattr(args, "classifier_path", None)
+    if cmd in ("features", "uncertainty") and not args.set:
+        raise AnalyzeError(f"{cmd} needs at least one --set NAME=PATH")
+    for name, path, _ in map(parse_set, args.set if cmd in ("features", "uncertainty") else []):
+        if path.suffix == ".npz":  # embedding caches serve fad only
+            raise AnalyzeError(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
+    if cmd == "uncertainty" and not clf:
+        raise AnalyzeError("uncertainty needs --classifier-path DIR (a local AST classifier)")
+    if clf and not Path(clf).is_dir():
+        raise AnalyzeError(f"no such classifier folder: {clf}")
+    if cmd == "fad" and not args.set:
+        raise AnalyzeError("fad needs at least one --set NAME=PATH (and --target, or two --set for all pairs)")
+    if cmd == "fad" and not args.target and len(args.set) < 2:
+        raise AnalyzeError("fad needs a --target or at least two --set")
+    if cmd == "training" and not args.runs and not args.results:
+        raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
+    if cmd == "invariance" and (not args.factors or not args.encoder):
         raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise AnalyzeError(f"--out {args.out} is a file")
-
-
-def make_out(out):
-    """Creates --out; returns the folders it created, innermost first, for a failed run to remove."""
-    made = [d for d in [out, *out.parents] if not d.exists()]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AnalyzeError(f"cannot create --out {out}: {first_line(e)}")
-    return made
 
 
 def on_signal(signum, frame):
@@ -1141,18 +979,19 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        made = make_out(Path(args.out))
+        out = Path(args.out)
+        made = [d for d in [out, *out.parents] if not d.exists()]  # what a failed run removes, innermost first
+        with bad_input(f"cannot create --out {out}:", OSError):
+            out.mkdir(parents=True, exist_ok=True)
         COMMANDS[args.cmd](args)
         return
     except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing
         code, msg = 2, f"error: {first_line(e)}"
     except Interrupted as e:
         code, msg = e.args[0], "interrupted"
-    for d in made:  # no empty --out left behind (outputs are written whole or not at all)
-        try:
+    with contextlib.suppress(OSError):  # no empty --out left behind (outputs are written whole or not at all)
+        for d in made:
             d.rmdir()
-        except OSError:
-            break
     print(f"analyze.py: {msg}", file=sys.stderr)
     sys.exit(code)
 

@@ -24,12 +24,11 @@ their code). The same script trains on real audio (--data) for the paper's basel
     # speed: on-the-fly synthesis vs the same batches pre-generated in memory
     python train.py --benchmark --batch-size 64
 
-A run folder holds config.json, log.csv, checkpoint.pt (written atomically at the end of every
-epoch's training, after its validation, and every --save-every minutes) and encoder.pt: a
-TorchScript encoder that any program loads with torch.jit.load(path) and calls on a float32 (B, T)
-16 kHz mono waveform to get (B, 512). The checkpoint records the step and the number of validated
-epochs, and the learning rate is a function of the epoch, so a run killed at any instant resumes
-to the same log rows and the same weights.
+A run folder holds config.json, log.csv, checkpoint.pt (written atomically after each epoch's
+training, after its validation, and every --save-every minutes) and encoder.pt, a TorchScript file:
+torch.jit.load(path) maps a float32 (B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the
+step and the validated epochs, and the lr is a function of the epoch, so a run killed at any instant
+resumes to the same log rows and weights.
 """
 import argparse
 import csv
@@ -336,11 +335,11 @@ def log_row(path, **row):
 
 def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
     """Where the run is, exactly: weights, optimizer, step, validated epochs, the last step's losses."""
-    atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                       "val_epochs": val_epochs, "last": last, "config": config,
-                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                               "python": random.getstate()}},
-                      os.path.join(out, "checkpoint.pt"))
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "val_epochs": val_epochs, "last": last, "config": config, "rng": rng}, buf)
+    atomic_write(os.path.join(out, "checkpoint.pt"), buf.getvalue())
 
 
 def restore(run, ckpt, model, optimizer, steps_per_epoch):
@@ -591,13 +590,12 @@ CHUNK = 100
 
 def load_irs(ir_dir, sample_rate):
     """All audio files under ir_dir (recursive) as mono 1-D tensors at sample_rate."""
-    root = Path(ir_dir)
-    if not root.is_dir():
-        raise ValueError(f"ir_dir {str(root)!r} is not an existing directory.")
+    if not os.path.isdir(ir_dir):
+        raise ValueError(f"ir_dir {str(ir_dir)!r} is not an existing directory.")
     exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    paths = sorted(p for p in Path(ir_dir).rglob("*") if p.is_file() and p.suffix.lower() in exts)
     if not paths:
-        raise ValueError(f"ir_dir {str(root)!r} contains no audio files that soundfile reads (.wav, .flac, ...).")
+        raise ValueError(f"ir_dir {str(ir_dir)!r} contains no audio files that soundfile reads (.wav, .flac, ...).")
     irs = []
     for p in paths:
         try:
@@ -722,12 +720,6 @@ def atomic_write(path, data):
             os.remove(tmp)
 
 
-def atomic_torch_save(obj, path):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
-
-
 def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -738,24 +730,21 @@ def parse_args(argv=None):
     g.add_argument("--synth", default="voice", help="voice (78 params), voicefm (130) or parametric (340)")
     g.add_argument("--delta", type=float, default=0.25, help="perturbation size delta for the doppelgänger pairs")
     g.add_argument("--data", help="train on a folder of real audio instead of a synth (read recursively)")
-    g.add_argument("--positives", default="aug", choices=["aug", "jitter", "mix5", "mix10"],
-                   help="real audio: two augmentations of a crop, two crops of a file, or views that "
-                        "layer 5 / 10 crops of a file (VGGSound-Mix)")
-    g.add_argument("--aug", action="store_true", help="apply the paper's effect chain to both views "
-                   "(always on with --data --positives aug)")
+    g.add_argument("--positives", default="aug", choices=["aug", "jitter", "mix5", "mix10"], help="real audio: "
+                   "two augmentations of a crop, two crops of a file, or two layerings of 5 / 10 crops (VGGSound-Mix)")
+    g.add_argument("--aug", action="store_true",
+                   help="the paper's effect chain on both views (on with --positives aug)")
     g.add_argument("--ir-dir", help="impulse responses for the reverb augmentation (default: synthetic rooms)")
     g.add_argument("--sounds-per-epoch", type=int, default=100_000, help="pairs per epoch, split 90/10 train/val")
     g = p.add_argument_group("optimisation (paper defaults)")
     g.add_argument("--epochs", type=int, default=200)
     g.add_argument("--batch-size", type=int, default=768, help="pairs per process; global = procs x this")
     g.add_argument("--lr", type=float, default=None, help="default 0.12 x global batch / 256")
-    g.add_argument("--momentum", type=float, default=0.9,
-                   help="SGD momentum; the paper is silent, the authors' code uses 0, Wang & Isola 0.9; "
-                        "0.9 is the usual choice with this loss and learning-rate scaling")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; the paper is silent, the authors' "
+                   "code uses 0, Wang & Isola 0.9, the usual choice with this loss and lr scaling")
     g.add_argument("--weight-decay", type=float, default=1e-6)
-    g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"],
-                   help="ResNet weight init: each layer's PyTorch default (default; learns far more at small "
-                        "budgets, see README) or torchvision's Kaiming normal")
+    g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"], help="ResNet weight init: each "
+                   "layer's PyTorch default (learns far more at small budgets, see README) or torchvision's Kaiming")
     g.add_argument("--milestones", type=float, nargs="+", default=[0.775, 0.85, 0.925],
                    help="lr x gamma at these fractions of the epochs")
     g.add_argument("--gamma", type=float, default=0.1)
@@ -773,9 +762,8 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=50, help="steps between log rows")
     g.add_argument("--save-every", type=float, default=30.0, help="minutes between mid-epoch checkpoints")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpoint kept)")
-    g.add_argument("--readout", default="pool", choices=["pool", "fc"],
-                   help="what encoder.pt outputs: the 512-d pooled layer (default; probes better, as the layer "
-                        "below a projection head does), or the 512-d fc head the loss is computed on")
+    g.add_argument("--readout", default="pool", choices=["pool", "fc"], help="what encoder.pt outputs: the 512-d "
+                   "pooled layer (probes better, as a layer below a projection head does) or the fc head of the loss")
     g.add_argument("--benchmark", action="store_true", help="on-the-fly vs pre-generated batches: steps/s, sounds/s")
     g.add_argument("--benchmark-steps", type=int, default=10)
     args = p.parse_args(argv)

@@ -34,24 +34,16 @@ and prints a short summary. Nothing downloads: every model is read from a local 
   python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --runs runs/* --results probes/results.json --out report/
 
-Sets: --set NAME=PATH reads every audio file under PATH (recursively: wav, flac, ogg, mp3, aiff), or, for fad, a
-probe.py embedding cache PATH.npz (key `embeddings`). NAME=mixK:PATH makes the paper's "Mix" set from PATH: each
-clip becomes the sum of K random 1-s segments of one file. --max-files N keeps a fixed, seeded subset of N files
-per set.
+Sets: --set NAME=PATH is a folder of audio (read recursively) or, for fad, a probe.py embedding cache .npz;
+NAME=mixK:PATH is the paper's "Mix" set: each clip the sum of K random 1-s segments of one file under PATH.
 
-uncertainty: class probabilities are a softmax over the logits of a single-label head; a multi-label (AudioSet,
-sigmoid) head's sigmoid outputs are normalized to sum 1 (--activation overrides).
+Embedders: mfcc (mean and std over time of 20 MFCCs, no weights), encoder:PATH (train.py's encoder.pt) or clap
+(LAION-CLAP, local weights). In `pairs`, mfcc features are z-scored per dimension over the whole sweep before the
+cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which inflates every similarity.
 
-Embedders (--embedder): `mfcc` = mean and std over time of 20 MFCCs at 16 kHz (no weights); `encoder:PATH` = an
-encoder.pt exported by train.py (TorchScript); `clap` = LAION-CLAP through the laion_clap package and local
-weights (--clap-checkpoint FILE). In `pairs`, mfcc features are z-scored per dimension over all sounds of the
-sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which inflates
-every similarity, random pairs included.
-
-features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3]
-because Essentia saturates at FLT_MAX when even harmonics vanish, and plotted in log10. Essentia's PitchSalience
-does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k sawtooth ~0.57,
-equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
+features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3] and
+plotted in log10. PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine
+~0, a 1/k sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
 """
 import argparse
 import collections
@@ -893,43 +885,35 @@ def build_parser():
     factors.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    sp = sub.add_parser("pairs", parents=[output, batching, embedder, sweep],
-                        help="Fig. 1: positive-pair similarity vs delta, PCA of pairs",
-                        description="Cosine similarity of positive pairs and of random negatives per synth and delta "
-                                    "of a generate.py sweep, and a PCA of the pairs per delta. Writes pairs.csv, "
-                                    "pairs_similarity.png, pairs_pca.png.")
-    sp.add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
-    sub.add_parser("features", parents=[output, audio_sets], help="Fig. 2A: spectral feature distributions per set",
-                   description="Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, "
-                               "flux and complexity: the median over each clip's non-silent frames, at a fixed RMS. "
-                               "Writes features.csv, features.png.")
-    sub.add_parser("uncertainty", parents=[output, batching, audio_sets, classifier],
-                   help="Fig. 2B: causal-uncertainty proxies from an AST classifier",
-                   description="H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of an AST "
-                               "classifier's class probabilities per clip. Writes uncertainty.csv, uncertainty.png.")
-    sub.add_parser("fad", parents=[output, batching, embedder, audio_sets, targets],
-                   help="Table 2: Frechet Audio Distance between sets",
-                   description="Frechet Audio Distance of every --set against every --target (or every other "
-                               "--set). Writes fad.csv, fad.png.")
-    sub.add_parser("training", parents=[output, runs], help="Fig. 5/3: final val align/unif and probe scores vs delta",
-                   description="Final validation alignment/uniformity of train.py runs and probe.py scores vs each "
-                               "run's delta, one line per synth. Writes training.csv, probe.csv, "
-                               "training_align_unif.png, training_probe.png.")
-    ip = sub.add_parser("invariance", parents=[output, batching, factors],
-                        help="what an encoder ignores: similarity of pairs that differ in one factor",
-                        description="Per --encoder, the mean cosine similarity of pairs that differ in one factor "
-                                    "(noise, gain, shift, each parameter group) beside doppelgänger pairs and random "
-                                    "negatives, and the invariance (s - s_neg) / (1 - s_neg). Writes invariance.csv, "
-                                    "invariance.png.")
-    ip.add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
-    rp = sub.add_parser("report", parents=[output, batching, embedder, audio_sets, targets, classifier, sweep, runs,
-                                           factors],
-                        help="run what the inputs allow and write report.md",
-                        description="pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), "
-                                    "fad (two or more sets/targets), training (--runs/--results) and invariance "
-                                    "(--factors + --encoder): every figure and table in OUT/report.md.")
-    rp.add_argument("--pairs", help="generate.py output for the pairs section")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)  # the docstring above lists them
+    sp = {name: sub.add_parser(name, parents=[output, *parents], description=about) for name, parents, about in [
+        ("pairs", [batching, embedder, sweep],
+         "Fig. 1: cosine similarity of positive pairs and of random negatives per synth and delta of a generate.py "
+         "sweep, and a PCA of the pairs per delta. Writes pairs.csv, pairs_similarity.png, pairs_pca.png."),
+        ("features", [audio_sets],
+         "Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and "
+         "complexity: the median over each clip's non-silent frames, at a fixed RMS. Writes features.csv, "
+         "features.png."),
+        ("uncertainty", [batching, audio_sets, classifier],
+         "Fig. 2B: H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of an AST "
+         "classifier's class probabilities per clip. Writes uncertainty.csv, uncertainty.png."),
+        ("fad", [batching, embedder, audio_sets, targets],
+         "Table 2: Frechet Audio Distance of every --set against every --target (or every other --set). "
+         "Writes fad.csv, fad.png."),
+        ("training", [runs],
+         "Fig. 5 and Fig. 3: final validation alignment/uniformity of train.py runs and probe.py scores vs each run's "
+         "delta, one line per synth. Writes training.csv, probe.csv, training_align_unif.png, training_probe.png."),
+        ("invariance", [batching, factors],
+         "Per --encoder, the mean cosine similarity of pairs that differ in one factor (noise, gain, shift, each "
+         "parameter group) beside doppelgänger pairs and random negatives, and the invariance "
+         "(s - s_neg) / (1 - s_neg). Writes invariance.csv, invariance.png."),
+        ("report", [batching, embedder, audio_sets, targets, classifier, sweep, runs, factors],
+         "pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), fad (two or more sets/targets), "
+         "training (--runs/--results) and invariance (--factors + --encoder): every figure and table in "
+         "OUT/report.md.")]}
+    sp["pairs"].add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
+    sp["invariance"].add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
+    sp["report"].add_argument("--pairs", help="generate.py output for the pairs section")
     return p
 
 

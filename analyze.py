@@ -508,12 +508,13 @@ def clip_features(x, E):
     return {f: float(np.median(v)) if v else float("nan") for f, v in vals.items()}
 
 
-def violins(ax, data, names, title, log=False):
-    for i, v in enumerate(data):
-        v = np.asarray(v, float)
+def violins(ax, rows, key, names, title, log=False):
+    """One violin of rows[key] per set; log: log10, floored at 1e-6 (S_conf spans decades and can be 0)."""
+    for i, n in enumerate(names):
+        v = np.array([r[key] for r in rows if r["set"] == n], float)
         v = v[np.isfinite(v)]
         if log:
-            v = np.log10(v[v > 0])
+            v = np.log10(np.maximum(v, 1e-6))
         if len(np.unique(v)) >= 2:
             p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
             for b in p["bodies"]:
@@ -534,8 +535,7 @@ def cmd_features(args):
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     for ax, f in zip(axes.flat, FEATURES):
-        violins(ax, [[r[f] for r in rows if r["set"] == n] for n in names], names, f.replace("_", " "),
-                log=f == "odd_even_ratio")
+        violins(ax, rows, f, names, f.replace("_", " "), log=f == "odd_even_ratio")
     fig.suptitle("spectral features per clip (median over frames)")
     fig.tight_layout()
     figures = [save_fig(fig, out / "features.png")]
@@ -610,9 +610,7 @@ def cmd_uncertainty(args):
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
     for ax, k in zip(axes, PROXIES):
-        # S_conf spans decades, so it is plotted in log10 (floored at 1e-6)
-        data = [[max(r[k], 1e-6) if k == "S_conf" else r[k] for r in rows if r["set"] == n] for n in names]
-        violins(ax, data, names, titles[k], log=k == "S_conf")
+        violins(ax, rows, k, names, titles[k], log=k == "S_conf")
     fig.suptitle(f"causal-uncertainty proxies ({len(labels)} classes, {how})")
     fig.tight_layout()
     figures = [save_fig(fig, out / "uncertainty.png")]

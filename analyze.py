@@ -117,11 +117,13 @@ def atomic(path):
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(path, rows, cols):
+def write_csv(path, rows, cols, caption=None):
+    """-> the same rows as a report.md table: (caption, cols, rows)."""
     with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(map(fmt_row, rows))
+    return caption or path.name, cols, rows
 
 
 def save_fig(fig, path):
@@ -130,7 +132,7 @@ def save_fig(fig, path):
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return Path(path).name
+    return path.name
 
 
 def fmt_row(r, digits=6):
@@ -382,9 +384,7 @@ def plot_pair_pca(groups, pca_pairs):
 def cmd_pairs(args):
     groups = read_sweep(args.pairs, args.max_pairs)
     rows, groups = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
-    out = Path(args.out)
-    cols = ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"]
-    write_csv(out / "pairs.csv", rows, cols)
+    table = write_csv(args.out / "pairs.csv", rows, ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, sy in enumerate(sorted({r["synth"] for r in rows})):
         rs = [r for r in rows if r["synth"] == sy]
@@ -396,13 +396,13 @@ def cmd_pairs(args):
     ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
     ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figures = [save_fig(fig, out / "pairs_similarity.png"),
-               save_fig(plot_pair_pca(groups, args.pca_pairs), out / "pairs_pca.png")]
+    figures = [save_fig(fig, args.out / "pairs_similarity.png"),
+               save_fig(plot_pair_pca(groups, args.pca_pairs), args.out / "pairs_pca.png")]
     print(f"pairs ({args.embedder}): positive / random-negative cosine similarity")
     for r in rows:
         print(f"  {r['synth']:<11} δ={r['delta']:<5g} n={r['n']:<4d} pos {r['pos_mean']:.3f} ± {r['pos_sd']:.3f}"
               f"   neg {r['neg_mean']:.3f} ± {r['neg_sd']:.3f}")
-    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [("pairs.csv", cols, rows)])
+    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [table])
 
 
 # invariance (beyond the paper): what an encoder has learned to ignore
@@ -428,9 +428,7 @@ def cmd_invariance(args):
         s_neg = sims["negative"].mean()  # invariance 1: the factor is ignored, 0: as different as a random negative
         rows += [dict(encoder=label, factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
                       invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
-    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
-    out = Path(args.out)
-    write_csv(out / "invariance.csv", rows, cols)
+    table = write_csv(args.out / "invariance.csv", rows, ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"])
     first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
     factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
@@ -445,13 +443,12 @@ def cmd_invariance(args):
     ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
     ax.set_title("what the encoder ignores: pairs that differ in one factor")
     ax.legend(fontsize=7)
-    figures = [save_fig(fig, out / "invariance.png")]
+    figures = [save_fig(fig, args.out / "invariance.png")]
     print("invariance: (s - s_neg) / (1 - s_neg) per factor")
     for enc in encoders:
         print(f"  {enc}: " + ", ".join(f"{r['factor']} {r['invariance']:.2f}" for r in rows
                                        if r["encoder"] == enc and r["factor"] != "negative"))
-    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures,
-                   [("invariance.csv", cols, rows)])
+    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures, [table])
 
 
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
@@ -530,15 +527,14 @@ def cmd_features(args):
     E = make_essentia()
     rows = [dict(set=s["name"], file=f, **clip_features(w, E)) for s in sets
             for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None)]
-    out = Path(args.out)
-    write_csv(out / "features.csv", rows, ["set", "file"] + FEATURES)
+    write_csv(args.out / "features.csv", rows, ["set", "file"] + FEATURES)
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     for ax, f in zip(axes.flat, FEATURES):
         violins(ax, rows, f, names, f.replace("_", " "), log=f == "odd_even_ratio")
     fig.suptitle("spectral features per clip (median over frames)")
     fig.tight_layout()
-    figures = [save_fig(fig, out / "features.png")]
+    figures = [save_fig(fig, args.out / "features.png")]
     summary = []
     for n in names:
         v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
@@ -603,9 +599,7 @@ def cmd_uncertainty(args):
         u = uncertainty_proxies(p)
         rows += [dict(set=s["name"], file=f, top_class=labels[int(p[i].argmax())], **{k: u[k][i] for k in PROXIES})
                  for i, f in enumerate(s["files"])]
-    out = Path(args.out)
-    cols = ["set", "file", "top_class"] + PROXIES
-    write_csv(out / "uncertainty.csv", rows, cols)
+    write_csv(args.out / "uncertainty.csv", rows, ["set", "file", "top_class"] + PROXIES)
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
@@ -613,7 +607,7 @@ def cmd_uncertainty(args):
         violins(ax, rows, k, names, titles[k], log=k == "S_conf")
     fig.suptitle(f"causal-uncertainty proxies ({len(labels)} classes, {how})")
     fig.tight_layout()
-    figures = [save_fig(fig, out / "uncertainty.png")]
+    figures = [save_fig(fig, args.out / "uncertainty.png")]
     summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
                     **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
     print(f"uncertainty: mean per set ({how})")
@@ -658,9 +652,7 @@ def cmd_fad(args):
     set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
     rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
             for s in set_names for t in target_names]
-    out = Path(args.out)
-    cols = ["set", "target", "n_set", "n_target", "fad"]
-    write_csv(out / "fad.csv", rows, cols)
+    table = write_csv(args.out / "fad.csv", rows, ["set", "target", "n_set", "n_target", "fad"])
     emb_name = args.embedder if audio else "cached embeddings"
     m = np.array([[r["fad"] for r in rows if r["set"] == s] for s in set_names])
     fig, ax = plt.subplots(figsize=(1.4 * len(target_names) + 2, 0.6 * len(set_names) + 1.5))
@@ -672,11 +664,11 @@ def cmd_fad(args):
     ax.set_xlabel("target")
     ax.set_title(f"Fréchet Audio Distance ({emb_name})")
     fig.colorbar(im, ax=ax)
-    figures = [save_fig(fig, out / "fad.png")]
+    figures = [save_fig(fig, args.out / "fad.png")]
     print(f"fad ({emb_name}):")
     for r in rows:
         print(f"  {r['set']:<14} -> {r['target']:<14} {r['fad']:.4g}")
-    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [("fad.csv", cols, rows)])
+    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
 
 
 # training (Fig. 5, Fig. 3)
@@ -780,26 +772,26 @@ def cmd_training(args):
     runs = {r["run"]: r for r in map(read_run, args.runs)}
     probes = [p for f in args.results for p in read_results(f, runs)]
     if not runs and not probes:
-        raise AnalyzeError("no probe result maps to a train.py run folder (runs/NAME/encoder.pt -> runs/NAME/config.json)")
-    out = Path(args.out)
-    cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
+        raise AnalyzeError("no probe result maps to a train.py run folder "
+                           "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
     rows = sorted(runs.values(), key=lambda r: (r["synth"], r["delta"], r["run"]))
-    write_csv(out / "training.csv", rows, cols)
-    figures, tables = [], [("training.csv: final validation alignment and uniformity", cols, rows)]
+    cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
+    figures, tables = [], [write_csv(args.out / "training.csv", rows, cols,
+                                     "training.csv: final validation alignment and uniformity")]
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, k in zip(axes, ["val_align", "val_unif"]):
             by_synth(ax, rows, k)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
-        figures.append(save_fig(fig, out / "training_align_unif.png"))
+        figures.append(save_fig(fig, args.out / "training_align_unif.png"))
         print("training: final validation align / unif")
         for r in rows:
-            print(f"  {r['run']:<20} {r['synth']:<11} δ={r['delta']:<5g} align {r['val_align']:.4f}  unif {r['val_unif']:.4f}")
-    pcols = ["run", "synth", "delta", "task", "metric", "mean", "std", "folds"]
+            print(f"  {r['run']:<20} {r['synth']:<11} δ={r['delta']:<5g} align {r['val_align']:.4f}  "
+                  f"unif {r['val_unif']:.4f}")
     if probes:
         probes.sort(key=lambda r: (r["task"], r["synth"], r["delta"], r["run"]))
-        write_csv(out / "probe.csv", probes, pcols)
-        tables.append(("probe.csv: linear-probe scores", pcols, probes))
+        tables.append(write_csv(args.out / "probe.csv", probes, ["run", "synth", "delta", "task", "metric", "mean",
+                                                                  "std", "folds"], "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
         for ax, t in zip(axes[0], tasks):
@@ -808,10 +800,11 @@ def cmd_training(args):
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         fig.tight_layout()
-        figures.append(save_fig(fig, out / "training_probe.png"))
+        figures.append(save_fig(fig, args.out / "training_probe.png"))
         print("probe scores:")
         for r in probes:
-            print(f"  {r['task']:<22} {r['run']:<20} δ={r['delta']:<5g} {r['metric']} {r['mean']:.4f} ± {r['std']:.4f}")
+            print(f"  {r['task']:<22} {r['run']:<20} δ={r['delta']:<5g} {r['metric']} {r['mean']:.4f} ± "
+                  f"{r['std']:.4f}")
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 
 
@@ -836,9 +829,9 @@ def cmd_report(args):
         for caption, cols, rows in s.tables:  # markdown tables, numbers to 4 digits
             md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             md += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows] + [""]
-    with atomic(Path(args.out) / "report.md") as tmp:
+    with atomic(args.out / "report.md") as tmp:
         tmp.write_text("\n".join(md))
-    print(f"report: {Path(args.out) / 'report.md'} ({len(sections)} sections)")
+    print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
 # command line
@@ -850,7 +843,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     output = Parser(add_help=False)
-    output.add_argument("--out", required=True, help="output folder for PNGs, CSVs (created if absent)")
+    output.add_argument("--out", type=Path, required=True, help="output folder for PNGs, CSVs (created if absent)")
     batching = Parser(add_help=False)
     batching.add_argument("--batch-size", type=int, default=64, help="clips per embedding/classifier batch")
     embedder = Parser(add_help=False)
@@ -946,7 +939,7 @@ def check_args(args):
         raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
     if cmd == "invariance" and (not args.factors or not args.encoder):
         raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+    if args.out.exists() and not args.out.is_dir():
         raise AnalyzeError(f"--out {args.out} is a file")
 
 
@@ -961,10 +954,9 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        out = Path(args.out)
-        made = [d for d in [out, *out.parents] if not d.exists()]  # what a failed run removes, innermost first
-        with bad_input(f"cannot create --out {out}:", OSError):
-            out.mkdir(parents=True, exist_ok=True)
+        made = [d for d in [args.out, *args.out.parents] if not d.exists()]  # removed, innermost first, on failure
+        with bad_input(f"cannot create --out {args.out}:", OSError):
+            args.out.mkdir(parents=True, exist_ok=True)
         COMMANDS[args.cmd](args)
         return
     except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing

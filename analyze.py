@@ -282,13 +282,11 @@ def embed(waves, fn, batch_size, desc="embed"):
     for i, w in enumerate(waves):
         by_len.setdefault(len(w), []).append(i)
     idx = [ix[k:k + batch_size] for _, ix in sorted(by_len.items()) for k in range(0, len(ix), batch_size)]
-    out = [None] * len(waves)
     with torch.no_grad():
-        for ix in tqdm(idx, desc=desc, disable=None):
-            e = fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
-            for j, i in enumerate(ix):
-                out[i] = e[j]
-    out = np.stack(out).astype(np.float64)
+        e = np.concatenate([fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
+                            for ix in tqdm(idx, desc=desc, disable=None)])
+    out = np.empty(e.shape)  # back in input order
+    out[np.concatenate(idx)] = e
     if not np.isfinite(out).all():
         raise AnalyzeError(f"{desc}: the embedder gives non-finite embeddings")
     return out
@@ -417,11 +415,11 @@ def cmd_invariance(args):
     labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
     if len(set(labels)) < len(labels):
         labels = [str(p) for p in args.encoder]
+    pairs = {name: read_pairs(d, args.max_pairs) for name, d in dirs.items()}  # read once for every encoder
     rows = []
     for path, label in zip(args.encoder, labels):
         fn, sims = get_embedder(f"encoder:{path}", args), {}
-        for name, d in dirs.items():  # mean cosine between the two sides of each factor's pairs
-            wa, wb = read_pairs(d, args.max_pairs)
+        for name, (wa, wb) in pairs.items():  # mean cosine between the two sides of each factor's pairs
             e = embed(wa + wb, fn, args.batch_size, desc=f"embed {name}")
             e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
             sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)

@@ -2,35 +2,46 @@
 Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgängers" (Cherep & Singh).
 
 One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR
-and prints a short summary. Nothing downloads: every model is read from a local path.
+and prints a short summary; `analyze.py NAME --help` shows NAME's block below. Nothing downloads: every model
+is read from a local path.
 
-  # Fig. 1: positive-pair cosine similarity vs delta per synth, and a PCA of the pairs per delta
+  # Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the
+  # pairs per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png
   python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
   python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
   python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
 
-  # Fig. 2A: spectral features of synthetic sets, real clips and K-segment mixtures of real clips
+  # Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and
+  # complexity (median over a clip's non-silent frames, at a fixed RMS) of synthetic sets, real clips and
+  # K-segment mixtures of real clips -> features.csv, features.png
   python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
 
-  # Fig. 2B: causal-uncertainty proxies from an Audio Spectrogram Transformer with local weights
+  # Fig. 2B: causal-uncertainty proxies of an Audio Spectrogram Transformer's class probabilities per clip: H_cu
+  # (max probability), H_p (entropy / log C), S_conf (top-1 minus top-2) -> uncertainty.csv, uncertainty.png
   python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
       --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
 
   # Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
+  # -> fad.csv, fad.png
   python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
       --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
   python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
 
-  # Fig. 5 and Fig. 3: final validation align/unif and probe scores vs delta, from train.py runs
+  # Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
+  # line per synth -> training.csv, probe.csv, training_align_unif.png, training_probe.png
   python analyze.py training --runs runs/* --results probes/results.json --out figs/training
 
-  # what an encoder ignores: pairs that differ in one factor (noise, gain, shift, each parameter group)
+  # what an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
+  # gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
+  # (s - s_neg) / (1 - s_neg) -> invariance.csv, invariance.png
   python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
   python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
       --out figs/invariance
 
-  # everything the given inputs allow, with every figure and table in DIR/report.md
+  # everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
+  # fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
+  # and table in DIR/report.md
   python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --runs runs/* --results probes/results.json --out report/
 
@@ -873,33 +884,17 @@ def build_parser():
     factors.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
     factors.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)  # the docstring above lists them
-    sp = {name: sub.add_parser(name, parents=[output, *parents], description=about) for name, parents, about in [
-        ("pairs", [batching, embedder, sweep],
-         "Fig. 1: cosine similarity of positive pairs and of random negatives per synth and delta of a generate.py "
-         "sweep, and a PCA of the pairs per delta. Writes pairs.csv, pairs_similarity.png, pairs_pca.png."),
-        ("features", [audio_sets],
-         "Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and "
-         "complexity: the median over each clip's non-silent frames, at a fixed RMS. Writes features.csv, "
-         "features.png."),
-        ("uncertainty", [batching, audio_sets, classifier],
-         "Fig. 2B: H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of an AST "
-         "classifier's class probabilities per clip. Writes uncertainty.csv, uncertainty.png."),
-        ("fad", [batching, embedder, audio_sets, targets],
-         "Table 2: Frechet Audio Distance of every --set against every --target (or every other --set). "
-         "Writes fad.csv, fad.png."),
-        ("training", [runs],
-         "Fig. 5 and Fig. 3: final validation alignment/uniformity of train.py runs and probe.py scores vs each run's "
-         "delta, one line per synth. Writes training.csv, probe.csv, training_align_unif.png, training_probe.png."),
-        ("invariance", [batching, factors],
-         "Per --encoder, the mean cosine similarity of pairs that differ in one factor (noise, gain, shift, each "
-         "parameter group) beside doppelgänger pairs and random negatives, and the invariance "
-         "(s - s_neg) / (1 - s_neg). Writes invariance.csv, invariance.png."),
-        ("report", [batching, embedder, audio_sets, targets, classifier, sweep, runs, factors],
-         "pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), fad (two or more sets/targets), "
-         "training (--runs/--results) and invariance (--factors + --encoder): every figure and table in "
-         "OUT/report.md.")]}
+    raw = argparse.RawDescriptionHelpFormatter
+    p = Parser(description=__doc__, formatter_class=raw)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    # each subcommand's --help shows its block of the module docstring: what it computes and writes, examples
+    usage = {re.search(r"python analyze\.py (\w+)", b)[1]: b for b in __doc__.split("\n\n") if "python analyze.py" in b}
+    sp = {name: sub.add_parser(name, parents=[output, *parents], description=usage[name], formatter_class=raw)
+          for name, parents in [
+              ("pairs", [batching, embedder, sweep]), ("features", [audio_sets]),
+              ("uncertainty", [batching, audio_sets, classifier]), ("fad", [batching, embedder, audio_sets, targets]),
+              ("training", [runs]), ("invariance", [batching, factors]),
+              ("report", [batching, embedder, audio_sets, targets, classifier, sweep, runs, factors])]}
     sp["pairs"].add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
     sp["invariance"].add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
     sp["report"].add_argument("--pairs", help="generate.py output for the pairs section")

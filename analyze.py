@@ -1,9 +1,9 @@
 """
 Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgängers" (Cherep & Singh).
 
-One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR
-and prints a short summary; `analyze.py NAME --help` shows NAME's block below. Nothing downloads: every model
-is read from a local path.
+One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR and
+prints its section of the report (markdown); `analyze.py NAME --help` shows NAME's block below. Nothing
+downloads: every model is read from a local path.
 
   # Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the
   # pairs per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png
@@ -407,10 +407,6 @@ def cmd_pairs(args):
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figures = [save_fig(fig, args.out / "pairs_similarity.png"),
                save_fig(plot_pair_pca(groups, args.pca_pairs), args.out / "pairs_pca.png")]
-    print(f"pairs ({args.embedder}): positive / random-negative cosine similarity")
-    for r in rows:
-        print(f"  {r['synth']:<11} δ={r['delta']:<5g} n={r['n']:<4d} pos {r['pos_mean']:.3f} ± {r['pos_sd']:.3f}"
-              f"   neg {r['neg_mean']:.3f} ± {r['neg_sd']:.3f}")
     return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [table])
 
 
@@ -453,10 +449,6 @@ def cmd_invariance(args):
     ax.set_title("what the encoder ignores: pairs that differ in one factor")
     ax.legend(fontsize=7)
     figures = [save_fig(fig, args.out / "invariance.png")]
-    print("invariance: (s - s_neg) / (1 - s_neg) per factor")
-    for enc in encoders:
-        print(f"  {enc}: " + ", ".join(f"{r['factor']} {r['invariance']:.2f}" for r in rows
-                                       if r["encoder"] == enc and r["factor"] != "negative"))
     return Section("Invariance: embedding similarity of pairs that differ in one factor", figures, [table])
 
 
@@ -549,9 +541,6 @@ def cmd_features(args):
         v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
         summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
                                                  else float("nan") for f, c in zip(FEATURES, v.T)}))
-    print("features: median per set")
-    for r in summary:
-        print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{f} {r[f]:.4g}" for f in FEATURES))
     return Section("Spectral features (Fig. 2A)", figures,
                    [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
 
@@ -619,9 +608,6 @@ def cmd_uncertainty(args):
     figures = [save_fig(fig, args.out / "uncertainty.png")]
     summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
                     **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
-    print(f"uncertainty: mean per set ({how})")
-    for r in summary:
-        print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{k} {r[k]:.3f}" for k in PROXIES))
     return Section("Causal-uncertainty proxies (Fig. 2B)", figures,
                    [(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
                      ["set", "n"] + PROXIES, summary)])
@@ -674,9 +660,6 @@ def cmd_fad(args):
     ax.set_title(f"Fréchet Audio Distance ({emb_name})")
     fig.colorbar(im, ax=ax)
     figures = [save_fig(fig, args.out / "fad.png")]
-    print(f"fad ({emb_name}):")
-    for r in rows:
-        print(f"  {r['set']:<14} -> {r['target']:<14} {r['fad']:.4g}")
     return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
 
 
@@ -793,10 +776,6 @@ def cmd_training(args):
             by_synth(ax, rows, k)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
         figures.append(save_fig(fig, args.out / "training_align_unif.png"))
-        print("training: final validation align / unif")
-        for r in rows:
-            print(f"  {r['run']:<20} {r['synth']:<11} δ={r['delta']:<5g} align {r['val_align']:.4f}  "
-                  f"unif {r['val_unif']:.4f}")
     if probes:
         probes.sort(key=lambda r: (r["task"], r["synth"], r["delta"], r["run"]))
         tables.append(write_csv(args.out / "probe.csv", probes, ["run", "synth", "delta", "task", "metric", "mean",
@@ -810,14 +789,20 @@ def cmd_training(args):
             ax.set_ylabel(rs[0]["metric"])
         fig.tight_layout()
         figures.append(save_fig(fig, args.out / "training_probe.png"))
-        print("probe scores:")
-        for r in probes:
-            print(f"  {r['task']:<22} {r['run']:<20} δ={r['delta']:<5g} {r['metric']} {r['mean']:.4f} ± "
-                  f"{r['std']:.4f}")
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 
 
 # report
+
+def markdown(s):
+    """A Section as report.md lines: its figures, then its tables with numbers to 4 digits. A subcommand run on its
+    own prints these lines as its summary."""
+    md = [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
+    for caption, cols, rows in s.tables:
+        md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        md += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows] + [""]
+    return md
+
 
 def cmd_report(args):
     audio = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
@@ -832,12 +817,7 @@ def cmd_report(args):
     if not sections:
         raise AnalyzeError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                            "--factors + --encoder")
-    md = ["# Audio doppelgängers: analysis report", ""]
-    for s in sections:
-        md += [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
-        for caption, cols, rows in s.tables:  # markdown tables, numbers to 4 digits
-            md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            md += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows] + [""]
+    md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
     with atomic(args.out / "report.md") as tmp:
         tmp.write_text("\n".join(md))
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
@@ -950,7 +930,9 @@ def main(argv=None):
         made = [d for d in [args.out, *args.out.parents] if not d.exists()]  # removed, innermost first, on failure
         with bad_input(f"cannot create --out {args.out}:", OSError):
             args.out.mkdir(parents=True, exist_ok=True)
-        COMMANDS[args.cmd](args)
+        section = COMMANDS[args.cmd](args)
+        if section:  # report's sections went to report.md
+            print("\n".join(markdown(section)))
         return
     except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing
         code, msg = 2, f"error: {first_line(e)}"

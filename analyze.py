@@ -342,26 +342,24 @@ def read_sweep(root, max_pairs):
 
 
 def pair_similarity(groups, fn, embedder, batch_size):
-    """Cosine similarity of each group's positive pairs and of random negatives -> (rows, groups with
-    their unit-norm embeddings a, b)."""
+    """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
+    unit-norm embeddings a, b."""
     emb = embed([w for g in groups for w in g["wa"] + g["wb"]], fn, batch_size)
     if embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(0)
-    rows, out, s = [], [], 0
+    rows, s = [], 0
     for g in groups:
         n = len(g["wa"])
-        a, b = emb[s:s + n], emb[s + n:s + 2 * n]
+        g["a"], g["b"] = a, b = emb[s:s + n], emb[s + n:s + 2 * n]
         s += 2 * n
-        out.append(dict(synth=g["synth"], delta=g["delta"], a=a, b=b))
         pos = (a * b).sum(1)
         perm = rng.permutation(n)  # random negatives: a against a shuffled b (never its own pair)
         neg = (a[perm] * b[np.roll(perm, 1)]).sum(1) if n > 1 else np.array([np.nan])
         rows.append(dict(synth=g["synth"], delta=g["delta"], n=n, pos_mean=pos.mean(), pos_sd=pos.std(),
                          neg_mean=neg.mean(), neg_sd=neg.std()))
-    rows.sort(key=lambda r: (r["synth"], r["delta"]))
-    return rows, out
+    return sorted(rows, key=lambda r: (r["synth"], r["delta"]))
 
 
 def plot_pair_pca(groups, pca_pairs):
@@ -392,7 +390,7 @@ def plot_pair_pca(groups, pca_pairs):
 
 def cmd_pairs(args):
     groups = read_sweep(args.pairs, args.max_pairs)
-    rows, groups = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
+    rows = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
     table = write_csv(args.out / "pairs.csv", rows, ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, sy in enumerate(sorted({r["synth"] for r in rows})):

@@ -1,57 +1,60 @@
 """
 Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgängers" (Cherep & Singh).
 
-One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR
-and prints a short summary. Nothing downloads: every model is read from a local path.
+One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR and
+prints its section of the report (markdown); `analyze.py NAME --help` shows NAME's block below. Nothing
+downloads: every model is read from a local path.
 
-  # Fig. 1: positive-pair cosine similarity vs delta per synth, and a PCA of the pairs per delta
+  # Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the
+  # pairs per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png
   python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
   python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
   python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
 
-  # Fig. 2A: spectral features of synthetic sets, real clips and K-segment mixtures of real clips
+  # Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and
+  # complexity (median over a clip's non-silent frames, at a fixed RMS) of synthetic sets, real clips and
+  # K-segment mixtures of real clips -> features.csv, features.png
   python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
 
-  # Fig. 2B: causal-uncertainty proxies from an Audio Spectrogram Transformer with local weights
+  # Fig. 2B: causal-uncertainty proxies of an Audio Spectrogram Transformer's class probabilities per clip: H_cu
+  # (max probability), H_p (entropy / log C), S_conf (top-1 minus top-2) -> uncertainty.csv, uncertainty.png
   python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
       --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
 
   # Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
+  # -> fad.csv, fad.png
   python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
       --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
   python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
 
-  # Fig. 5 and Fig. 3: final validation align/unif and probe scores vs delta, from train.py runs
+  # Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
+  # line per synth -> training.csv, probe.csv, training_align_unif.png, training_probe.png
   python analyze.py training --runs runs/* --results probes/results.json --out figs/training
 
-  # what an encoder ignores: pairs that differ in one factor (noise, gain, shift, each parameter group)
+  # what an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
+  # gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
+  # (s - s_neg) / (1 - s_neg) -> invariance.csv, invariance.png
   python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
   python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
       --out figs/invariance
 
-  # everything the given inputs allow, with every figure and table in DIR/report.md
+  # everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
+  # fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
+  # and table in DIR/report.md
   python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
       --runs runs/* --results probes/results.json --out report/
 
-Sets: --set NAME=PATH reads every audio file under PATH (recursively: wav, flac, ogg, mp3, aiff), or, for fad, a
-probe.py embedding cache PATH.npz (key `embeddings`). NAME=mixK:PATH makes the paper's "Mix" set from PATH: each
-clip becomes the sum of K random 1-s segments of one file. --max-files N keeps a fixed, seeded subset of N files
-per set.
+Sets: --set NAME=PATH is a folder of audio (read recursively) or, for fad, a probe.py embedding cache .npz;
+NAME=mixK:PATH is the paper's "Mix" set: each clip the sum of K random 1-s segments of one file under PATH.
 
-uncertainty: class probabilities are a softmax over the logits of a single-label head; a multi-label (AudioSet,
-sigmoid) head's sigmoid outputs are normalized to sum 1 (--activation overrides).
+Embedders: mfcc (mean and std over time of 20 MFCCs, no weights), encoder:PATH (train.py's encoder.pt) or clap
+(LAION-CLAP, local weights). In `pairs`, mfcc features are z-scored per dimension over the whole sweep before the
+cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which inflates every similarity.
 
-Embedders (--embedder): `mfcc` = mean and std over time of 20 MFCCs at 16 kHz (no weights); `encoder:PATH` = an
-encoder.pt exported by train.py (TorchScript); `clap` = LAION-CLAP through the laion_clap package and local
-weights (--clap-checkpoint FILE). In `pairs`, mfcc features are z-scored per dimension over all sounds of the
-sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which inflates
-every similarity, random pairs included.
-
-features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3]
-because Essentia saturates at FLT_MAX when even harmonics vanish, and plotted in log10. Essentia's PitchSalience
-does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k sawtooth ~0.57,
-equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
+features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3] and
+plotted in log10. PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine
+~0, a 1/k sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
 """
 import argparse
 import collections
@@ -125,11 +128,13 @@ def atomic(path):
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(path, rows, cols):
+def write_csv(path, rows, cols, caption=None):
+    """-> the same rows as a report.md table: (caption, cols, rows)."""
     with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(map(fmt_row, rows))
+    return caption or path.name, cols, rows
 
 
 def save_fig(fig, path):
@@ -138,7 +143,7 @@ def save_fig(fig, path):
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return Path(path).name
+    return path.name
 
 
 def fmt_row(r, digits=6):
@@ -288,13 +293,11 @@ def embed(waves, fn, batch_size, desc="embed"):
     for i, w in enumerate(waves):
         by_len.setdefault(len(w), []).append(i)
     idx = [ix[k:k + batch_size] for _, ix in sorted(by_len.items()) for k in range(0, len(ix), batch_size)]
-    out = [None] * len(waves)
     with torch.no_grad():
-        for ix in tqdm(idx, desc=desc, disable=None):
-            e = fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
-            for j, i in enumerate(ix):
-                out[i] = e[j]
-    out = np.stack(out).astype(np.float64)
+        e = np.concatenate([fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
+                            for ix in tqdm(idx, desc=desc, disable=None)])
+    out = np.empty(e.shape)  # back in input order
+    out[np.concatenate(idx)] = e
     if not np.isfinite(out).all():
         raise AnalyzeError(f"{desc}: the embedder gives non-finite embeddings")
     return out
@@ -339,26 +342,24 @@ def read_sweep(root, max_pairs):
 
 
 def pair_similarity(groups, fn, embedder, batch_size):
-    """Cosine similarity of each group's positive pairs and of random negatives -> (rows, groups with
-    their unit-norm embeddings a, b)."""
+    """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
+    unit-norm embeddings a, b."""
     emb = embed([w for g in groups for w in g["wa"] + g["wb"]], fn, batch_size)
     if embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(0)
-    rows, out, s = [], [], 0
+    rows, s = [], 0
     for g in groups:
         n = len(g["wa"])
-        a, b = emb[s:s + n], emb[s + n:s + 2 * n]
+        g["a"], g["b"] = a, b = emb[s:s + n], emb[s + n:s + 2 * n]
         s += 2 * n
-        out.append(dict(synth=g["synth"], delta=g["delta"], a=a, b=b))
         pos = (a * b).sum(1)
         perm = rng.permutation(n)  # random negatives: a against a shuffled b (never its own pair)
         neg = (a[perm] * b[np.roll(perm, 1)]).sum(1) if n > 1 else np.array([np.nan])
         rows.append(dict(synth=g["synth"], delta=g["delta"], n=n, pos_mean=pos.mean(), pos_sd=pos.std(),
                          neg_mean=neg.mean(), neg_sd=neg.std()))
-    rows.sort(key=lambda r: (r["synth"], r["delta"]))
-    return rows, out
+    return sorted(rows, key=lambda r: (r["synth"], r["delta"]))
 
 
 def plot_pair_pca(groups, pca_pairs):
@@ -389,10 +390,8 @@ def plot_pair_pca(groups, pca_pairs):
 
 def cmd_pairs(args):
     groups = read_sweep(args.pairs, args.max_pairs)
-    rows, groups = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
-    out = Path(args.out)
-    cols = ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"]
-    write_csv(out / "pairs.csv", rows, cols)
+    rows = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
+    table = write_csv(args.out / "pairs.csv", rows, ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, sy in enumerate(sorted({r["synth"] for r in rows})):
         rs = [r for r in rows if r["synth"] == sy]
@@ -404,13 +403,9 @@ def cmd_pairs(args):
     ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
     ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figures = [save_fig(fig, out / "pairs_similarity.png"),
-               save_fig(plot_pair_pca(groups, args.pca_pairs), out / "pairs_pca.png")]
-    print(f"pairs ({args.embedder}): positive / random-negative cosine similarity")
-    for r in rows:
-        print(f"  {r['synth']:<11} δ={r['delta']:<5g} n={r['n']:<4d} pos {r['pos_mean']:.3f} ± {r['pos_sd']:.3f}"
-              f"   neg {r['neg_mean']:.3f} ± {r['neg_sd']:.3f}")
-    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [("pairs.csv", cols, rows)])
+    figures = [save_fig(fig, args.out / "pairs_similarity.png"),
+               save_fig(plot_pair_pca(groups, args.pca_pairs), args.out / "pairs_pca.png")]
+    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [table])
 
 
 # invariance (beyond the paper): what an encoder has learned to ignore
@@ -425,20 +420,18 @@ def cmd_invariance(args):
     labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
     if len(set(labels)) < len(labels):
         labels = [str(p) for p in args.encoder]
+    pairs = {name: read_pairs(d, args.max_pairs) for name, d in dirs.items()}  # read once for every encoder
     rows = []
     for path, label in zip(args.encoder, labels):
         fn, sims = get_embedder(f"encoder:{path}", args), {}
-        for name, d in dirs.items():  # mean cosine between the two sides of each factor's pairs
-            wa, wb = read_pairs(d, args.max_pairs)
+        for name, (wa, wb) in pairs.items():  # mean cosine between the two sides of each factor's pairs
             e = embed(wa + wb, fn, args.batch_size, desc=f"embed {name}")
             e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
             sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
         s_neg = sims["negative"].mean()  # invariance 1: the factor is ignored, 0: as different as a random negative
         rows += [dict(encoder=label, factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
                       invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
-    cols = ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"]
-    out = Path(args.out)
-    write_csv(out / "invariance.csv", rows, cols)
+    table = write_csv(args.out / "invariance.csv", rows, ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"])
     first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
     factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
     encoders = list(dict.fromkeys(r["encoder"] for r in rows))
@@ -453,13 +446,8 @@ def cmd_invariance(args):
     ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
     ax.set_title("what the encoder ignores: pairs that differ in one factor")
     ax.legend(fontsize=7)
-    figures = [save_fig(fig, out / "invariance.png")]
-    print("invariance: (s - s_neg) / (1 - s_neg) per factor")
-    for enc in encoders:
-        print(f"  {enc}: " + ", ".join(f"{r['factor']} {r['invariance']:.2f}" for r in rows
-                                       if r["encoder"] == enc and r["factor"] != "negative"))
-    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures,
-                   [("invariance.csv", cols, rows)])
+    figures = [save_fig(fig, args.out / "invariance.png")]
+    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures, [table])
 
 
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
@@ -516,12 +504,13 @@ def clip_features(x, E):
     return {f: float(np.median(v)) if v else float("nan") for f, v in vals.items()}
 
 
-def violins(ax, data, names, title, log=False):
-    for i, v in enumerate(data):
-        v = np.asarray(v, float)
+def violins(ax, rows, key, names, title, log=False):
+    """One violin of rows[key] per set; log: log10, floored at 1e-6 (S_conf spans decades and can be 0)."""
+    for i, n in enumerate(names):
+        v = np.array([r[key] for r in rows if r["set"] == n], float)
         v = v[np.isfinite(v)]
         if log:
-            v = np.log10(v[v > 0])
+            v = np.log10(np.maximum(v, 1e-6))
         if len(np.unique(v)) >= 2:
             p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
             for b in p["bodies"]:
@@ -537,24 +526,19 @@ def cmd_features(args):
     E = make_essentia()
     rows = [dict(set=s["name"], file=f, **clip_features(w, E)) for s in sets
             for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None)]
-    out = Path(args.out)
-    write_csv(out / "features.csv", rows, ["set", "file"] + FEATURES)
+    write_csv(args.out / "features.csv", rows, ["set", "file"] + FEATURES)
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     for ax, f in zip(axes.flat, FEATURES):
-        violins(ax, [[r[f] for r in rows if r["set"] == n] for n in names], names, f.replace("_", " "),
-                log=f == "odd_even_ratio")
+        violins(ax, rows, f, names, f.replace("_", " "), log=f == "odd_even_ratio")
     fig.suptitle("spectral features per clip (median over frames)")
     fig.tight_layout()
-    figures = [save_fig(fig, out / "features.png")]
+    figures = [save_fig(fig, args.out / "features.png")]
     summary = []
     for n in names:
         v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
         summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
                                                  else float("nan") for f, c in zip(FEATURES, v.T)}))
-    print("features: median per set")
-    for r in summary:
-        print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{f} {r[f]:.4g}" for f in FEATURES))
     return Section("Spectral features (Fig. 2A)", figures,
                    [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
 
@@ -611,24 +595,17 @@ def cmd_uncertainty(args):
         u = uncertainty_proxies(p)
         rows += [dict(set=s["name"], file=f, top_class=labels[int(p[i].argmax())], **{k: u[k][i] for k in PROXIES})
                  for i, f in enumerate(s["files"])]
-    out = Path(args.out)
-    cols = ["set", "file", "top_class"] + PROXIES
-    write_csv(out / "uncertainty.csv", rows, cols)
+    write_csv(args.out / "uncertainty.csv", rows, ["set", "file", "top_class"] + PROXIES)
     names = [s["name"] for s in sets]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
     for ax, k in zip(axes, PROXIES):
-        # S_conf spans decades, so it is plotted in log10 (floored at 1e-6)
-        data = [[max(r[k], 1e-6) if k == "S_conf" else r[k] for r in rows if r["set"] == n] for n in names]
-        violins(ax, data, names, titles[k], log=k == "S_conf")
+        violins(ax, rows, k, names, titles[k], log=k == "S_conf")
     fig.suptitle(f"causal-uncertainty proxies ({len(labels)} classes, {how})")
     fig.tight_layout()
-    figures = [save_fig(fig, out / "uncertainty.png")]
+    figures = [save_fig(fig, args.out / "uncertainty.png")]
     summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
                     **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
-    print(f"uncertainty: mean per set ({how})")
-    for r in summary:
-        print(f"  {r['set']:<12} n={r['n']:<5d} " + "  ".join(f"{k} {r[k]:.3f}" for k in PROXIES))
     return Section("Causal-uncertainty proxies (Fig. 2B)", figures,
                    [(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
                      ["set", "n"] + PROXIES, summary)])
@@ -668,9 +645,7 @@ def cmd_fad(args):
     set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
     rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
             for s in set_names for t in target_names]
-    out = Path(args.out)
-    cols = ["set", "target", "n_set", "n_target", "fad"]
-    write_csv(out / "fad.csv", rows, cols)
+    table = write_csv(args.out / "fad.csv", rows, ["set", "target", "n_set", "n_target", "fad"])
     emb_name = args.embedder if audio else "cached embeddings"
     m = np.array([[r["fad"] for r in rows if r["set"] == s] for s in set_names])
     fig, ax = plt.subplots(figsize=(1.4 * len(target_names) + 2, 0.6 * len(set_names) + 1.5))
@@ -682,11 +657,8 @@ def cmd_fad(args):
     ax.set_xlabel("target")
     ax.set_title(f"Fréchet Audio Distance ({emb_name})")
     fig.colorbar(im, ax=ax)
-    figures = [save_fig(fig, out / "fad.png")]
-    print(f"fad ({emb_name}):")
-    for r in rows:
-        print(f"  {r['set']:<14} -> {r['target']:<14} {r['fad']:.4g}")
-    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [("fad.csv", cols, rows)])
+    figures = [save_fig(fig, args.out / "fad.png")]
+    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
 
 
 # training (Fig. 5, Fig. 3)
@@ -790,26 +762,22 @@ def cmd_training(args):
     runs = {r["run"]: r for r in map(read_run, args.runs)}
     probes = [p for f in args.results for p in read_results(f, runs)]
     if not runs and not probes:
-        raise AnalyzeError("no probe result maps to a train.py run folder (runs/NAME/encoder.pt -> runs/NAME/config.json)")
-    out = Path(args.out)
-    cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
+        raise AnalyzeError("no probe result maps to a train.py run folder "
+                           "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
     rows = sorted(runs.values(), key=lambda r: (r["synth"], r["delta"], r["run"]))
-    write_csv(out / "training.csv", rows, cols)
-    figures, tables = [], [("training.csv: final validation alignment and uniformity", cols, rows)]
+    cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
+    figures, tables = [], [write_csv(args.out / "training.csv", rows, cols,
+                                     "training.csv: final validation alignment and uniformity")]
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, k in zip(axes, ["val_align", "val_unif"]):
             by_synth(ax, rows, k)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
-        figures.append(save_fig(fig, out / "training_align_unif.png"))
-        print("training: final validation align / unif")
-        for r in rows:
-            print(f"  {r['run']:<20} {r['synth']:<11} δ={r['delta']:<5g} align {r['val_align']:.4f}  unif {r['val_unif']:.4f}")
-    pcols = ["run", "synth", "delta", "task", "metric", "mean", "std", "folds"]
+        figures.append(save_fig(fig, args.out / "training_align_unif.png"))
     if probes:
         probes.sort(key=lambda r: (r["task"], r["synth"], r["delta"], r["run"]))
-        write_csv(out / "probe.csv", probes, pcols)
-        tables.append(("probe.csv: linear-probe scores", pcols, probes))
+        tables.append(write_csv(args.out / "probe.csv", probes, ["run", "synth", "delta", "task", "metric", "mean",
+                                                                  "std", "folds"], "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
         for ax, t in zip(axes[0], tasks):
@@ -818,14 +786,21 @@ def cmd_training(args):
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         fig.tight_layout()
-        figures.append(save_fig(fig, out / "training_probe.png"))
-        print("probe scores:")
-        for r in probes:
-            print(f"  {r['task']:<22} {r['run']:<20} δ={r['delta']:<5g} {r['metric']} {r['mean']:.4f} ± {r['std']:.4f}")
+        figures.append(save_fig(fig, args.out / "training_probe.png"))
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 
 
 # report
+
+def markdown(s):
+    """A Section as report.md lines: its figures, then its tables with numbers to 4 digits. A subcommand run on its
+    own prints these lines as its summary."""
+    md = [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
+    for caption, cols, rows in s.tables:
+        md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        md += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows] + [""]
+    return md
+
 
 def cmd_report(args):
     audio = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
@@ -840,15 +815,10 @@ def cmd_report(args):
     if not sections:
         raise AnalyzeError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                            "--factors + --encoder")
-    md = ["# Audio doppelgängers: analysis report", ""]
-    for s in sections:
-        md += [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
-        for caption, cols, rows in s.tables:  # markdown tables, numbers to 4 digits
-            md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-            md += ["| " + " | ".join(str(fmt_row(r, 4).get(c, "")) for c in cols) + " |" for r in rows] + [""]
-    with atomic(Path(args.out) / "report.md") as tmp:
+    md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
+    with atomic(args.out / "report.md") as tmp:
         tmp.write_text("\n".join(md))
-    print(f"report: {Path(args.out) / 'report.md'} ({len(sections)} sections)")
+    print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
 # command line
@@ -860,7 +830,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     output = Parser(add_help=False)
-    output.add_argument("--out", required=True, help="output folder for PNGs, CSVs (created if absent)")
+    output.add_argument("--out", type=Path, required=True, help="output folder for PNGs, CSVs (created if absent)")
     batching = Parser(add_help=False)
     batching.add_argument("--batch-size", type=int, default=64, help="clips per embedding/classifier batch")
     embedder = Parser(add_help=False)
@@ -892,44 +862,20 @@ def build_parser():
     factors.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
     factors.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = Parser(description=__doc__, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    sp = sub.add_parser("pairs", parents=[output, batching, embedder, sweep],
-                        help="Fig. 1: positive-pair similarity vs delta, PCA of pairs",
-                        description="Cosine similarity of positive pairs and of random negatives per synth and delta "
-                                    "of a generate.py sweep, and a PCA of the pairs per delta. Writes pairs.csv, "
-                                    "pairs_similarity.png, pairs_pca.png.")
-    sp.add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
-    sub.add_parser("features", parents=[output, audio_sets], help="Fig. 2A: spectral feature distributions per set",
-                   description="Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, "
-                               "flux and complexity: the median over each clip's non-silent frames, at a fixed RMS. "
-                               "Writes features.csv, features.png.")
-    sub.add_parser("uncertainty", parents=[output, batching, audio_sets, classifier],
-                   help="Fig. 2B: causal-uncertainty proxies from an AST classifier",
-                   description="H_cu (max probability), H_p (entropy / log C) and S_conf (top-1 minus top-2) of an AST "
-                               "classifier's class probabilities per clip. Writes uncertainty.csv, uncertainty.png.")
-    sub.add_parser("fad", parents=[output, batching, embedder, audio_sets, targets],
-                   help="Table 2: Frechet Audio Distance between sets",
-                   description="Frechet Audio Distance of every --set against every --target (or every other "
-                               "--set). Writes fad.csv, fad.png.")
-    sub.add_parser("training", parents=[output, runs], help="Fig. 5/3: final val align/unif and probe scores vs delta",
-                   description="Final validation alignment/uniformity of train.py runs and probe.py scores vs each "
-                               "run's delta, one line per synth. Writes training.csv, probe.csv, "
-                               "training_align_unif.png, training_probe.png.")
-    ip = sub.add_parser("invariance", parents=[output, batching, factors],
-                        help="what an encoder ignores: similarity of pairs that differ in one factor",
-                        description="Per --encoder, the mean cosine similarity of pairs that differ in one factor "
-                                    "(noise, gain, shift, each parameter group) beside doppelgänger pairs and random "
-                                    "negatives, and the invariance (s - s_neg) / (1 - s_neg). Writes invariance.csv, "
-                                    "invariance.png.")
-    ip.add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
-    rp = sub.add_parser("report", parents=[output, batching, embedder, audio_sets, targets, classifier, sweep, runs,
-                                           factors],
-                        help="run what the inputs allow and write report.md",
-                        description="pairs (--pairs), features (--set), uncertainty (--set + --classifier-path), "
-                                    "fad (two or more sets/targets), training (--runs/--results) and invariance "
-                                    "(--factors + --encoder): every figure and table in OUT/report.md.")
-    rp.add_argument("--pairs", help="generate.py output for the pairs section")
+    # each subcommand's --help shows its block of the module docstring: what it computes and writes, examples
+    usage = {re.search(r"python analyze\.py (\w+)", b)[1]: b for b in __doc__.split("\n\n") if "python analyze.py" in b}
+    sp = {name: sub.add_parser(name, parents=[output, *parents], description=usage[name], formatter_class=raw)
+          for name, parents in [
+              ("pairs", [batching, embedder, sweep]), ("features", [audio_sets]),
+              ("uncertainty", [batching, audio_sets, classifier]), ("fad", [batching, embedder, audio_sets, targets]),
+              ("training", [runs]), ("invariance", [batching, factors]),
+              ("report", [batching, embedder, audio_sets, targets, classifier, sweep, runs, factors])]}
+    sp["pairs"].add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
+    sp["invariance"].add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
+    sp["report"].add_argument("--pairs", help="generate.py output for the pairs section")
     return p
 
 
@@ -964,7 +910,7 @@ def check_args(args):
         raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
     if cmd == "invariance" and (not args.factors or not args.encoder):
         raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
+    if args.out.exists() and not args.out.is_dir():
         raise AnalyzeError(f"--out {args.out} is a file")
 
 
@@ -979,11 +925,12 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        out = Path(args.out)
-        made = [d for d in [out, *out.parents] if not d.exists()]  # what a failed run removes, innermost first
-        with bad_input(f"cannot create --out {out}:", OSError):
-            out.mkdir(parents=True, exist_ok=True)
-        COMMANDS[args.cmd](args)
+        made = [d for d in [args.out, *args.out.parents] if not d.exists()]  # removed, innermost first, on failure
+        with bad_input(f"cannot create --out {args.out}:", OSError):
+            args.out.mkdir(parents=True, exist_ok=True)
+        section = COMMANDS[args.cmd](args)
+        if section:  # report's sections went to report.md
+            print("\n".join(markdown(section)))
         return
     except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing
         code, msg = 2, f"error: {first_line(e)}"

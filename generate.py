@@ -15,6 +15,14 @@ writes pairs to disk for listening and analysis.
     python generate.py --gallery gallery/ --synth voice --delta 0 0.01 0.05 0.1 0.25 0.5 --pairs 4
     python generate.py --benchmark --synth voice voicefm parametric --batch-size 256
     python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
+    python generate.py --synth voice --delta 0.25 --keep pitch --pairs 200 --out pairs_keep_pitch/
+    python generate.py --gallery gallery_groups/ --synth voice --delta 0.25 --delta-group keyboard=0 \\
+        --delta-group vco_1.tuning=0.05 --pairs 4
+
+--delta-group NAME=VALUE gives the columns of one synthax module (keyboard, vco_1, ...) or of one parameter
+(keyboard.midi_f0) their own delta VALUE instead of --delta; --keep pitch holds every pitch parameter (each
+keyboard's midi_f0, each oscillator's tuning) equal within a pair. params.npz then also holds delta_columns
+(each column's delta, (m,)), delta_group and keep.
 
 --factors writes pairs that differ in one factor at a time (noise, gain, time shift, each parameter
 group of the synth) into OUT/<factor>/, for `analyze.py invariance`.
@@ -57,6 +65,17 @@ EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normal
 SYNTHS = ("voice", "voicefm", "parametric")
 CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
 FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
+
+# --keep SET: parameters held equal within a pair (their delta is 0), matched by parameter name in every module.
+# Found in the parameter trees of the three synths (PairSampler(...).columns) and synthax 0.2.2's modules:
+# a sound's notes are the keyboard's midi_f0 (0-127) plus each oscillator's tuning (+-24 semitones).
+#   voice       keyboard.midi_f0, vco_1.tuning, vco_2.tuning
+#   voicefm     keyboard.midi_f0, vco_1.tuning ... vco_4.tuning (vco_4 is vco_3's FM carrier)
+#   parametric  keyboard_1.midi_f0 ... keyboard_6.midi_f0 (keyboard_i plays vco_i; the FM carriers vco_7, vco_8
+#               play keyboard_5, keyboard_6 with vco_5, vco_6 as modulators), vco_1.tuning ... vco_8.tuning
+# Not pitch in this sense, so still perturbed: each oscillator's mod_depth and the mod_matrix (how far an LFO,
+# envelope or FM oscillator moves the pitch around the note: vibrato, FM index), and the LFO frequencies (rates).
+KEEP = {"pitch": ("midi_f0", "tuning")}
 
 
 # -----------------------------------------------------------------------------
@@ -104,7 +123,8 @@ class PairSampler:
     training; other streams (e.g. 1 for validation) are key spaces that training never draws from.
     """
 
-    def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0):
+    def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
+                 delta_schedule=None):
         self.synth_name, self.delta, self.batch_size, self.seed = synth, float(delta), batch_size, seed
         self.sample_rate, self.seconds = sample_rate, seconds
         config = SynthConfig(batch_size=batch_size, sample_rate=sample_rate, buffer_size_seconds=seconds,
@@ -117,14 +137,85 @@ class PairSampler:
         self.shapes = [leaf.shape[1:] for _, leaf in paths]  # per sound: (), (n_input,), (n_out, n_in)
         self.sizes = [math.prod(s) for s in self.shapes]
         self.m = sum(self.sizes)
-        # parameter groups = synthax modules (vco_1, adsr_1, lfo_1, mixer, ...): column indices into theta
-        self.groups, start = {}, 0
+        # parameter groups = synthax modules (vco_1, adsr_1, lfo_1, mixer, ...): column indices into theta;
+        # columns: the same per parameter, named MODULE.PARAM (keyboard.midi_f0, vco_1.tuning, mixer.level, ...)
+        self.groups, self.columns, start = {}, {}, 0
         for (path, _), size in zip(paths, self.sizes):
             module = str(path[-2].key).removeprefix("modules_")
             self.groups.setdefault(module, []).extend(range(start, start + size))
+            self.columns[f"{module}.{path[-1].key}"] = list(range(start, start + size))
             start += size
+        self.set_recipe(delta_group, keep, delta_schedule)
         self._pair = jax.jit(self._make_pair)
         self._render = jax.jit(self.render)
+
+    def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
+        """Which delta each column of theta gets (default: self.delta for all, the paper's sampler).
+
+        delta_group: "NAME=VALUE" strings, as --delta-group takes them: NAME is a module (all its columns) or
+            MODULE.PARAM, VALUE that group's delta whatever self.delta is; a parameter's own value beats its module's.
+        keep: names of KEEP sets (e.g. "pitch"), held equal within a pair: delta 0, beating every delta_group.
+        delta_schedule: (start, steps): training batches (stream 0) ramp from delta start at step 0 to self.delta
+            at step steps - 1 and stay there; every column is scaled by the same delta(step) / self.delta.
+        Raises ValueError with one line naming the valid choices."""
+        delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
+        self.delta_group, self.keep = {}, keep
+        for spec in delta_group:
+            name, eq, value = str(spec).partition("=")
+            try:
+                value = float(value) if eq else math.nan
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--delta-group takes NAME=VALUE with a finite VALUE >= 0, got {spec!r}")
+            if name not in self.groups and name not in self.columns:
+                valid = [g + "[." + "|".join(n.split(".")[1] for n in self.columns if n.split(".")[0] == g) + "]"
+                         for g in self.groups]  # e.g. keyboard[.duration|midi_f0]
+                raise ValueError(f"unknown --delta-group name {name!r} for {self.synth_name} (choose a module or "
+                                 f"MODULE.PARAM: {', '.join(valid)})")
+            self.delta_group[name] = value
+        for k in self.keep:
+            if k not in KEEP:
+                raise ValueError(f"unknown --keep set {k!r} (choose from {', '.join(KEEP)})")
+        if delta_schedule is not None:
+            start, steps = delta_schedule
+            if not (math.isfinite(start) and start >= 0 and self.delta > 0):
+                raise ValueError(f"--delta-schedule ramps from START >= 0 to --delta > 0, got {start} -> {self.delta}")
+            delta_schedule = (float(start), int(steps))
+        self.delta_schedule = delta_schedule
+        # module-wide values first, so that a parameter's own value overrides its module's; keep last
+        self._fixed = [(self.groups[n], v) for n, v in self.delta_group.items() if n in self.groups]
+        self._fixed += [(self.columns[n], v) for n, v in self.delta_group.items() if n not in self.groups]
+        self._fixed += [(self.kept_columns(k), 0.0) for k in self.keep]
+
+    def kept_columns(self, keep="pitch"):
+        """Column indices of a KEEP set in this synth's theta."""
+        return [i for name, cols in self.columns.items() if name.split(".")[-1] in KEEP[keep] for i in cols]
+
+    def delta_at(self, step=0, stream=0):
+        """The delta of batch (step, stream): a float32 scalar while every column shares it (then the pairs are
+        the paper's sampler's, bit for bit), else one per column, (m,). A pure function of (step, stream) and
+        the recipe, so a resumed run draws the same pairs. Only stream 0 (training) follows delta_schedule;
+        validation and factor streams use the final delta."""
+        delta = self.delta
+        if self.delta_schedule is not None and stream == 0:
+            start, steps = self.delta_schedule
+            t = min(step / (steps - 1), 1.0) if steps > 1 else 1.0
+            delta = (1 - t) * start + t * self.delta  # exactly start at t = 0 and self.delta at t = 1
+        if not self._fixed:
+            return jnp.float32(delta)
+        scale = 1.0 if delta == self.delta else delta / self.delta
+        column = np.full(self.m, delta)
+        for cols, value in self._fixed:
+            column[cols] = value * scale
+        return column.astype(np.float32)
+
+    def recipe(self):
+        """What differs from the paper's single delta, e.g. 'keep pitch, vco_1=0.1' ('' for nothing)."""
+        parts = [f"keep {k}" for k in self.keep] + [f"{n}={v:g}" for n, v in self.delta_group.items()]
+        if self.delta_schedule is not None:
+            parts.append(f"delta ramp from {self.delta_schedule[0]:g} over {self.delta_schedule[1]} steps")
+        return ", ".join(parts)
 
     def unflatten(self, theta):
         """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
@@ -135,13 +226,20 @@ class PairSampler:
     def render(self, theta, noise_key):
         return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
 
-    def _make_pair(self, key, delta):
-        k_theta, k_z, k_noise_a, k_noise_b = jax.random.split(key, 4)
+    def perturb(self, key, delta):
+        """-> theta, theta_a, theta_b, each (B, m); delta is a scalar or one per column, (m,)."""
+        k_theta, k_z = jax.random.split(key, 4)[:2]
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
         z = jax.random.normal(k_z, (2, B, m))
         theta_a = jnp.clip(theta + delta * z[0], EPS, 1.0)
         theta_b = jnp.clip(theta + delta * z[1], EPS, 1.0)
+        return theta, theta_a, theta_b
+
+    def _make_pair(self, key, delta):
+        # delta is an argument, not a constant: a new delta (or delta(step) of a schedule) needs no recompile
+        theta, theta_a, theta_b = self.perturb(key, delta)
+        k_noise_a, k_noise_b = jax.random.split(key, 4)[2:]
         # each side its own noise: shared noise would identify the pair (a shortcut, not sound).
         # vmap over the two sides compiles one synth graph instead of two.
         audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jnp.stack([k_noise_a, k_noise_b]))
@@ -156,7 +254,7 @@ class PairSampler:
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
         if factor == "doppelganger":
-            return tuple(np.array(x) for x in self._pair(self.key(step, 0, stream), jnp.float32(self.delta))[:2])
+            return tuple(np.array(x) for x in self._pair(self.key(step, 0, stream), self.delta_at(step, stream))[:2])
         if factor == "negative":
             theta_b = jax.random.uniform(k_x, (B, m), minval=EPS, maxval=1.0)
             return np.array(self._render(theta, k_na)), np.array(self._render(theta_b, k_nb))
@@ -189,7 +287,7 @@ class PairSampler:
         return key
 
     def sample(self, step, rank=0, stream=0):
-        out = self._pair(self.key(step, rank, stream), jnp.float32(self.delta))
+        out = self._pair(self.key(step, rank, stream), self.delta_at(step, stream))
         return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
 
     def batch(self, step, rank=0, stream=0):
@@ -224,8 +322,13 @@ def write_pairs(out, sampler, n_pairs, batch_size, progress):
         n_written += k
         step += 1
         progress.update(k)
+    recipe = {}  # only beside the paper's single delta: a default params.npz stays as it was
+    if sampler.delta_group or sampler.keep:
+        recipe = dict(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
+                      delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
     np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items()},
-             synth=sampler.synth_name, delta=sampler.delta, seed=sampler.seed, sample_rate=sampler.sample_rate)
+             synth=sampler.synth_name, delta=sampler.delta, seed=sampler.seed, sample_rate=sampler.sample_rate,
+             **recipe)
 
 
 def write_factor_pairs(out, sampler, factor, n_pairs, progress):
@@ -268,7 +371,9 @@ def write_gallery(out, args):
     import soundfile as sf
     sections = []
     for synth in args.synth:
-        sampler = PairSampler(synth, 0.0, args.pairs, args.sample_rate, args.seconds, args.seed)
+        sampler = PairSampler(synth, 0.0, args.pairs, args.sample_rate, args.seconds, args.seed, args.delta_group,
+                              args.keep)
+        recipe = f" ({html.escape(sampler.recipe())})" if sampler.recipe() else ""
         for delta in args.delta:
             sampler.delta = delta  # same theta and noise for every delta: only the perturbation grows
             audio_a, audio_b, *_ = sampler.sample(0)
@@ -282,7 +387,7 @@ def write_gallery(out, args):
                     cells.append(f'<td><img src="{stem}.png" alt="{stem}"><br>'
                                  f'<audio controls preload="none" src="{stem}.wav"></audio></td>')
                 rows.append(f"<tr><th>pair {i}</th>{''.join(cells)}</tr>")
-            sections.append(f"<h2>{html.escape(synth)}, &delta; = {delta:g}</h2>\n"
+            sections.append(f"<h2>{html.escape(synth)}, &delta; = {delta:g}{recipe}</h2>\n"
                             f"<table><tr><th></th><th>a</th><th>b</th></tr>{''.join(rows)}</table>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Audio doppelgängers</title>
@@ -310,7 +415,8 @@ def benchmark(args):
     print(f"{'synth':<11} {'m':>4} {'batch':>6} {'compile s':>10} {'sounds/s':>10} {'x realtime':>11}")
     for synth in args.synth:
         t0 = time.time()
-        sampler = PairSampler(synth, args.delta[0], args.batch_size, args.sample_rate, args.seconds, args.seed)
+        sampler = PairSampler(synth, args.delta[0], args.batch_size, args.sample_rate, args.seconds, args.seed,
+                              args.delta_group, args.keep)
         sampler.sample(0)
         compile_s = time.time() - t0
         steps, t0 = 0, time.time()
@@ -338,6 +444,13 @@ def parse_args():
                    help="write pairs that differ in one factor at a time, OUT/<factor>/ each: noise, gain, "
                         "shift, each parameter group of the synth (its synthax modules, perturbed by delta), "
                         "beside doppelganger and negative pairs; no names = all (for analyze.py invariance)")
+    p.add_argument("--delta-group", action="append", metavar="NAME=VALUE",
+                   help="delta VALUE for the columns of one synthax module (keyboard, vco_1, ...) or one parameter "
+                        "(keyboard.midi_f0) instead of --delta; repeatable; a parameter's value beats its module's "
+                        "(an unknown NAME lists the synth's names)")
+    p.add_argument("--keep", action="append", metavar="SET", help=f"hold a set of parameters equal within a pair "
+                   f"(delta 0, beats --delta-group): {', '.join(KEEP)} = every keyboard's midi_f0 and oscillator's "
+                   f"tuning; repeatable")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
     p.add_argument("--benchmark-seconds", type=float, default=10.0)
     return p.parse_args()
@@ -358,6 +471,12 @@ def main():
         die("--batch-size, --sample-rate and --seconds must be > 0 (and finite)")
     if not 0 < args.benchmark_seconds < math.inf:
         die(f"--benchmark-seconds must be > 0, got {args.benchmark_seconds}")
+    if args.delta_group or args.keep:  # names checked against each synth before anything is written
+        try:
+            for synth in args.synth:
+                PairSampler(synth, 0.0, 1, args.sample_rate, args.seconds, args.seed, args.delta_group, args.keep)
+        except ValueError as e:
+            die(e)
     if args.benchmark:
         return benchmark(args)
     if args.factors is not None and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
@@ -388,7 +507,7 @@ def main():
         elif args.factors is not None:
             from tqdm import tqdm
             sampler = PairSampler(args.synth[0], args.delta[0], min(args.batch_size, args.pairs), args.sample_rate,
-                                  args.seconds, args.seed)
+                                  args.seconds, args.seed, args.delta_group, args.keep)
             factors = args.factors or sampler.factors()
             unknown = sorted(set(factors) - set(sampler.factors()))
             if unknown:
@@ -404,7 +523,7 @@ def main():
             with tqdm(total=len(combos) * args.pairs, unit="pair", desc="generate") as progress:
                 for synth in args.synth:
                     sampler = PairSampler(synth, 0.0, min(args.batch_size, args.pairs), args.sample_rate,
-                                          args.seconds, args.seed)
+                                          args.seconds, args.seed, args.delta_group, args.keep)
                     for delta in args.delta:
                         sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
                         d = tmp if len(combos) == 1 else os.path.join(tmp, synth, delta_dirname(delta))

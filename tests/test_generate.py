@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
@@ -213,3 +214,113 @@ def test_gallery_loads_in_headless_chromium(tmp_path):
                           f"--user-data-dir={tmp_path / 'chrome'}", "--virtual-time-budget=5000", "--dump-dom",
                           (out / "index.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert "images loaded: 8/8" in dom, dom[-500:]
+
+
+# -----------------------------------------------------------------------------
+# per-group delta, --keep pitch and the delta schedule
+
+PITCH = {  # what generate.KEEP["pitch"] finds in each synth's parameter tree (see the comment above KEEP)
+    "voice": ["keyboard.midi_f0", "vco_1.tuning", "vco_2.tuning"],
+    "voicefm": ["keyboard.midi_f0"] + [f"vco_{i}.tuning" for i in range(1, 5)],
+    "parametric": [f"keyboard_{i}.midi_f0" for i in range(1, 7)] + [f"vco_{i}.tuning" for i in range(1, 9)],
+}
+
+
+@pytest.mark.parametrize("synth", sorted(PITCH))
+def test_keep_pitch_holds_every_pitch_column_equal_within_a_pair(synth):
+    s = generate.PairSampler(synth, 0.25, 64, keep=["pitch"])
+    pitch = [i for name in PITCH[synth] for i in s.columns[name]]
+    assert sorted(s.kept_columns("pitch")) == sorted(pitch)
+    key = s.key(0)
+    # the perturbation alone (no synth to compile): kept columns equal, the rest moves as before
+    theta, a, b = (np.asarray(x) for x in s.perturb(key, s.delta_at(0)))
+    np.testing.assert_array_equal(a[:, pitch], b[:, pitch])
+    np.testing.assert_array_equal(a[:, pitch], theta[:, pitch])
+    rest = np.setdiff1d(np.arange(s.m), pitch)
+    assert (np.abs(a[:, rest] - b[:, rest]).mean(axis=0) > 0.05).all()
+    # the paper's sampler (same key): pitch moves like every other column
+    _, a0, b0 = (np.asarray(x) for x in s.perturb(key, jnp.float32(0.25)))
+    assert (np.abs(a0[:, pitch] - b0[:, pitch]).mean(axis=0) > 0.05).all()
+    np.testing.assert_array_equal(a0[:, rest], a[:, rest])
+
+
+def test_keep_pitch_through_the_jitted_sampler():
+    s = generate.PairSampler("voice", 0.25, 4, keep="pitch")
+    _, _, theta, a, b = s.sample(0)
+    pitch = s.kept_columns("pitch")
+    np.testing.assert_array_equal(a[:, pitch], b[:, pitch])
+    np.testing.assert_array_equal(a[:, pitch], theta[:, pitch])
+    assert (np.abs(a - b).max(axis=0) > 0).sum() == s.m - len(pitch)
+
+
+def test_delta_group_sets_exactly_the_named_columns(voice):
+    s = generate.PairSampler("voice", 0.25, B, delta_group=["keyboard=0", "vco_1=0.1", "vco_1.tuning=0.5"])
+    d = s.delta_at(0)
+    assert d.shape == (s.m,) and d.dtype == np.float32
+    want = np.full(s.m, 0.25, np.float32)
+    want[s.groups["keyboard"]] = 0.0
+    want[s.groups["vco_1"]] = 0.1
+    want[s.columns["vco_1.tuning"]] = 0.5  # a parameter's own value beats its module's, whatever the order
+    np.testing.assert_array_equal(d, want)
+    # --keep beats --delta-group; without either, delta stays the paper's single scalar
+    kept = generate.PairSampler("voice", 0.25, B, delta_group=["vco_1.tuning=0.5"], keep=["pitch"]).delta_at(0)
+    assert kept[s.columns["vco_1.tuning"]] == 0 and kept[s.columns["keyboard.duration"]] == 0.25
+    assert voice.delta_at(0).shape == () and float(voice.delta_at(0)) == np.float32(voice.delta)
+    # the columns named 0 are equal within each pair, the others are not
+    _, a, b = (np.asarray(x) for x in s.perturb(s.key(0), d))
+    np.testing.assert_array_equal(a[:, s.groups["keyboard"]], b[:, s.groups["keyboard"]])
+    assert (np.abs(a - b).max(axis=0)[want > 0] > 0).all()
+    for bad in (["nope=0.1"], ["keyboard"], ["keyboard=-1"], ["keyboard=nan"], ["keyboard.pitch=0"]):
+        with pytest.raises(ValueError, match="--delta-group"):
+            generate.PairSampler("voice", 0.25, B, delta_group=bad)
+    with pytest.raises(ValueError, match="choose from pitch"):
+        generate.PairSampler("voice", 0.25, B, keep=["tone"])
+
+
+def test_delta_schedule_ramps_training_batches_only():
+    s = generate.PairSampler("voice", 0.25, B, delta_schedule=(0.05, 11))
+    assert float(s.delta_at(0)) == np.float32(0.05)      # step 0: START
+    assert float(s.delta_at(5)) == pytest.approx(0.15)    # halfway
+    assert float(s.delta_at(10)) == np.float32(0.25)      # the last step: the final delta
+    assert float(s.delta_at(1000)) == np.float32(0.25)    # a run extended past its ramp stays there
+    assert float(s.delta_at(0, stream=1)) == np.float32(0.25)  # validation uses the final delta
+    # with per-group values every column is scaled by delta(step) / delta; kept columns stay 0
+    g = generate.PairSampler("voice", 0.25, B, delta_group=["vco_1=0.1"], keep=["pitch"], delta_schedule=(0.05, 11))
+    d0, d10 = g.delta_at(0), g.delta_at(10)
+    assert d0[g.columns["lfo_1.frequency"]] == np.float32(0.05) and d10[g.columns["lfo_1.frequency"]] == np.float32(0.25)
+    assert d0[g.columns["vco_1.mod_depth"]] == pytest.approx(0.02) and d10[g.columns["vco_1.mod_depth"]] == np.float32(0.1)
+    assert d0[g.kept_columns("pitch")].max() == d10[g.kept_columns("pitch")].max() == 0
+    # a pure function of the step, passed to the jitted function as an argument: one compilation for the run
+    a = g.sample(3)
+    np.testing.assert_array_equal(a[3], g.sample(3)[3])
+    g.sample(7)
+    assert g._pair._cache_size() == 1
+    with pytest.raises(ValueError, match="--delta-schedule"):
+        generate.PairSampler("voice", 0.0, B, delta_schedule=(0.05, 11))
+
+
+def test_cli_keep_pitch_and_delta_group_write_params(tmp_path):
+    out = tmp_path / "pairs"
+    run(ROOT / "generate.py", "--synth", "voice", "--keep", "pitch", "--delta-group", "vco_2=0.05", "--pairs", "3",
+        "--batch-size", "2", "--out", out)
+    params = np.load(out / "params.npz")
+    s = generate.PairSampler("voice", 0.25, 2)
+    pitch = [i for name in PITCH["voice"] for i in s.columns[name]]
+    np.testing.assert_array_equal(params["theta_a"][:, pitch], params["theta_b"][:, pitch])
+    assert list(params["keep"]) == ["pitch"] and list(params["delta_group"]) == ["vco_2=0.05"]
+    d = params["delta_columns"]
+    assert d[pitch].max() == 0 and d[s.columns["vco_2.shape"]] == np.float32(0.05) and d[s.columns["mixer.level"]].min() == 0.25
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--delta-group", "nope=0.1"], ["unknown --delta-group name 'nope' for voice", "keyboard[.duration|midi_f0]",
+                                     "vco_1[.initial_phase|mod_depth|tuning]"]),
+    (["--synth", "voice", "parametric", "--delta-group", "keyboard=0"], ["'keyboard' for parametric", "keyboard_1["]),
+    (["--delta-group", "keyboard=x"], ["NAME=VALUE"]),
+    (["--keep", "tone"], ["unknown --keep set 'tone' (choose from pitch)"]),
+])
+def test_cli_unknown_group_or_set_is_one_line_exit_2(tmp_path, args, needles):
+    p = run(ROOT / "generate.py", "--out", tmp_path / "o", *args, check=False)
+    line = assert_one_line_error(p)
+    assert all(n in line for n in needles), line
+    assert not (tmp_path / "o").exists()

@@ -14,6 +14,9 @@ their code). The same script trains on real audio (--data) for the paper's basel
     # nodes x procs x --batch-size and the lr scales with it
     torchrun --nnodes=2 --nproc_per_node=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --synth voice --delta 0.25 --out runs/voice_2nodes
+    # pairs that keep their pitch; delta ramped from 0.05 at step 0 to --delta at the last step
+    python train.py --synth voice --delta 0.25 --keep pitch --out runs/voice_keep_pitch
+    python train.py --synth voice --delta 0.25 --delta-schedule 0.05 --out runs/voice_ramp
     # continue a run exactly where its last checkpoint stopped
     python train.py --resume runs/cpu --epochs 4
     # the paper's "Random Init." baseline: export an untrained encoder
@@ -242,6 +245,7 @@ def resumed_args(args, given, config):
     always this machine's (given, or the default here)."""
     may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
     config = {LOSS_ALIASES.get(k, k): v for k, v in config.items()}
+    config = {"delta_group": None, "keep": None, "delta_schedule": None, **config}  # older runs: the paper's one delta
     saved = {k: v for k, v in config.items() if k in vars(args) and k not in given & may_change}
     return argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "resume": args.resume, "device": args.device})
 
@@ -266,6 +270,10 @@ def check_args(args, synths):
          "--align-alpha and --unif-t must be > 0, --align-w and --unif-w finite"),
         (args.log_every >= 1 and finite(args.save_every) and args.save_every >= 0, "--log-every must be >= 1 and --save-every >= 0"),
         ((args.max_steps or 0) >= 0 and args.benchmark_steps >= 1, "--max-steps must be >= 0 and --benchmark-steps >= 1"),
+        (args.delta_schedule is None or (finite(args.delta_schedule) and args.delta_schedule >= 0 and args.delta > 0),
+         "--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)"),
+        (args.data is None or not (args.delta_group or args.keep or args.delta_schedule is not None),
+         "--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data"),
     ]:
         if not ok:
             raise ValueError(msg)
@@ -394,8 +402,13 @@ def main():
     # data
     try:
         augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
+        # the ramp spans the epochs the run was started with, kept in its config: --resume --epochs N extends
+        # the run at the final delta instead of redrawing the pairs of steps already trained
+        ramp_steps = (ckpt["config"] if ckpt else {}).get("delta_schedule_steps") or steps_per_epoch * args.epochs
+        schedule = None if args.delta_schedule is None else (args.delta_schedule, ramp_steps)
         source = RealAudio(args.data, args.positives, args.batch_size, args.seed) if args.data is not None \
-            else PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed)
+            else PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed, args.delta_group,
+                             args.keep, schedule)
     except ValueError as e:
         die(e)
 
@@ -421,7 +434,8 @@ def main():
 
     out = args.out
     config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
-              "val_steps": val_steps, "milestones_epochs": milestone_epochs(args)}
+              "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
+              "delta_schedule_steps": schedule[1] if schedule else None}
     if master:
         log_path = open_run(out, config, step, val_epochs)
     if ddp:
@@ -729,6 +743,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--synth", default="voice", help="voice (78 params), voicefm (130) or parametric (340)")
     g.add_argument("--delta", type=float, default=0.25, help="perturbation size delta for the doppelgänger pairs")
+    g.add_argument("--delta-group", action="append", metavar="NAME=VALUE", help="delta VALUE for one synthax module "
+                   "(keyboard, vco_1, ...) or parameter (keyboard.midi_f0) instead of --delta; repeatable")
+    g.add_argument("--keep", action="append", metavar="SET", help="hold a set of parameters equal within a pair: "
+                   "pitch (every keyboard's midi_f0 and oscillator's tuning)")
+    g.add_argument("--delta-schedule", type=float, metavar="START", help="delta ramps linearly from START at step 0 "
+                   "to --delta at the run's last step (per-group values scale with it); validation uses --delta")
     g.add_argument("--data", help="train on a folder of real audio instead of a synth (read recursively)")
     g.add_argument("--positives", default="aug", choices=["aug", "jitter", "mix5", "mix10"], help="real audio: "
                    "two augmentations of a crop, two crops of a file, or two layerings of 5 / 10 crops (VGGSound-Mix)")

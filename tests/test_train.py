@@ -262,3 +262,57 @@ def test_augmentation_library_is_imported_only_when_asked_for():
     code = "import sys, train; assert 'torch_audiomentations' not in sys.modules; train.make_augment(); " \
            "assert 'torch_audiomentations' in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+
+
+RECIPE = ["--keep", "pitch", "--delta-group", "vco_1=0.1", "--delta-schedule", "0.05"]
+
+
+def test_recipe_is_recorded_and_a_resumed_run_keeps_it(tmp_path):
+    # 36 training pairs / 4 = 9 steps per epoch, 2 epochs: delta ramps from 0.05 at step 0 to 0.25 at step 17
+    run(ROOT / "train.py", *TINY, *RECIPE, "--epochs", "2", "--max-steps", "3", "--out", tmp_path / "straight")
+    run(ROOT / "train.py", *TINY, *RECIPE, "--epochs", "2", "--max-steps", "2", "--out", tmp_path / "stopped")
+    config = json.loads((tmp_path / "stopped" / "config.json").read_text())
+    assert config["keep"] == ["pitch"] and config["delta_group"] == ["vco_1=0.1"] and config["delta_schedule"] == 0.05
+    assert config["delta_schedule_steps"] == 18
+    # the run's own recipe wins over flags given on --resume, and more epochs do not stretch the ramp
+    run(ROOT / "train.py", "--resume", tmp_path / "stopped", "--max-steps", "3", "--epochs", "3",
+        "--keep", "nope", "--delta-group", "keyboard=0", "--delta-schedule", "0.2")
+    resumed = json.loads((tmp_path / "stopped" / "config.json").read_text())
+    assert {k: resumed[k] for k in ("keep", "delta_group", "delta_schedule", "delta_schedule_steps")} == \
+        {k: config[k] for k in ("keep", "delta_group", "delta_schedule", "delta_schedule_steps")}
+    assert resumed["epochs"] == 3
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the sampler train.py builds from this config: START at step 0, --delta at the last step, pitch kept
+    import generate
+    s = generate.PairSampler("voice", config["delta"], 2, delta_group=config["delta_group"], keep=config["keep"],
+                             delta_schedule=(config["delta_schedule"], config["delta_schedule_steps"]))
+    first, last = s.delta_at(0), s.delta_at(17)
+    other = s.columns["lfo_1.frequency"]
+    assert first[other] == np.float32(0.05) and last[other] == np.float32(0.25)
+    assert last[s.columns["vco_1.mod_depth"]] == np.float32(0.1) and last[s.kept_columns("pitch")].max() == 0
+
+
+def test_resume_of_a_run_from_before_the_recipe_flags_keeps_the_papers_delta():
+    args, given = train.parse_args(["--resume", "runs/old", "--keep", "pitch", "--delta-schedule", "0.1"])
+    old = {"synth": "voice", "delta": 0.25, "epochs": 4}  # config.json written before these flags existed
+    resumed = train.resumed_args(args, given, old)
+    assert resumed.keep is None and resumed.delta_group is None and resumed.delta_schedule is None
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--delta-group", "nope=0.1"], "unknown --delta-group name 'nope' for voice"),
+    (["--delta-group", "keyboard=-1"], "NAME=VALUE"),
+    (["--keep", "tone"], "choose from pitch"),
+    (["--delta-schedule", "-0.1"], "--delta-schedule"),
+    (["--delta", "0", "--delta-schedule", "0.1"], "--delta > 0"),
+    (["--data", "DATA", "--keep", "pitch"], "not --data"),
+])
+def test_bad_recipe_is_one_line_exit_2(tmp_path, args, needle):
+    args = [str(tmp_path) if a == "DATA" else a for a in args]
+    p = run(ROOT / "train.py", "--out", tmp_path / "out", *args, check=False)
+    assert needle in assert_one_line_error(p)
+    assert not (tmp_path / "out").exists()

@@ -29,7 +29,9 @@ downloads: every model is read from a local path.
   python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
 
   # Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
-  # line per synth -> training.csv, probe.csv, training_align_unif.png, training_probe.png
+  # line per synth and recipe (train.py's --keep, --delta-group, --delta-schedule; a ramped run sits at its final
+  # delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
+  # in %), training_align_unif.png, training_probe.png
   python analyze.py training --runs runs/* --results probes/results.json --out figs/training
 
   # what an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
@@ -676,8 +678,20 @@ def read_json(path, what):
     return obj
 
 
+def recipe(cfg, path):
+    """How a run drew its pairs besides one delta (train.py --keep, --delta-group, --delta-schedule), e.g.
+    'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler and for runs from before these flags."""
+    keep, groups, start = cfg.get("keep") or [], cfg.get("delta_group") or [], cfg.get("delta_schedule")
+    with bad_input(f"{path} has a malformed keep, delta_group or delta_schedule", (TypeError, ValueError)):
+        if not (isinstance(keep, list) and isinstance(groups, list)):
+            raise TypeError
+        ramp = [] if start is None else [f"ramp from {float(start):g}"]
+    return ", ".join([f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
+
+
 def read_run(d):
-    """A train.py run folder -> dict(run, synth, delta, steps, epochs, val_align, val_unif) of the final model."""
+    """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of the final
+    model."""
     d = Path(d)
     if not d.is_dir():
         raise AnalyzeError(f"no such run folder: {d}")
@@ -687,11 +701,12 @@ def read_run(d):
     with bad_input(f"{d / 'config.json'} has no synth/delta", (KeyError, TypeError, ValueError)):
         synth = "+".join(map(str, cfg["synth"])) if isinstance(cfg["synth"], list) else str(cfg["synth"])
         delta = float(cfg["delta"])
+    how = recipe(cfg, d / "config.json")
     if cfg.get("data"):  # the paper's real-audio baselines: no synth, no delta
-        synth, delta = f"real ({cfg.get('positives', 'aug')})", float("nan")
+        synth, delta, how = f"real ({cfg.get('positives', 'aug')})", float("nan"), ""
     elif cfg.get("epochs") == 0:  # "Random Init." baseline
-        synth, delta = "random init", float("nan")
-    row = dict(run=d.name, synth=synth, delta=delta, steps=0, epochs=0,
+        synth, delta, how = "random init", float("nan"), ""
+    row = dict(run=d.name, synth=synth, recipe=how, delta=delta, steps=0, epochs=0,
                val_align=float("nan"), val_unif=float("nan"))
     path = d / "log.csv"
     if not path.is_file():
@@ -735,16 +750,23 @@ def read_results(path, runs):
         if run is None:
             skipped.add(str(enc))
             continue
-        out.append(dict(run=run["run"], synth=run["synth"], delta=run["delta"], **s))
+        out.append(dict(run=run["run"], synth=run["synth"], recipe=run["recipe"], delta=run["delta"], **s))
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
 
 
-def by_synth(ax, rows, key, err=None):
-    """One line per synth; runs that share (synth, delta), e.g. seeds, are averaged."""
-    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
-        rs = [r for r in rows if r["synth"] == sy and np.isfinite(r[key])]
+def label(r):
+    return f"{r['synth']}, {r['recipe']}" if r["recipe"] else r["synth"]
+
+
+def by_synth(ax, rows, key, err=None, series=None):
+    """One line per synth and recipe; runs that share (synth, recipe, delta), e.g. seeds, are averaged. series: the
+    labels of the whole figure, so that a line has one color in every panel."""
+    series = series or sorted({label(r) for r in rows})
+    for sy in sorted({label(r) for r in rows}):
+        i = series.index(sy)
+        rs = [r for r in rows if label(r) == sy and np.isfinite(r[key])]
         if not rs:
             continue
         if not np.isfinite(rs[0]["delta"]):  # a baseline without delta: a reference line
@@ -764,8 +786,11 @@ def cmd_training(args):
     if not runs and not probes:
         raise AnalyzeError("no probe result maps to a train.py run folder "
                            "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
-    rows = sorted(runs.values(), key=lambda r: (r["synth"], r["delta"], r["run"]))
-    cols = ["run", "synth", "delta", "steps", "epochs", "val_align", "val_unif"]
+    order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
+    rows = sorted(runs.values(), key=order)
+    # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
+    how = ["recipe"] * any(r["recipe"] for r in [*rows, *probes])
+    cols = ["run", "synth", *how, "delta", "steps", "epochs", "val_align", "val_unif"]
     figures, tables = [], [write_csv(args.out / "training.csv", rows, cols,
                                      "training.csv: final validation alignment and uniformity")]
     if rows:
@@ -775,14 +800,23 @@ def cmd_training(args):
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
         figures.append(save_fig(fig, args.out / "training_align_unif.png"))
     if probes:
-        probes.sort(key=lambda r: (r["task"], r["synth"], r["delta"], r["run"]))
-        tables.append(write_csv(args.out / "probe.csv", probes, ["run", "synth", "delta", "task", "metric", "mean",
-                                                                  "std", "folds"], "probe.csv: linear-probe scores"))
+        probes.sort(key=lambda r: (r["task"], *order(r)))
+        tables.append(write_csv(args.out / "probe.csv", probes, ["run", "synth", *how, "delta", "task", "metric",
+                                                                  "mean", "std", "folds"], "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
+        # a row per run, a column per task (as probe.py's table: mean ± std in %), beside the final align/unif
+        wide = {p["run"]: {k: p[k] for k in ("run", "synth", "recipe", "delta")} for p in probes}
+        wide.update({r["run"]: dict(r) for r in rows})
+        for p in probes:
+            wide[p["run"]][p["task"]] = f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}"
+        tables.append(write_csv(args.out / "training_table.csv", sorted(wide.values(), key=order),
+                                ["run", "synth", *how, "delta", "val_align", "val_unif", *tasks],
+                                "training_table.csv: final validation alignment and uniformity, and each task's probe "
+                                "score (mean ± std over folds, %) per run"))
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
         for ax, t in zip(axes[0], tasks):
             rs = [r for r in probes if r["task"] == t]
-            by_synth(ax, rs, "mean", err="std")
+            by_synth(ax, rs, "mean", err="std", series=sorted({label(r) for r in probes}))
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         fig.tight_layout()

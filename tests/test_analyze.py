@@ -256,6 +256,52 @@ def test_training_from_run_folders(runs, tmp_path):
     pngs_ok(tmp_path, ["training_align_unif.png", "training_probe.png"])
 
 
+def test_training_draws_one_line_per_recipe(tmp_path):
+    """Runs of the same synth and delta but different train.py recipes (--keep pitch, --delta-group,
+    --delta-schedule) are separate lines and rows, never averaged together."""
+    root = tmp_path / "exp"
+    recipes = {"": {}, "keep pitch": dict(keep=["pitch"]), "keyboard=0.05": dict(delta_group=["keyboard=0.05"]),
+               "keep pitch, ramp from 0.05": dict(keep=["pitch"], delta_schedule=0.05, delta_schedule_steps=672)}
+    summary = []
+    for i, (how, extra) in enumerate(recipes.items()):
+        for delta in (0.1, 0.25):
+            name = f"r{i}_d{delta}"
+            (root / "runs" / name).mkdir(parents=True)
+            config = dict(synth="voice", delta=delta, data=None, epochs=4, delta_group=None, keep=None,
+                          delta_schedule=None, delta_schedule_steps=None)
+            (root / "runs" / name / "config.json").write_text(json.dumps({**config, **extra}, indent=2))
+            (root / "runs" / name / "log.csv").write_text(
+                "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
+                f"168,0,0.03,0.1,1.2,-2.0,{1 + i + delta},{-3 - i},40.0\n")
+            for task in ("csv:gm_notes:pitch", "csv:fsdd:digit"):
+                summary.append(dict(encoder=f"runs/{name}/encoder.pt", task=task, metric="accuracy",
+                                    mean=0.1 * i + delta, std=0.01, folds=5))
+    rows = [dict(s, fold=k, score=s["mean"]) for s in summary for k in range(5)]
+    (root / "results.json").write_text(json.dumps(dict(rows=rows, summary=summary, skipped_files={})))
+    p = ok("training", "--runs", *sorted((root / "runs").iterdir()), "--results", root / "results.json",
+           "--out", tmp_path / "out", cwd=root)
+    out = tmp_path / "out"
+    training = {r["run"]: r for r in read_csv(out / "training.csv")}
+    for i, how in enumerate(recipes):
+        assert training[f"r{i}_d0.25"]["recipe"] == how and float(training[f"r{i}_d0.25"]["val_unif"]) == -3 - i
+    probes = read_csv(out / "probe.csv")
+    assert len(probes) == 16 and {r["recipe"] for r in probes} == set(recipes)
+    table = read_csv(out / "training_table.csv")
+    assert list(table[0]) == ["run", "synth", "recipe", "delta", "val_align", "val_unif", "csv:fsdd:digit",
+                              "csv:gm_notes:pitch"]
+    kept = [r for r in table if r["recipe"] == "keep pitch" and r["delta"] == "0.25"][0]
+    assert kept["csv:gm_notes:pitch"] == "35.0 ± 1.0" and float(kept["val_align"]) == pytest.approx(2.25)
+    pngs_ok(out, ["training_align_unif.png", "training_probe.png"])
+    # stdout is the report section: the per-run table in markdown, the recipe in every row
+    assert "| run | synth | recipe | delta | val_align | val_unif | csv:fsdd:digit | csv:gm_notes:pitch |" in p.stdout
+    assert "| r3_d0.1 | voice | keep pitch, ramp from 0.05 | 0.1 |" in p.stdout
+    # a config.json whose recipe is not train.py's: one line, exit 2
+    bad = root / "runs" / "r0_d0.1" / "config.json"
+    bad.write_text(json.dumps(dict(synth="voice", delta=0.1, keep="pitch")))
+    p = run("training", "--runs", bad.parent, "--out", tmp_path / "o2")
+    assert p.returncode == 2 and "malformed keep" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_invariance_per_factor(factors, encoder, random_run, tmp_path):
     out = tmp_path / "inv"
     p = ok("invariance", "--factors", factors, "--encoder", encoder, random_run / "encoder.pt", "--out", out)

@@ -121,6 +121,7 @@ class PairSampler:
     sample(step, rank=0, stream=0) -> (audio_a, audio_b, theta, theta_a, theta_b) as float32 numpy
     arrays of shape (B, T) and (B, m); batch(...) -> (audio_a, audio_b) only. stream 0 is for
     training; other streams (e.g. 1 for validation) are key spaces that training never draws from.
+    delta_group, keep, delta_schedule: a delta per column instead of one (see set_recipe, delta_at).
     """
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
@@ -193,7 +194,7 @@ class PairSampler:
         return [i for name, cols in self.columns.items() if name.split(".")[-1] in KEEP[keep] for i in cols]
 
     def delta_at(self, step=0, stream=0):
-        """The delta of batch (step, stream): a float32 scalar while every column shares it (then the pairs are
+        """The delta of batch (step, stream): a float32 scalar while no column has its own (then the pairs are
         the paper's sampler's, bit for bit), else one per column, (m,). A pure function of (step, stream) and
         the recipe, so a resumed run draws the same pairs. Only stream 0 (training) follows delta_schedule;
         validation and factor streams use the final delta."""

@@ -801,8 +801,9 @@ def cmd_training(args):
         figures.append(save_fig(fig, args.out / "training_align_unif.png"))
     if probes:
         probes.sort(key=lambda r: (r["task"], *order(r)))
-        tables.append(write_csv(args.out / "probe.csv", probes, ["run", "synth", *how, "delta", "task", "metric",
-                                                                  "mean", "std", "folds"], "probe.csv: linear-probe scores"))
+        tables.append(write_csv(args.out / "probe.csv", probes,
+                                ["run", "synth", *how, "delta", "task", "metric", "mean", "std", "folds"],
+                                "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
         # a row per run, a column per task (as probe.py's table: mean ± std in %), beside the final align/unif
         wide = {p["run"]: {k: p[k] for k in ("run", "synth", "recipe", "delta")} for p in probes}

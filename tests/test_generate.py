@@ -287,8 +287,9 @@ def test_delta_schedule_ramps_training_batches_only():
     # with per-group values every column is scaled by delta(step) / delta; kept columns stay 0
     g = generate.PairSampler("voice", 0.25, B, delta_group=["vco_1=0.1"], keep=["pitch"], delta_schedule=(0.05, 11))
     d0, d10 = g.delta_at(0), g.delta_at(10)
-    assert d0[g.columns["lfo_1.frequency"]] == np.float32(0.05) and d10[g.columns["lfo_1.frequency"]] == np.float32(0.25)
-    assert d0[g.columns["vco_1.mod_depth"]] == pytest.approx(0.02) and d10[g.columns["vco_1.mod_depth"]] == np.float32(0.1)
+    lfo, vco = g.columns["lfo_1.frequency"], g.columns["vco_1.mod_depth"]
+    assert d0[lfo] == np.float32(0.05) and d10[lfo] == np.float32(0.25)
+    assert d0[vco] == pytest.approx(0.02) and d10[vco] == np.float32(0.1)
     assert d0[g.kept_columns("pitch")].max() == d10[g.kept_columns("pitch")].max() == 0
     # a pure function of the step, passed to the jitted function as an argument: one compilation for the run
     a = g.sample(3)
@@ -309,7 +310,8 @@ def test_cli_keep_pitch_and_delta_group_write_params(tmp_path):
     np.testing.assert_array_equal(params["theta_a"][:, pitch], params["theta_b"][:, pitch])
     assert list(params["keep"]) == ["pitch"] and list(params["delta_group"]) == ["vco_2=0.05"]
     d = params["delta_columns"]
-    assert d[pitch].max() == 0 and d[s.columns["vco_2.shape"]] == np.float32(0.05) and d[s.columns["mixer.level"]].min() == 0.25
+    assert d[pitch].max() == 0 and d[s.columns["vco_2.shape"]] == np.float32(0.05)
+    assert d[s.columns["mixer.level"]].min() == 0.25
 
 
 @pytest.mark.parametrize("args,needles", [

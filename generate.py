@@ -112,6 +112,15 @@ def make_synth(name, config):
     raise ValueError(f"unknown synth {name!r} (choose from {', '.join(SYNTHS)})")
 
 
+def synthesis_device(local_rank=0, devices=None):
+    """The JAX device a torchrun rank synthesizes on: its own GPU (LOCAL_RANK) when JAX has a GPU
+    plugin, else the CPU. Left to JAX's default, every rank would synthesize on GPU 0, beside rank 0's
+    training. devices: JAX's devices (default: jax.devices(), the default backend's, GPUs first)."""
+    devices = jax.devices() if devices is None else devices
+    gpus = [d for d in devices if d.platform in ("gpu", "cuda", "rocm")]
+    return gpus[local_rank % len(gpus)] if gpus else jax.devices("cpu")[0]
+
+
 # -----------------------------------------------------------------------------
 # the pair sampler
 
@@ -125,8 +134,9 @@ class PairSampler:
     """
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
-                 delta_schedule=None):
+                 delta_schedule=None, device=None):
         self.synth_name, self.delta, self.batch_size, self.seed = synth, float(delta), batch_size, seed
+        self.device = device  # JAX device to synthesize on (None: JAX's default); see synthesis_device
         self.sample_rate, self.seconds = sample_rate, seconds
         config = SynthConfig(batch_size=batch_size, sample_rate=sample_rate, buffer_size_seconds=seconds,
                              control_rate=CONTROL_RATE)
@@ -288,7 +298,8 @@ class PairSampler:
         return key
 
     def sample(self, step, rank=0, stream=0):
-        out = self._pair(self.key(step, rank, stream), self.delta_at(step, stream))
+        with jax.default_device(self.device):  # thread-local: set here, in the thread that synthesizes
+            out = self._pair(self.key(step, rank, stream), self.delta_at(step, stream))
         return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
 
     def batch(self, step, rank=0, stream=0):

@@ -34,6 +34,7 @@ step and the validated epochs, and the lr is a function of the epoch, so a run k
 resumes to the same log rows and weights.
 """
 import argparse
+import contextlib
 import csv
 import glob
 import io
@@ -179,22 +180,25 @@ class DataError(Exception):
 
 class Prefetcher:
     """Draws batches in a background thread so the model never waits for synthesis.
-    A thread, not DataLoader workers: a forked worker deadlocks once JAX has run."""
+    A thread, not DataLoader workers: a forked worker deadlocks once JAX has run.
+    cores: a lock the training step holds on the CPU (see main), or a null context on a GPU."""
 
-    def __init__(self, source, steps, rank, stream, augment=None, depth=3):
+    def __init__(self, source, steps, rank, stream, augment=None, depth=3, cores=contextlib.nullcontext()):
         self.q = queue.Queue(maxsize=depth)
         self.source, self.steps, self.rank, self.stream, self.augment = source, steps, rank, stream, augment
+        self.cores = cores
         self.thread = threading.Thread(target=self.work, daemon=True)
         self.thread.start()
 
     def work(self):
         try:
             for step in self.steps:
-                a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
-                if self.augment is not None:  # each view augmented independently, seeded by its step
-                    seed = hash((self.stream, self.rank, step)) % 2**63
-                    torch.manual_seed(seed), random.seed(seed)  # the library draws from both; the main thread from neither
-                    a, b = self.augment(a), self.augment(b)
+                with self.cores:
+                    a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
+                    if self.augment is not None:  # each view augmented independently, seeded by its step
+                        seed = hash((self.stream, self.rank, step)) % 2**63
+                        torch.manual_seed(seed), random.seed(seed)  # the library draws from both; the main thread from neither
+                        a, b = self.augment(a), self.augment(b)
                 self.q.put((step, a, b))
         except BaseException as e:  # surface it in the main thread instead of hanging
             self.q.put(e)
@@ -287,6 +291,14 @@ def check_args(args, synths):
                          f"or pick another --out")
 
 
+def native_bf16(device):
+    """bf16 autocast pays only where the hardware multiplies bf16: Ampere+ GPUs, and CPUs with AMX or
+    AVX512-BF16 (~1.5x fp32). Elsewhere it is emulated: ~40x slower than fp32 on an AVX2 CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
 def setup_ddp(device_name):
     """DDP from torchrun's environment; a plain `python train.py` is a world of one."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -365,12 +377,13 @@ def restore(run, ckpt, model, optimizer, steps_per_epoch):
 
 
 @torch.no_grad()
-def validate(model, embed_pair, source, val_steps, rank, augment, args):
+def validate(model, embed_pair, source, val_steps, rank, augment, args, cores):
     """Alignment and uniformity on the fixed held-out batches -> (val_align, val_unif)."""
     model.eval()
     va, vu = [], []
-    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment):
-        _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
+    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment, cores=cores):
+        with cores:
+            _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
         va.append(align), vu.append(unif)
     return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
 
@@ -379,7 +392,7 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
 
 def main():
     args, given = parse_args()
-    from generate import SYNTHS, PairSampler
+    from generate import SYNTHS, PairSampler, synthesis_device
     try:
         ckpt = load_checkpoint(args.resume) if args.resume else None
         if ckpt:
@@ -389,7 +402,10 @@ def main():
         die(e)
     ddp, rank, world, device = setup_ddp(args.device)
     master = rank == 0
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
+    # on the CPU, synthesis (JAX) and the step (PyTorch) each use every core; run at once, each library's
+    # threads wait on the other's, so the step holds this lock and synthesis fills the gaps between steps
+    cores = threading.Lock() if device.type == "cpu" else contextlib.nullcontext()
     global_batch = args.batch_size * world
     args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
     steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
@@ -408,12 +424,13 @@ def main():
         schedule = None if args.delta_schedule is None else (args.delta_schedule, ramp_steps)
         source = RealAudio(args.data, args.positives, args.batch_size, args.seed) if args.data is not None \
             else PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed, args.delta_group,
-                             args.keep, schedule)
+                             args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0))))
     except ValueError as e:
         die(e)
 
     # model
-    model = Encoder(init=args.init).to(device)
+    # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)
+    model = Encoder(init=args.init).to(device, memory_format=torch.channels_last)
     if ddp and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -423,30 +440,31 @@ def main():
     net = nn.parallel.DistributedDataParallel(model.net, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else model.net
 
-    def embed_pair(a, b):  # one forward over both views: BatchNorm sees the whole pair batch
+    def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
         spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            e = net(spec)
+            e = net(spec.contiguous(memory_format=torch.channels_last))
         return e[: len(a)], e[len(a):]
 
     if args.benchmark:
-        return benchmark(args, source, embed_pair, optimizer, rank, augment)
+        return benchmark(args, source, embed_pair, optimizer, rank, augment, cores, amp, native_bf16(device))
 
     out = args.out
     config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
               "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
-              "delta_schedule_steps": schedule[1] if schedule else None}
+              "delta_schedule_steps": schedule[1] if schedule else None, "precision": "bf16" if amp else "fp32"}
     if master:
         log_path = open_run(out, config, step, val_epochs)
     if ddp:
         print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
     print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
-          f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}")
+          f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}, "
+          f"{config['precision']}")
     t0, sounds, last_save = time.time(), 0, time.time()
     while True:
         epoch = step // steps_per_epoch
         if epoch > val_epochs:  # this epoch's training is done, its validation not yet
-            val_align, val_unif = validate(model, embed_pair, source, val_steps, rank, augment, args)
+            val_align, val_unif = validate(model, embed_pair, source, val_steps, rank, augment, args, cores)
             rate = sounds / (time.time() - t0)
             if master:
                 log_row(log_path, step=step, epoch=val_epochs, lr=learning_rate(val_epochs, args), loss=last[0],
@@ -462,15 +480,18 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, args)
         model.train()
-        for s, a, b in Prefetcher(source, range(step, min(stop_at, (epoch + 1) * steps_per_epoch)), rank, TRAIN, augment):
-            loss, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t, args.align_w, args.unif_w)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            last = all_mean(loss, align, unif)  # same numbers on every rank
-            if not math.isfinite(last[0]):
-                kept = os.path.exists(os.path.join(out, "checkpoint.pt"))
-                die(f"non-finite loss at step {s}; stopping" + (f", {out}/checkpoint.pt (earlier) is kept" if kept else ""), 1)
-            optimizer.step()
+        steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))
+        for s, a, b in Prefetcher(source, steps, rank, TRAIN, augment, cores=cores):
+            with cores:
+                loss, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t, args.align_w,
+                                                     args.unif_w)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                last = all_mean(loss, align, unif)  # same numbers on every rank
+                if not math.isfinite(last[0]):
+                    kept = os.path.exists(os.path.join(out, "checkpoint.pt"))
+                    die(f"non-finite loss at step {s}; stopping" + (f", {out}/checkpoint.pt (earlier) is kept" if kept else ""), 1)
+                optimizer.step()
             step, sounds = s + 1, sounds + 2 * global_batch
             if master and step % args.log_every == 0 and step % steps_per_epoch != 0:
                 rate = sounds / (time.time() - t0)
@@ -495,40 +516,51 @@ def main():
         dist.destroy_process_group()
 
 
-def benchmark(args, source, embed_pair, optimizer, rank, augment):
-    """Training speed with on-the-fly synthesis vs the same number of batches already in memory.
-    A ratio near 1 means the background thread hides the synthesis."""
-    n = args.benchmark_steps
+def benchmark(args, source, embed_pair, optimizer, rank, augment, cores, amp, native):
+    """Training speed per precision: the same batches pre-generated in memory, then synthesized on the
+    fly, beside the perfect-overlap bound 1 / (1/train + 1/synthesis). On the CPU both share the
+    cores, so the bound is the best a pipeline can do there; on a GPU on-the-fly can reach train."""
+    n, sounds = args.benchmark_steps, 2 * args.batch_size
 
-    def train_step(a, b):
-        loss = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()  # waits for the device
+    def train_step(a, b, amp):
+        with cores:
+            loss = contrastive_loss(*embed_pair(a, b, amp), args.align_alpha, args.unif_t)[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return loss.item()  # waits for the device
 
     t0 = time.time()
     first = [torch.from_numpy(x) for x in source.batch(0, rank)]
     gen_s = time.time() - t0
-    for _ in range(2):
-        train_step(*first)  # warm-up
     t0 = time.time()
     batches = [[torch.from_numpy(x) for x in source.batch(s, rank)] for s in range(1, n + 1)]
-    synth_rate = 2 * args.batch_size * n / (time.time() - t0)
-    t0 = time.time()
-    for a, b in batches:
-        train_step(a, b)
-    pre = n / (time.time() - t0)
-    t0 = time.time()
-    for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment):
-        train_step(a, b)
-    fly = n / (time.time() - t0)
-    sounds = 2 * args.batch_size
+    synth = sounds * n / (time.time() - t0)
     print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
-    print(f"synthesis alone:        {synth_rate:8.1f} sounds/s")
-    print(f"pre-generated batches:  {pre:8.3f} steps/s {pre * sounds:8.1f} sounds/s")
-    print(f"on-the-fly synthesis:   {fly:8.3f} steps/s {fly * sounds:8.1f} sounds/s")
-    print(f"ratio on-the-fly / pre-generated: {fly / pre:.3f}   peak memory {peak_memory_mb():.0f} MB")
+    print(f"synthesis alone: {synth:.1f} sounds/s")
+    print(f"{'sounds/s':10s} {'pre-generated':>14s} {'on-the-fly':>11s} {'bound':>8s} {'on-the-fly / bound':>19s}")
+    # bf16 is measured where it is the default or asked for: emulated on a CPU, 10 steps take minutes
+    precisions = [False] + [True] * (args.amp == "on" or (args.amp == "auto" and native))
+    fly = {}
+    for bf16 in precisions:
+        for _ in range(2):
+            train_step(*first, bf16)  # warm-up (oneDNN and cuDNN pick their kernels)
+        t0 = time.time()
+        for a, b in batches:
+            train_step(a, b, bf16)
+        pre = sounds * n / (time.time() - t0)
+        t0 = time.time()
+        for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment, cores=cores):
+            train_step(a, b, bf16)
+        fly[bf16] = sounds * n / (time.time() - t0)
+        bound = 1 / (1 / pre + 1 / synth)
+        print(f"{'bf16' if bf16 else 'fp32':10s} {pre:14.1f} {fly[bf16]:11.1f} {bound:8.1f} {fly[bf16] / bound:19.3f}")
+    if len(fly) == 2:
+        print(f"bf16 / fp32 on the fly: {fly[True] / fly[False]:.2f}x")
+    elif args.amp != "off":
+        print("bf16: not measured, this CPU has no native bf16 (AMX or AVX512-BF16) and would emulate it "
+              "(~40x slower); --amp on measures it anyway")
+    print(f"default precision here (--amp {args.amp}): {'bf16' if amp else 'fp32'}; peak memory {peak_memory_mb():.0f} MB")
 
 
 # -----------------------------------------------------------------------------
@@ -778,13 +810,15 @@ def parse_args(argv=None):
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast (auto: on for cuda)")
+    g.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast of the ResNet (the "
+                   "log-mel stays float32); auto: on where the hardware has native bf16 (Ampere+ GPUs, CPUs with "
+                   "AMX or AVX512-BF16), off elsewhere, where it is emulated and slower")
     g.add_argument("--log-every", type=int, default=50, help="steps between log rows")
     g.add_argument("--save-every", type=float, default=30.0, help="minutes between mid-epoch checkpoints")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpoint kept)")
     g.add_argument("--readout", default="pool", choices=["pool", "fc"], help="what encoder.pt outputs: the 512-d "
                    "pooled layer (probes better, as a layer below a projection head does) or the fc head of the loss")
-    g.add_argument("--benchmark", action="store_true", help="on-the-fly vs pre-generated batches: steps/s, sounds/s")
+    g.add_argument("--benchmark", action="store_true", help="sounds/s per precision, pre-generated vs on-the-fly, and the perfect-overlap bound")
     g.add_argument("--benchmark-steps", type=int, default=10)
     args = p.parse_args(argv)
     for a in p._actions:  # a second pass with no defaults tells which flags were given

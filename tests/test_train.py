@@ -316,3 +316,35 @@ def test_bad_recipe_is_one_line_exit_2(tmp_path, args, needle):
     p = run(ROOT / "train.py", "--out", tmp_path / "out", *args, check=False)
     assert needle in assert_one_line_error(p)
     assert not (tmp_path / "out").exists()
+
+
+def test_each_rank_synthesizes_on_its_own_gpu_and_on_the_cpu_without_one():
+    import types
+    import generate
+    gpu = [types.SimpleNamespace(platform="gpu", id=i) for i in range(2)]
+    assert generate.synthesis_device(0, gpu) is gpu[0] and generate.synthesis_device(1, gpu) is gpu[1]
+    assert generate.synthesis_device(3, gpu) is gpu[1]  # more ranks than GPUs: wrap around, never all on 0
+    cpu = generate.synthesis_device(1)  # JAX here has no GPU plugin
+    assert cpu.platform == "cpu"
+    s = generate.PairSampler("voice", 0.25, 2, seconds=0.1, device=cpu)
+    a, b = s.batch(0)
+    assert a.shape == (2, 1600) and not np.allclose(a, b)
+
+
+def test_precision_is_chosen_by_the_hardware_and_recorded(tmp_path):
+    native = train.native_bf16(torch.device("cpu"))
+    assert isinstance(native, bool)
+    p = run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "1", "--out", tmp_path / "auto")
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == ("bf16" if native else "fp32")
+    assert ("bf16" if native else "fp32") in p.stdout.splitlines()[0]
+    run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "1", "--amp", "off", "--out", tmp_path / "off")
+    assert json.loads((tmp_path / "off" / "config.json").read_text())["precision"] == "fp32"
+
+
+def test_benchmark_prints_each_precision_beside_the_overlap_bound():
+    p = run(ROOT / "train.py", "--benchmark", "--batch-size", "4", "--benchmark-steps", "1", "--amp", "off")
+    row = next(l for l in p.stdout.splitlines() if l.startswith("fp32"))
+    pre, fly, bound, ratio = map(float, row.split()[1:])
+    synth = float(next(l for l in p.stdout.splitlines() if l.startswith("synthesis alone")).split()[2])
+    assert bound == pytest.approx(1 / (1 / pre + 1 / synth), rel=0.01) and ratio == pytest.approx(fly / bound, rel=0.01)
+    assert "bf16" not in p.stdout.split("sounds/s", 1)[1].split("default precision")[0]  # --amp off: fp32 only

@@ -28,7 +28,8 @@ A run folder holds config.json, log.csv, checkpoint.pt (written atomically after
 training, after its validation, and every --save-every minutes) and encoder.pt, a TorchScript file:
 torch.jit.load(path) maps a float32 (B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the
 step and the validated epochs, and the lr is a function of the epoch, so a run killed at any instant
-resumes to the same log rows and weights.
+resumes to the same log rows and weights. It loads with weights_only=True: loading one never runs code.
+While a job trains the folder, .lock holds its pid, and a second job on the folder is refused.
 """
 import argparse
 import atexit
@@ -422,14 +423,17 @@ def open_run(out, config, step, val_epochs):
 
 
 def log_row(path, **row):
-    with open(path, "a", newline="") as f:
-        end = f.tell()
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerow(row)
+    data = memoryview(buf.getvalue().encode())
+    with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
+        end = f.seek(0, os.SEEK_END)
         try:
-            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
-            f.flush()
-        except OSError:  # e.g. a full disk: no half row left for the next --resume to read
+            while data:
+                data = data[f.write(data):]
+        except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
             f.truncate(end)
-            raise
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):

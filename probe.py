@@ -39,7 +39,8 @@ probe.py is also a HEAR 2021 module (load_model, get_scene_embeddings, get_times
       --embeddings embeddings/openl3_hear/nsynth_pitch-v2.2.3-5h --out probes/
 
 Runs with the same --out add to one results.json (rows of the same encoder and task are
-replaced), so the printed table gathers every encoder x task probed into that folder.
+replaced), so the printed table gathers every encoder x task probed into that folder; runs at the
+same time merge under a lock, so none loses another's rows.
 """
 
 import argparse

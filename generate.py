@@ -238,7 +238,8 @@ def output_folder(path, flag):
     if os.path.exists(path) and not os.path.isdir(path):
         die(f"{path} is a file, not a folder")
     # the old folder is moved aside and removed only after the new one is written: every part must allow it
-    stuck = [d for d, _, _ in os.walk(path) if not os.access(d, os.R_OK | os.W_OK | os.X_OK)]
+    stuck = [d for d, dirs, files in os.walk(path)
+             if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]
     if stuck:
         die(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
     return path

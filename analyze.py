@@ -62,6 +62,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import errno
 import functools
 import importlib.util
 import json
@@ -118,6 +119,9 @@ def bad_input(msg, errors=Exception):
 
 # atomic outputs: a reader never sees half a file, and a crash never truncates an old one
 
+WRITTEN = []  # this run's outputs: removed again if it fails in an --out it created, so no partial set is left
+
+
 @contextlib.contextmanager
 def atomic(path):
     """A temp path beside path, renamed over it only when the block completes (removed otherwise)."""
@@ -126,6 +130,9 @@ def atomic(path):
     try:
         yield tmp
         os.replace(tmp, path)
+        WRITTEN.append(path)
+    except OSError as e:  # e.g. a full disk: named by the file the user asked for, not its temporary twin
+        raise AnalyzeError(f"cannot write {path}: {e.strerror or first_line(e)}")
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -945,8 +952,33 @@ def check_args(args):
         raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
     if cmd == "invariance" and (not args.factors or not args.encoder):
         raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
-    if args.out.exists() and not args.out.is_dir():
-        raise AnalyzeError(f"--out {args.out} is a file")
+    paths = [("--out", args.out, "folder"), ("--classifier-path", clf, "folder"),
+             ("--clap-checkpoint", getattr(args, "clap_checkpoint", None), "file"),
+             ("--pairs", getattr(args, "pairs", None), "folder"), ("--factors", getattr(args, "factors", None), "folder")]
+    paths += [(f"--{flag}", p, kind) for flag, kind in [("runs", "folder"), ("results", "file"), ("encoder", "file")]
+              for p in getattr(args, flag, [])]
+    paths += [("--set", p, "file" if p.suffix == ".npz" else "folder")
+              for _, p, _ in map(parse_set, getattr(args, "set", []) + getattr(args, "target", []))]
+    for flag, path, kind in paths:  # a missing one is named where it is read
+        if path is not None:
+            check_path(Path(path), flag, kind)
+    ancestor = next(d for d in [args.out, *args.out.parents] if d.exists())  # found now, not after the embedding
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise AnalyzeError(f"--out {args.out} is not writable by this user ({ancestor}: permission denied)")
+
+
+def check_path(path, flag, kind):
+    """A link is followed; a broken or looping link, or a file where a folder belongs (or the reverse), is named."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise AnalyzeError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+        return
+    except OSError as e:
+        raise AnalyzeError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
+    if path.is_dir() != (kind == "folder"):
+        raise AnalyzeError(f"{flag} {path} is a {'folder' if kind == 'file' else 'file'}, not a {kind}")
 
 
 def on_signal(signum, frame):
@@ -971,7 +1003,9 @@ def main(argv=None):
         code, msg = 2, f"error: {first_line(e)}"
     except Interrupted as e:
         code, msg = e.args[0], "interrupted"
-    with contextlib.suppress(OSError):  # no empty --out left behind (outputs are written whole or not at all)
+    with contextlib.suppress(OSError):  # no --out left behind that this run created (outputs are whole or absent)
+        for f in WRITTEN if made else []:
+            f.unlink()
         for d in made:
             d.rmdir()
     print(f"analyze.py: {msg}", file=sys.stderr)

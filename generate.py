@@ -42,6 +42,8 @@ Three faults of synthax 0.2.2 are worked around here:
     shortcut the encoder would learn instead of sound. delta = 0 means identical *parameters*.
 """
 import argparse
+import errno
+import io
 import math
 import os
 import shutil
@@ -319,16 +321,67 @@ def delta_dirname(delta):
     return f"delta_{delta:g}"
 
 
-def write_pairs(out, sampler, n_pairs, batch_size, progress):
+def write_wav(path, audio, sample_rate):
+    """16-bit WAV written through Python's own file I/O: a full disk is then an OSError naming the file
+    (libsndfile says only "System error")."""
     import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, audio, sample_rate, subtype="PCM_16", format="WAV")
+    try:
+        with open(path, "wb") as f:
+            f.write(buf.getbuffer())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def output_folder(path, flag):
+    """--out / --gallery as the folder it names: a link to a folder is followed (the output lands where it
+    points, so the link keeps working); a broken or looping link, a file, or a folder this user cannot
+    replace stop here, before any work."""
+    path = os.path.abspath(path)
+    if os.path.islink(path):
+        try:
+            path = os.path.realpath(path, strict=True)
+        except OSError as e:
+            die(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                else f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+    if os.path.exists(path) and not os.path.isdir(path):
+        die(f"{path} is a file, not a folder")
+    # the old folder is moved aside and removed only after the new one is written: every part must allow it
+    stuck = [d for d, dirs, files in os.walk(path)
+             if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]
+    if stuck:
+        die(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
+    return path
+
+
+def move_into_place(tmp, out):
+    """tmp becomes out. An old out moves aside in one rename and goes only once the new one is in place:
+    whatever stops this leaves the old output or the new one, never neither."""
+    if not os.path.isdir(out):
+        return os.replace(tmp, out)
+    old = tmp + "-old"
+    os.rename(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(old):
+        print(f"generate.py: warning: the replaced output could not be removed completely; it is in {old}",
+              file=sys.stderr)
+
+
+def write_pairs(out, sampler, n_pairs, batch_size, progress):
     thetas = {"theta": [], "theta_a": [], "theta_b": []}
     n_written, step = 0, 0
     while n_written < n_pairs:
         audio_a, audio_b, *theta = sampler.sample(step)
         k = min(batch_size, n_pairs - n_written)
         for i in range(k):
-            sf.write(os.path.join(out, f"{n_written + i:06d}_a.wav"), audio_a[i], sampler.sample_rate, subtype="PCM_16")
-            sf.write(os.path.join(out, f"{n_written + i:06d}_b.wav"), audio_b[i], sampler.sample_rate, subtype="PCM_16")
+            write_wav(os.path.join(out, f"{n_written + i:06d}_a.wav"), audio_a[i], sampler.sample_rate)
+            write_wav(os.path.join(out, f"{n_written + i:06d}_b.wav"), audio_b[i], sampler.sample_rate)
         for name, t in zip(thetas, theta):
             thetas[name].append(t[:k])
         n_written += k
@@ -344,15 +397,13 @@ def write_pairs(out, sampler, n_pairs, batch_size, progress):
 
 
 def write_factor_pairs(out, sampler, factor, n_pairs, progress):
-    import soundfile as sf
     n_written, step = 0, 0
     while n_written < n_pairs:
         audio_a, audio_b = sampler.factor_pair(factor, step)
         k = min(sampler.batch_size, n_pairs - n_written)
         for i in range(k):
             for side, audio in (("a", audio_a[i]), ("b", audio_b[i])):
-                sf.write(os.path.join(out, f"{n_written + i:06d}_{side}.wav"), audio, sampler.sample_rate,
-                         subtype="PCM_16")
+                write_wav(os.path.join(out, f"{n_written + i:06d}_{side}.wav"), audio, sampler.sample_rate)
         n_written += k
         step += 1
         progress.update(k)
@@ -380,7 +431,6 @@ def log_mel_png(path, audio, sample_rate):
 
 def write_gallery(out, args):
     import html
-    import soundfile as sf
     sections = []
     for synth in args.synth:
         sampler = PairSampler(synth, 0.0, args.pairs, args.sample_rate, args.seconds, args.seed, args.delta_group,
@@ -394,7 +444,7 @@ def write_gallery(out, args):
                 cells = []
                 for side, audio in (("a", audio_a[i]), ("b", audio_b[i])):
                     stem = f"{synth}_{delta_dirname(delta)}_{i:02d}_{side}"
-                    sf.write(os.path.join(out, stem + ".wav"), audio, args.sample_rate, subtype="PCM_16")
+                    write_wav(os.path.join(out, stem + ".wav"), audio, args.sample_rate)
                     log_mel_png(os.path.join(out, stem + ".png"), audio, args.sample_rate)
                     cells.append(f'<td><img src="{stem}.png" alt="{stem}"><br>'
                                  f'<audio controls preload="none" src="{stem}.wav"></audio></td>')
@@ -496,9 +546,7 @@ def main():
     out = args.gallery or args.out
     if not out:
         die("give --out DIR (or --gallery DIR, or --benchmark)")
-    out = os.path.abspath(out)
-    if os.path.isfile(out):
-        die(f"{out} is a file, not a folder")
+    out = output_folder(out, "--gallery" if args.gallery else "--out")
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         die(f"{out} is not empty (use --force to replace it)")
 
@@ -511,6 +559,8 @@ def main():
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
+    except FileExistsError as e:  # makedirs met a file (or a broken link) where a folder must be
+        die(f"cannot write to {parent}: {e.filename} is not a folder")
     except OSError as e:
         die(f"cannot write to {parent}: {e.strerror}")
     try:
@@ -541,9 +591,12 @@ def main():
                         d = tmp if len(combos) == 1 else os.path.join(tmp, synth, delta_dirname(delta))
                         os.makedirs(d, exist_ok=True)
                         write_pairs(d, sampler, args.pairs, sampler.batch_size, progress)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        move_into_place(tmp, out)
+    except OSError as e:  # e.g. a full disk: the error names the file as the user would have seen it
+        shutil.rmtree(tmp, ignore_errors=True)
+        name = str(e.filename or "")
+        where = os.path.join(out, os.path.relpath(name, tmp)) if name.startswith(tmp + os.sep) else name or out
+        die(f"cannot write {where}: {e.strerror or e}; nothing was written ({out} is as it was)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

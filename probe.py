@@ -39,12 +39,15 @@ probe.py is also a HEAR 2021 module (load_model, get_scene_embeddings, get_times
       --embeddings embeddings/openl3_hear/nsynth_pitch-v2.2.3-5h --out probes/
 
 Runs with the same --out add to one results.json (rows of the same encoder and task are
-replaced), so the printed table gathers every encoder x task probed into that folder.
+replaced), so the printed table gathers every encoder x task probed into that folder; runs at the
+same time merge under a lock, so none loses another's rows.
 """
 
 import argparse
 import contextlib
 import csv
+import errno
+import fcntl
 import hashlib
 import itertools
 import json
@@ -53,6 +56,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -463,7 +467,7 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
     with open(encoder_path, "rb") as f:
         encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
                 index = {f: i for i, f in enumerate(task["files"])}
                 ok, emb = [index[f] for f in z["files"].tolist()], z["embeddings"]
@@ -493,7 +497,7 @@ def runner_embeddings(folder, task):
             missing.append(f"{f} (no {path.name} in {folder})")
             continue
         try:
-            e = np.load(path)
+            e = np.load(path, allow_pickle=False)
         except Exception as e:
             raise ProbeError(f"{path} is not a .npy embedding ({first_line(e)})")
         if e.ndim != 1 or not np.isfinite(e).all() or (emb and e.shape != emb[0].shape):
@@ -566,16 +570,35 @@ def probe_task(emb, task, args):
 
 def write_atomic(path, write):
     """write(file) to a temporary file next to path, then rename it: path is never half-written, and
-    the temporary file is removed if anything (an error, SIGTERM, Ctrl-C) stops the write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    the temporary file (and any folder made for it) is removed if anything (an error, a full disk,
+    SIGTERM, Ctrl-C) stops the write. An OSError names path, not the temporary file."""
+    made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    f = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
         with f:
             write(f)
         os.replace(f.name, path)
+        made = []
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
-        if os.path.exists(f.name):
+        if f is not None and os.path.exists(f.name):
             os.unlink(f.name)
+        with contextlib.suppress(OSError):
+            for d in made:
+                d.rmdir()
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive flock on .NAME.lock beside path while the block runs: several runs update one
+    results.json, each re-reading and merging under the lock, so no run's rows replace another's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
+        yield
 
 
 def table(summary):
@@ -706,10 +729,34 @@ def check_args(args):
     if not 0 <= args.valid_frac < 1:
         raise ProbeError(f"--valid-frac must be in [0, 1), not {args.valid_frac}")
     for flag, path in [("--out", args.out), ("--cache-dir", args.cache_dir)]:
-        if path is not None and path.exists() and not path.is_dir():
-            raise ProbeError(f"{flag} {path} is a file, not a folder")
+        if path is not None:
+            check_path(path, flag, "folder")
+            ancestor = next(d for d in [path, *path.parents] if d.exists())  # where the first folder or file is made
+            if not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the embedding
+                raise ProbeError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
+    for flag, paths, kind in [("--data-dir", [args.data_dir] if args.data_dir else [], "folder"),
+                              ("--embeddings", args.embeddings, "folder"), ("--encoder", args.encoder or [], "file")]:
+        for path in paths:  # a missing --data-dir of esc50 is downloaded into; the others are named where they are read
+            check_path(Path(path), flag, kind, must_exist=False)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ProbeError(f"--device {args.device} but CUDA is not available")
+
+
+def check_path(path, flag, kind, must_exist=False):
+    """A path flag: a link is followed; a broken or looping link, or a file where a folder belongs (or the
+    reverse), is named here."""
+    try:
+        is_dir = stat.S_ISDIR(path.stat().st_mode)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ProbeError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+        if must_exist:
+            raise ProbeError(f"{flag} {path} does not exist")
+        return
+    except OSError as e:
+        raise ProbeError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
+    if is_dir != (kind == "folder"):
+        raise ProbeError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
 
 
 def read_results(path):
@@ -773,12 +820,14 @@ def probe(args):
                   f"(epoch {r['epochs']}, {r['n_train']} train / {r['n_test']} test, {r['seconds']:.1f} s)")
         scores = np.array([r["score"] for r in rows])
         same = lambda r: r["encoder"] == path and r["task"] == task["name"]
-        results["rows"] = [r for r in results["rows"] if not same(r)] + rows
-        results["summary"] = [s for s in results["summary"] if not same(s)] + [dict(
-            encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
-            std=float(np.nanstd(scores)), folds=len(rows))]
-        results["skipped_files"][task["name"]] = sorted(skipped)
-        write_atomic(out_path, lambda f: f.write(json.dumps(results, indent=1).encode()))  # nothing finished is lost
+        with locked(out_path):  # other probes may have written since: re-read, merge, replace
+            results = read_results(out_path)
+            results["rows"] = [r for r in results["rows"] if not same(r)] + rows
+            results["summary"] = [s for s in results["summary"] if not same(s)] + [dict(
+                encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
+                std=float(np.nanstd(scores)), folds=len(rows))]
+            results["skipped_files"][task["name"]] = sorted(skipped)
+            write_atomic(out_path, lambda f: f.write(json.dumps(results, indent=1).encode()))  # nothing finished is lost
     print(f"\nresults: {out_path}\n")
     print(table(results["summary"]))
 

@@ -31,10 +31,15 @@ A run folder holds config.json, log.csv, checkpoint.pt (written atomically after
 training, after its validation, and every --save-every minutes) and encoder.pt, a TorchScript file:
 torch.jit.load(path) maps a float32 (B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the
 step and the validated epochs, and the lr is a function of the epoch, so a run killed at any instant
-resumes to the same log rows and weights.
+resumes to the same log rows and weights. It loads with weights_only=True: loading one never runs code.
+While a job trains the folder, .lock holds its pid, and a second job on the folder is refused.
 """
 import argparse
+import atexit
+import contextlib
 import csv
+import errno
+import fcntl
 import glob
 import io
 import json
@@ -44,6 +49,7 @@ import queue
 import random
 import resource
 import signal
+import stat
 import sys
 import threading
 import time
@@ -219,13 +225,72 @@ CREATED = []  # what this process created for a new run: removed again if the ru
 def die(msg, code=2):
     if CREATED and not os.path.exists(os.path.join(CREATED[0], "checkpoint.pt")):  # no half-made run to block a retry
         for path in reversed(CREATED):
-            os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                unlock()  # the run's files are gone: its lock goes last, with the folder
+            with contextlib.suppress(OSError):
+                os.rmdir(path) if os.path.isdir(path) else os.remove(path)
     print(f"train.py: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
+# A run folder is owned by one training job: rank 0 holds an flock on RUN/.lock (with its pid in it) for
+# the run's life. The OS drops an flock when its process dies, so a kill -9 never blocks the next --resume.
+LOCK = {}
+
+
+def lock_run(folder, create):
+    """Own the run folder (created if asked), or ValueError naming the process that owns it."""
+    check_folder(folder, "--out" if create else "--resume")
+    if not create and not os.path.isdir(folder):
+        raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
+    if create and not os.path.isdir(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as e:
+            raise ValueError(f"cannot create --out {folder}: {e.strerror}") from None
+        CREATED.append(folder)
+    path = os.path.join(folder, ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ValueError(f"cannot write to run folder {folder}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ValueError(f"{folder} is in use by another train.py (pid {owner or 'unknown'}); "
+                             f"wait for it to end, or stop it first") from None
+        with contextlib.suppress(OSError):  # the owner before us removed the file as we opened it: take the new one
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    LOCK.update(path=path, fd=fd)
+    atexit.register(unlock)
+
+
+def unlock():
+    """Remove the lock file (while still holding it, so no one takes a file about to vanish) and release it."""
+    if LOCK:
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(LOCK["fd"]), os.stat(LOCK["path"])):
+                os.remove(LOCK["path"])
+        os.close(LOCK.pop("fd"))
+        LOCK.clear()
+
+
 # old flag names (and config keys of older runs) -> the names Wang & Isola's code uses
 LOSS_ALIASES = {"alpha": "align_alpha", "t": "unif_t", "lam_align": "align_w", "lam_unif": "unif_w"}
+
+
+# Checkpoints load with weights_only=True: tensors, numbers, strings, lists and dicts, nothing that runs
+# code. Checkpoints of older train.py versions hold numpy's RNG state as an ndarray; numpy's own array
+# constructors are all that rebuilding one calls, so they are allowed too (by name, as numpy 1 and 2 write it).
+NUMPY_ARRAY = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "numpy.dtypes.UInt32DType": np.dtypes.UInt32DType,
+               **{f"{m}.multiarray._reconstruct": np._core.multiarray._reconstruct for m in ("numpy._core", "numpy.core")}}
 
 
 def load_checkpoint(run):
@@ -233,12 +298,20 @@ def load_checkpoint(run):
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint to resume at {path}")
     try:
-        with warnings.catch_warnings():  # e.g. "looks like a TorchScript archive": the line below says it
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings(), torch.serialization.safe_globals([(f, name) for name, f in NUMPY_ARRAY.items()]):
+            warnings.simplefilter("ignore")  # e.g. "looks like a TorchScript archive": the line below says it
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        unsafe = []
+        with contextlib.suppress(Exception):  # what loading it would call: named from its opcodes, never imported
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - NUMPY_ARRAY.keys())
+        if unsafe:
+            raise ValueError(f"{path} is refused: loading it would call {', '.join(unsafe[:3])}"
+                             f"{' ...' if len(unsafe) > 3 else ''}, and train.py never runs code from a checkpoint "
+                             f"(its own hold only tensors, numbers and strings)") from None
         raise ValueError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config", "rng"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config", "rng"} <= ckpt.keys() \
+            or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["step"], int):
         raise ValueError(f"{path} is not a train.py checkpoint (no model, optimizer, step, config and rng)")
     return ckpt
 
@@ -258,8 +331,8 @@ def check_args(args, synths):
     finite = lambda *xs: all(x is None or math.isfinite(x) for x in xs)
     if args.data is None and args.synth not in synths:
         raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(synths)})")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise ValueError(f"--data {args.data} is not a folder")
+    if args.data is not None:
+        check_folder(args.data, "--data", must_exist=True)
     for ok, msg in [
         (finite(args.delta) and args.delta >= 0, "--delta must be a finite number >= 0"),
         (args.batch_size >= 2, "--batch-size must be >= 2 (uniformity needs pairs of embeddings)"),
@@ -282,8 +355,11 @@ def check_args(args, synths):
             raise ValueError(msg)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no GPU")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file, not a run folder")
+    check_folder(args.out, "--resume" if args.resume else "--out")
+    check_new_run(args)
+
+
+def check_new_run(args):
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
     if not args.resume and held and not args.benchmark:  # a run folder is never overwritten, whatever is left of it
         raise ValueError(f"{args.out} already holds a run ({', '.join(held)}); continue it with --resume {args.out} "
@@ -296,6 +372,24 @@ def native_bf16(device):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def check_folder(path, flag, must_exist=False):
+    """A folder flag: a link to a folder is followed; a broken or looping link, or a file, is named now
+    instead of failing later in makedirs or open."""
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
+        if must_exist:
+            raise ValueError(f"{flag} {path} is not a folder (it does not exist)") from None
+        return
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                         else f"{flag} {path}: {e.strerror}") from None
+    raise ValueError(f"{flag} {path} is a file, not a {'run ' if flag != '--data' else ''}folder")
 
 
 def setup_ddp(device_name):
@@ -348,13 +442,24 @@ def open_run(out, config, step, val_epochs):
 
 
 def log_row(path, **row):
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerow(row)
+    data = memoryview(buf.getvalue().encode())
+    with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
+        end = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+        except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
+            f.truncate(end)
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
     """Where the run is, exactly: weights, optimizer, step, validated epochs, the last step's losses."""
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, key, *rest = np.random.get_state()  # its key as a tensor: the checkpoint loads with weights_only=True
+    rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
+           "python": random.getstate()}
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "val_epochs": val_epochs, "last": last, "config": config, "rng": rng}, buf)
@@ -367,7 +472,8 @@ def restore(run, ckpt, model, optimizer, steps_per_epoch):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        name, key, *rest = ckpt["rng"]["numpy"]  # key: a tensor, or an ndarray in older checkpoints
+        np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), *rest))
         random.setstate(ckpt["rng"]["python"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         die(f"{run}/checkpoint.pt does not fit this model ({first_line(e)})")
@@ -391,11 +497,17 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
 def main():
     args, given = parse_args()
     from generate import SYNTHS, PairSampler, synthesis_device
+    first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
     try:
+        if args.resume and first:  # owned before it is read: no other process writes it meanwhile
+            lock_run(args.resume, create=False)
         ckpt = load_checkpoint(args.resume) if args.resume else None
         if ckpt:
             args = resumed_args(args, given, ckpt["config"])
         check_args(args, SYNTHS)
+        if not args.resume and not args.benchmark and first:
+            lock_run(args.out, create=True)
+            check_new_run(args)  # again: another process may have finished a run here since check_args
     except ValueError as e:
         die(e)
     ddp, rank, world, device = setup_ddp(args.device)
@@ -752,6 +864,8 @@ def atomic_write(path, data):
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: the error names the file the user knows, not its temporary twin
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):  # interrupted before the rename: no half-written leftovers
             os.remove(tmp)
@@ -829,3 +943,5 @@ if __name__ == "__main__":
         die("interrupted; what was written is whole (continue a run with --resume RUN)", 130)
     except DataError as e:
         die(e)
+    except OSError as e:  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
+        die(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))

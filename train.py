@@ -554,7 +554,7 @@ def main():
         return e[: len(a)], e[len(a):]
 
     if args.benchmark:
-        return benchmark(args, source, embed_pair, optimizer, rank, augment, amp, native_bf16(device))
+        return benchmark(args, source, embed_pair, optimizer, rank, augment, amp)
 
     out = args.out
     config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
@@ -620,7 +620,7 @@ def main():
         dist.destroy_process_group()
 
 
-def benchmark(args, source, embed_pair, optimizer, rank, augment, amp, native):
+def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
     """Training speed per precision: the same batches pre-generated in memory, then synthesized on the
     fly, beside the perfect-overlap bound 1 / (1/train + 1/synthesis). On the CPU both share the
     cores, so the bound is the best a pipeline can do there; on a GPU on-the-fly can reach train."""
@@ -643,7 +643,7 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, amp, native):
     print(f"synthesis alone: {synth:.1f} sounds/s")
     print(f"{'sounds/s':10s} {'pre-generated':>14s} {'on-the-fly':>11s} {'bound':>8s} {'on-the-fly / bound':>19s}")
     # bf16 is measured where it is the default or asked for: emulated on a CPU, 10 steps take minutes
-    precisions = [False] + [True] * (args.amp == "on" or (args.amp == "auto" and native))
+    precisions = [False] + [True] * amp
     fly = {}
     for bf16 in precisions:
         for _ in range(2):

@@ -51,6 +51,7 @@ import signal
 import sys
 import tempfile
 import time
+import wave
 
 # JAX would otherwise grab 75% of a GPU that PyTorch shares with it in train.py.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -322,11 +323,17 @@ def delta_dirname(delta):
 
 
 def write_wav(path, audio, sample_rate):
-    """16-bit WAV written through Python's own file I/O: a full disk is then an OSError naming the file
-    (libsndfile says only "System error")."""
-    import soundfile as sf
+    """16-bit WAV as soundfile writes it (floor(x * 32768), clipped), byte for byte, but through Python's
+    own file I/O: a full disk is an OSError naming the file (libsndfile says only "System error"), and
+    Ctrl-C or SIGTERM never lands inside libsndfile's Python callbacks, where it would surface as a
+    libsndfile error and a traceback instead of a clean stop."""
+    pcm = np.floor(np.clip(np.asarray(audio, np.float32) * np.float32(32768), -32768, 32767)).astype("<i2")
     buf = io.BytesIO()
-    sf.write(buf, audio, sample_rate, subtype="PCM_16", format="WAV")
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
     try:
         with open(path, "wb") as f:
             f.write(buf.getbuffer())

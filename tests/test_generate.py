@@ -175,6 +175,17 @@ def test_cli_sweep_writes_files_that_round_trip(tmp_path):
     np.testing.assert_array_equal(np.load(out / "voice" / "delta_0.1" / "params.npz")["theta"], params["theta"])
 
 
+def test_wav_files_are_byte_for_byte_what_soundfile_writes(tmp_path):
+    # write_wav encodes 16-bit PCM itself (a signal must not land in libsndfile's Python callbacks)
+    rng = np.random.default_rng(0)
+    for audio in [rng.uniform(-1, 1, 16000).astype(np.float32) * 0.3,
+                  np.array([1.0, -1.0, 0.5 / 32767, 1.5 / 32767, -0.5 / 32767, 0.0, -1e-9], np.float32),
+                  (np.arange(-32767, 32767, dtype=np.float32) + 0.5) / np.float32(32767)]:
+        generate.write_wav(tmp_path / "ours.wav", audio, 16000)
+        sf.write(tmp_path / "soundfile.wav", audio, 16000, subtype="PCM_16", format="WAV")
+        assert (tmp_path / "ours.wav").read_bytes() == (tmp_path / "soundfile.wav").read_bytes()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--synth", "nope"], "unknown synth"),
     (["--delta", "-0.1"], "delta"),

@@ -15,6 +15,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from conftest import run_here
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "probe.py"
 DATA = ROOT.parent / "shared" / "data"
@@ -163,7 +165,7 @@ def test_bad_input_one_line_exit_2_nothing_changed(case, encoder, tmp_path):
         args = [*args, "--out", tmp / "out"]
     out_existed = (tmp / "out").exists()
     before = snapshot(tmp)
-    proc = run(*args)
+    proc = run_here(SCRIPT, *args, env=dict(PROBE_NO_DOWNLOAD="1"))
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

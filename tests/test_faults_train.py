@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, run, run_here
 
 TINY = ["--synth", "voice", "--batch-size", "4", "--sounds-per-epoch", "24", "--log-every", "1"]  # 5 steps/epoch
 
@@ -23,7 +23,7 @@ TINY = ["--synth", "voice", "--batch-size", "4", "--sounds-per-epoch", "24", "--
     (["--sounds-per-epoch", "0"], "--sounds-per-epoch"), (["--benchmark-steps", "0"], "--benchmark-steps"),
 ])
 def test_bad_numbers_are_refused_before_any_folder_exists(tmp_path, flags, needle):
-    p = run(ROOT / "train.py", "--out", tmp_path / "out", *flags, check=False)
+    p = run_here(ROOT / "train.py", "--out", tmp_path / "out", *flags)
     assert needle in assert_one_line_error(p) and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
 

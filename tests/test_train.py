@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 import train
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, run, run_here
 
 TINY = ["--synth", "voice", "--batch-size", "4", "--sounds-per-epoch", "40", "--log-every", "1"]
 
@@ -228,7 +228,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.wav").write_bytes(b"RIFF not really a wav")
     args = [{"EMPTY": tmp_path / "empty", "BROKEN": tmp_path / "broken"}.get(a, a) for a in args]
-    p = run(ROOT / "train.py", "--out", tmp_path / "out", *args, check=False)
+    p = run_here(ROOT / "train.py", "--out", tmp_path / "out", *args)
     assert needle in assert_one_line_error(p)
 
 
@@ -313,7 +313,7 @@ def test_resume_of_a_run_from_before_the_recipe_flags_keeps_the_papers_delta():
 ])
 def test_bad_recipe_is_one_line_exit_2(tmp_path, args, needle):
     args = [str(tmp_path) if a == "DATA" else a for a in args]
-    p = run(ROOT / "train.py", "--out", tmp_path / "out", *args, check=False)
+    p = run_here(ROOT / "train.py", "--out", tmp_path / "out", *args)
     assert needle in assert_one_line_error(p)
     assert not (tmp_path / "out").exists()
 

@@ -19,7 +19,7 @@ def test_pretraining_learns_to_ignore_the_noise_realization(tmp_path):
     out = tmp_path / "run"
     run(ROOT / "train.py", "--synth", "voice", "--delta", "0.25", "--batch-size", str(BATCH), "--epochs", "1",
         "--init", "torchvision", "--sounds-per-epoch", str(int(STEPS * BATCH / 0.9) + 1), "--log-every", "50",
-        "--out", out, timeout=900)
+        "--out", out, timeout=1800)
     factors = tmp_path / "factors"
     run(ROOT / "generate.py", "--factors", "noise", "negative", "--synth", "voice", "--delta", "0.25",
         "--pairs", "128", "--out", factors)

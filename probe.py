@@ -43,25 +43,20 @@ replaced), so the printed table gathers every encoder x task probed into that fo
 same time merge under a lock, so none loses another's rows.
 """
 
-import argparse
 import contextlib
 import csv
 import errno
-import fcntl
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import stat
 import sys
-import tempfile
 import time
-import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -69,30 +64,166 @@ import soundfile as sf
 import torch
 import torchaudio
 from sklearn.metrics import average_precision_score
-from tqdm import tqdm
 
 SR = 16000  # encoder contract: 16 kHz mono, 1-s windows
 DATA = Path(__file__).resolve().parent / "data"  # default home of downloaded benchmarks (git-ignored)
 ESC50_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
 US8K_URL = "https://urbansounddataset.weebly.com/urbansound8k.html"
+HEAR_HOP_MS = 50.0  # HEAR asks for a timestamp hop of at most 50 ms
+WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory stays bounded whatever the clip length
 
 
-class ProbeError(Exception):
-    """Bad input or data: main prints it as one line on stderr and exits 2."""
-
-
-def warn(msg):
-    print(f"probe.py: warning: {' '.join(str(msg).split())}", file=sys.stderr)
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-# ----------------------------------------------------------------------------- tasks
+# ----------------------------------------------------------------------------- the probe
 # A task is a dict: name, root (folder the files are relative to), files, labels ((N,) class index
 # or (N, C) multi-hot), folds ((N,) int), classes, multilabel, test_folds (folds left out in turn)
 # and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
+
+def score(y_true, logits, multilabel):
+    """Accuracy, or macro average precision over the classes with a positive clip (NaN if none has)."""
+    if not multilabel:
+        return float((logits.argmax(1) == y_true).mean())
+    keep = y_true.sum(0) > 0
+    return float(average_precision_score(y_true[:, keep], logits[:, keep], average="macro")) if keep.any() else math.nan
+
+
+def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patience, lr, batch_size):
+    """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss).
+    Returns the model of the best epoch and that epoch."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(x.shape[1], n_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
+    order = torch.Generator().manual_seed(seed)
+    x_train, y_train, x_valid, y_valid = x[train], y[train], x[valid], y[valid]
+    best, best_state, best_epoch = (-math.inf, -math.inf), None, 0
+    for epoch in range(1, epochs + 1):
+        for idx in torch.randperm(len(train), generator=order).split(batch_size):
+            loss = loss_fn(model(x_train[idx]), y_train[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            logits = model(x_valid)
+            s = score(y_valid.numpy(), logits.numpy(), multilabel)
+            current = (-math.inf if math.isnan(s) else s, -loss_fn(logits, y_valid).item())
+        if current > best:
+            best, best_epoch = current, epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    model.load_state_dict(best_state)
+    return model, best_epoch
+
+
+def cv_splits(task, valid_frac, seed):
+    """(fold, train, valid, test) index arrays: each test fold left out in turn; the validation clips
+    come from valid_fold when the task has one, else a stratified valid_frac of the training folds."""
+    folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
+    for k in task["test_folds"]:
+        test = np.flatnonzero(folds == k)
+        if task["valid_fold"] is not None:
+            valid = np.flatnonzero(folds == task["valid_fold"])
+            train = np.flatnonzero((folds != k) & (folds != task["valid_fold"]))
+            yield k, train, valid, test
+            continue
+        rest = np.flatnonzero(folds != k)
+        rng = np.random.default_rng(seed + k)
+        valid = []
+        for c in np.unique(y[rest]):
+            members = rng.permutation(rest[y[rest] == c])
+            valid += members[:min(round(valid_frac * len(members)), len(members) - 1)].tolist()
+        if not valid:  # tiny tasks: still early-stop on something
+            valid = [int(rng.choice(rest))]
+        valid = np.sort(valid)
+        yield k, np.setdiff1d(rest, valid), valid, test
+
+
+def probe_task(emb, task, args):
+    """Leave-one-fold-out linear probe; one result row per fold."""
+    x = torch.from_numpy(emb)
+    y = torch.from_numpy(task["labels"]).float() if task["multilabel"] else torch.from_numpy(task["labels"])
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # a small linear layer trains faster without thread syncs, and the same on any machine
+    for k, train, valid, test in cv_splits(task, args.valid_frac, args.seed):
+        t0 = time.time()
+        # standardize with statistics of the clips the probe is fit on only
+        mean, std = x[train].mean(0), x[train].std(0)
+        xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
+        model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
+                                        args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
+        with torch.no_grad():
+            s = score(y[test].numpy(), model(xs[test]).numpy(), task["multilabel"])
+        rows.append(dict(fold=int(k), score=s, epochs=best_epoch, n_train=len(train), n_valid=len(valid),
+                         n_test=len(test), seconds=round(time.time() - t0, 2)))
+    torch.set_num_threads(threads)
+    return rows
+
+
+def probe(args):
+    """Load the task, embed it with every encoder (or read the runner's embeddings), probe, merge into results.json."""
+    task = load_task(args)
+    task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
+    task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
+    runs = ([args.data_dir] if task.get("runner") else []) + args.embeddings  # heareval runner outputs
+    paths = args.encoder if args.encoder is not None else [] if runs else default_encoders()
+    encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(paths)}  # bad ones fail in seconds
+    metric = "mAP" if task["multilabel"] else "accuracy"
+    print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
+          f"{len(task['test_folds'])} test folds, {metric}")
+    out_path = args.out / "results.json"
+    results = read_results(out_path)  # a foreign results.json stops the run before the long part
+
+    # every source is probed on the clips that all of them embed
+    got = {path: task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings", args.batch_size,
+                                 args.device) for path, encoder in encoders.items()}
+    got.update({str(folder): runner_embeddings(folder, task) for folder in dict.fromkeys(runs)})
+    ok = sorted(set.intersection(*(set(o) for o, _, _ in got.values())))
+    skipped = sorted(set().union(*(s for _, _, s in got.values())))
+    if skipped:
+        warn(f"{task['name']}: skipped {len(skipped)} clips that do not decode (first: {skipped[0]})")
+    task, keep = check_classes(select(task, ok), args.drop_rare)  # the skipped clips may leave a class too small
+    for path, (o, e, _) in got.items():
+        pos = {i: k for k, i in enumerate(o)}
+        rows = [dict(encoder=path, task=task["name"], metric=metric, **r)
+                for r in probe_task(e[[pos[i] for i in ok]][keep], task, args)]
+        for r in rows:
+            print(f"{path} {task['name']} fold {r['fold']}: {metric} {100 * r['score']:.1f} "
+                  f"(epoch {r['epochs']}, {r['n_train']} train / {r['n_test']} test, {r['seconds']:.1f} s)")
+        scores = np.array([r["score"] for r in rows])
+        same = lambda r: r["encoder"] == path and r["task"] == task["name"]
+        with locked(out_path):  # other probes may have written since: re-read, merge, replace
+            results = read_results(out_path)
+            results["rows"] = [r for r in results["rows"] if not same(r)] + rows
+            results["summary"] = [s for s in results["summary"] if not same(s)] + [dict(
+                encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
+                std=float(np.nanstd(scores)), folds=len(rows))]
+            results["skipped_files"][task["name"]] = sorted(skipped)
+            atomic_write(out_path, json.dumps(results, indent=1).encode())  # nothing finished is lost
+    print(f"\nresults: {out_path}\n")
+    print(table(results["summary"]))
+
+
+def table(summary):
+    encoders = list(dict.fromkeys(s["encoder"] for s in summary))
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    cell = {(s["encoder"], s["task"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in summary}
+    lines = ["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {e} | " + " | ".join(cell.get((e, t), "-") for t in tasks) + " |" for e in encoders]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def load_task(args):
+    if args.task == "esc50":
+        download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
+        return load_esc50(args.data_dir or DATA / "ESC-50", download)
+    if args.task == "us8k":
+        return load_us8k(args.data_dir or DATA / "UrbanSound8K")
+    if args.task == "hear":
+        return load_hear(args.data_dir)
+    return load_csv(args.data_dir, args.label, args.fold_column, args.seed)
+
 
 def read_table(path, columns):
     """Rows of a CSV as dicts; UTF-8, with or without the BOM that spreadsheets write."""
@@ -102,19 +233,19 @@ def read_table(path, columns):
             header = reader.fieldnames or []
             for c in columns:
                 if c not in header:
-                    raise ProbeError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
+                    raise ValueError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
             rows = list(reader)
     except UnicodeDecodeError as e:
-        raise ProbeError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
     except csv.Error as e:
-        raise ProbeError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
+        raise ValueError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
     except FileNotFoundError:
-        raise ProbeError(f"no {path.name} in {path.parent}")
+        raise ValueError(f"no {path.name} in {path.parent}")
     short = [i for i, r in enumerate(rows) if None in r.values()]
     if short:
-        raise ProbeError(f"{path}: row {short[0] + 2} has fewer fields than the header")
+        raise ValueError(f"{path}: row {short[0] + 2} has fewer fields than the header")
     if not rows:
-        raise ProbeError(f"{path} lists no clips")
+        raise ValueError(f"{path} lists no clips")
     return rows
 
 
@@ -123,9 +254,9 @@ def read_json(path):
     try:
         obj = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ProbeError(f"{path} is not readable JSON ({first_line(e)})")
+        raise ValueError(f"{path} is not readable JSON ({first_line(e)})")
     if not isinstance(obj, dict):
-        raise ProbeError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
     return obj
 
 
@@ -133,21 +264,16 @@ def to_int(value, where, what="fold"):
     try:
         return int(value)
     except ValueError:
-        raise ProbeError(f"{where}: {what} {value!r} is not an integer")
+        raise ValueError(f"{where}: {what} {value!r} is not an integer")
 
 
-def sorted_classes(values):
-    # numeric labels (digits, MIDI pitches) in numeric order, others alphabetically
-    def key(v):
+def multiclass_task(name, root, files, values, folds):
+    def key(v):  # numeric labels (digits, MIDI pitches) in numeric order, others alphabetically
         try:
             return (0, float(v), v)
         except ValueError:
             return (1, 0.0, v)
-    return sorted(set(values), key=key)
-
-
-def multiclass_task(name, root, files, values, folds):
-    classes = sorted_classes(values)
+    classes = sorted(set(values), key=key)
     index = {c: i for i, c in enumerate(classes)}
     folds = np.array(folds, dtype=np.int64)
     return dict(name=name, root=Path(root), files=list(files), classes=classes, multilabel=False,
@@ -155,8 +281,29 @@ def multiclass_task(name, root, files, values, folds):
                 test_folds=sorted(set(folds.tolist())), valid_fold=None)
 
 
+def load_esc50(data_dir, download=True):
+    """ESC-50: meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta" / "esc50.csv").is_file():
+        if data_dir.exists() and any(data_dir.iterdir()):
+            raise ValueError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
+        if not download:
+            raise ValueError(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/esc50.csv, audio/) or allow the download")
+        download_esc50(data_dir)
+    path = data_dir / "meta" / "esc50.csv"
+    rows = read_table(path, ["filename", "fold", "category"])
+    return multiclass_task("esc50", data_dir, [f"audio/{r['filename']}" for r in rows],
+                           [r["category"] for r in rows], [to_int(r["fold"], path) for r in rows])
+
+
 def download_esc50(data_dir):
     """Official archive -> data_dir, checked (zip CRCs, meta file) and moved into place in one rename."""
+    import shutil
+    import tempfile
+    import urllib.request
+    import zipfile
+    from tqdm import tqdm
+
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".esc50-", dir=data_dir.parent))
     archive, fix = tmp / "master.zip", f"unpack {ESC50_URL} so that {data_dir}/meta/esc50.csv and {data_dir}/audio/ exist"
@@ -168,14 +315,14 @@ def download_esc50(data_dir):
                     while chunk := r.read(1 << 20):
                         bar.update(f.write(chunk))
         except OSError as e:  # URLError, timeouts, disk
-            raise ProbeError(f"cannot download ESC-50 ({first_line(e)}); {fix}")
+            raise OSError(f"cannot download ESC-50 ({first_line(e)}); {fix}")
         try:
             with zipfile.ZipFile(archive) as z:
                 if z.testzip() is not None or "ESC-50-master/meta/esc50.csv" not in z.namelist():
                     raise zipfile.BadZipFile("damaged or not the official one")
                 z.extractall(tmp / "unpacked")
         except zipfile.BadZipFile as e:
-            raise ProbeError(f"downloaded ESC-50 archive is not usable ({first_line(e)}); {fix}")
+            raise ValueError(f"downloaded ESC-50 archive is not usable ({first_line(e)}); {fix}")
         if data_dir.exists():
             data_dir.rmdir()  # only ever an empty folder here
         os.replace(tmp / "unpacked" / "ESC-50-master", data_dir)
@@ -183,27 +330,12 @@ def download_esc50(data_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_esc50(data_dir, download=True):
-    """ESC-50: meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav."""
-    data_dir = Path(data_dir)
-    if not (data_dir / "meta" / "esc50.csv").is_file():
-        if data_dir.exists() and any(data_dir.iterdir()):
-            raise ProbeError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
-        if not download:
-            raise ProbeError(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/esc50.csv, audio/) or allow the download")
-        download_esc50(data_dir)
-    path = data_dir / "meta" / "esc50.csv"
-    rows = read_table(path, ["filename", "fold", "category"])
-    return multiclass_task("esc50", data_dir, [f"audio/{r['filename']}" for r in rows],
-                           [r["category"] for r in rows], [to_int(r["fold"], path) for r in rows])
-
-
 def load_us8k(data_dir):
     """UrbanSound8K: metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/."""
     data_dir = Path(data_dir)
     path = data_dir / "metadata" / "UrbanSound8K.csv"
     if not path.is_file():
-        raise ProbeError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); download it from {US8K_URL} and unpack it there")
+        raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); download it from {US8K_URL} and unpack it there")
     rows = read_table(path, ["slice_file_name", "fold", "class"])
     return multiclass_task("us8k", data_dir, [f"audio/fold{r['fold']}/{r['slice_file_name']}" for r in rows],
                            [r["class"] for r in rows], [to_int(r["fold"], path) for r in rows])
@@ -214,13 +346,13 @@ def load_hear(data_dir):
     ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
     data_dir = Path(data_dir)
     if not (data_dir / "task_metadata.json").is_file():
-        raise ProbeError(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
+        raise ValueError(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
     meta = read_json(data_dir / "task_metadata.json")
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
-        raise ProbeError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks need timestamp embeddings; only scene tasks are probed")
+        raise ValueError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks need timestamp embeddings; only scene tasks are probed")
     if kind not in ("multiclass", "multilabel"):
-        raise ProbeError(f"{data_dir}: prediction_type {kind!r} is neither multiclass nor multilabel")
+        raise ValueError(f"{data_dir}: prediction_type {kind!r} is neither multiclass nor multilabel")
     vocab = read_table(data_dir / "labelvocabulary.csv", ["idx", "label"])
     classes = [r["label"] for r in sorted(vocab, key=lambda r: to_int(r["idx"], data_dir / "labelvocabulary.csv", "idx"))]
     index = {c: i for i, c in enumerate(classes)}
@@ -228,7 +360,7 @@ def load_hear(data_dir):
     # k-fold tasks name their folds (fold00, fold01, ...); otherwise one split, reported as fold 0
     splits = meta.get("splits") or [p.stem for p in data_dir.glob("fold*.json")]
     if not isinstance(splits, list):
-        raise ProbeError(f"{data_dir / 'task_metadata.json'}: splits is not a list")
+        raise ValueError(f"{data_dir / 'task_metadata.json'}: splits is not a list")
     splits = sorted(map(str, splits))
     fold_of, valid_fold = {s: i for i, s in enumerate(splits)}, None
     if not splits and (data_dir / "train.json").is_file() and (data_dir / "test.json").is_file():
@@ -236,11 +368,11 @@ def load_hear(data_dir):
         if (data_dir / "valid.json").is_file():
             fold_of["valid"] = valid_fold = 2
     elif not splits:
-        raise ProbeError(f"{data_dir}: no split files (fold00.json, ... or train.json and test.json)")
+        raise ValueError(f"{data_dir}: no split files (fold00.json, ... or train.json and test.json)")
     rates = sorted(int(p.name) for p in data_dir.iterdir() if p.is_dir() and p.name.isdigit())
     runner = not rates and any(data_dir.glob("*/*.embedding.npy"))  # what heareval's runner writes: no audio
     if not rates and not runner:
-        raise ProbeError(f"{data_dir}: no audio folder such as 16000/, nor the runner's <split>/*.embedding.npy")
+        raise ValueError(f"{data_dir}: no audio folder such as 16000/, nor the runner's <split>/*.embedding.npy")
     prefix = "" if runner else ("16000/" if SR in rates else f"{rates[-1]}/")
 
     files, labels, folds = [], [], []
@@ -248,13 +380,13 @@ def load_hear(data_dir):
         entries = read_json(path := data_dir / f"{split}.json")
         for name in sorted(entries):
             if not isinstance(entries[name], list):
-                raise ProbeError(f"{path}: the labels of {name} are not a list")
+                raise ValueError(f"{path}: the labels of {name} are not a list")
             names = [str(x) for x in entries[name]]
             unknown = [x for x in names if x not in index]
             if unknown:
-                raise ProbeError(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
+                raise ValueError(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
             if kind == "multiclass" and len(names) != 1:
-                raise ProbeError(f"{path}: {name} has {len(names)} labels in a multiclass task")
+                raise ValueError(f"{path}: {name} has {len(names)} labels in a multiclass task")
             files.append(f"{prefix}{split}/{name}")
             labels.append(np.isin(classes, names).astype(np.float32) if kind == "multilabel" else index[names[0]])
             folds.append(fold)
@@ -263,35 +395,27 @@ def load_hear(data_dir):
                 test_folds=list(range(len(splits))) or [0], valid_fold=valid_fold, prefix=prefix, runner=runner)
 
 
-def stratified_folds(labels, k, seed):
-    """Seeded fold assignment with every class spread evenly over k folds."""
-    rng = np.random.default_rng(seed)
-    folds = np.zeros(len(labels), dtype=np.int64)
-    start = 0
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        folds[members] = (start + np.arange(len(members))) % k
-        start += len(members)
-    return folds
-
-
 def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
     """Any folder with meta.csv: `file` (relative to the folder), the --label column, optional fold
     column (default `fold`; without one, a seeded stratified n_folds split)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ProbeError(f"no data folder {data_dir}")
+        raise ValueError(f"no data folder {data_dir}")
     path = data_dir / "meta.csv"
     rows = read_table(path, ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
     if "" in values:
-        raise ProbeError(f"{path}: empty {label!r} in row {values.index('') + 2}")
+        raise ValueError(f"{path}: empty {label!r} in row {values.index('') + 2}")
     column = fold_column or ("fold" if "fold" in rows[0] else None)
     folds = [to_int(r[column], path) for r in rows] if column else [0] * len(rows)
     task = multiclass_task(f"csv:{data_dir.name}:{label}", data_dir, [r["file"] for r in rows], values, folds)
     if column is None:
         print(f"{task['name']}: no fold column, seeded stratified {n_folds}-fold split")
-        task["folds"] = stratified_folds(task["labels"], n_folds, seed)
+        rng, start = np.random.default_rng(seed), 0
+        for c in np.unique(task["labels"]):  # every class spread evenly over the folds
+            members = rng.permutation(np.flatnonzero(task["labels"] == c))
+            task["folds"][members] = (start + np.arange(len(members))) % n_folds
+            start += len(members)
         task["test_folds"] = list(range(n_folds))
     return task
 
@@ -322,7 +446,7 @@ def check_classes(task, drop_rare=False):
     counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
     rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
     if rare and not drop_rare:
-        raise ProbeError(f"{name}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
+        raise ValueError(f"{name}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
                          f"per class ({len(rare)} such classes; --drop-rare leaves them out)")
     if rare:
         warn(f"{name}: left out {len(rare)} classes with a single clip ({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''})")
@@ -332,40 +456,17 @@ def check_classes(task, drop_rare=False):
         counts = counts[counts >= 2]
     present = [c for c, n in zip(task["classes"], counts) if n > 0]
     if len(present) < 2:
-        raise ProbeError(f"{name}: {len(present)} class ({', '.join(present)}) among {len(y)} clips; "
+        raise ValueError(f"{name}: {len(present)} class ({', '.join(present)}) among {len(y)} clips; "
                          f"a probe needs at least 2 classes")
     folds = task["folds"]
     for k in task["test_folds"]:
         train = (folds != k) & (folds != task["valid_fold"])
         if train.sum() < (1 if task["valid_fold"] is not None else 2):  # 2: one to train on, one to stop on
-            raise ProbeError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
+            raise ValueError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
                              f"(folds: {', '.join(map(str, sorted(set(folds.tolist()))))}); it needs at least 2 folds")
         if not task["multilabel"] and not np.isin(y[folds == k], y[train]).any():
-            raise ProbeError(f"{name}: fold {k} holds only classes that no training fold has, so its score would mean nothing")
+            raise ValueError(f"{name}: fold {k} holds only classes that no training fold has, so its score would mean nothing")
     return task, keep
-
-
-def cv_splits(task, valid_frac, seed):
-    """(fold, train, valid, test) index arrays: each test fold left out in turn; the validation clips
-    come from valid_fold when the task has one, else a stratified valid_frac of the training folds."""
-    folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
-    for k in task["test_folds"]:
-        test = np.flatnonzero(folds == k)
-        if task["valid_fold"] is not None:
-            valid = np.flatnonzero(folds == task["valid_fold"])
-            train = np.flatnonzero((folds != k) & (folds != task["valid_fold"]))
-            yield k, train, valid, test
-            continue
-        rest = np.flatnonzero(folds != k)
-        rng = np.random.default_rng(seed + k)
-        valid = []
-        for c in np.unique(y[rest]):
-            members = rng.permutation(rest[y[rest] == c])
-            valid += members[:min(round(valid_frac * len(members)), len(members) - 1)].tolist()
-        if not valid:  # tiny tasks: still early-stop on something
-            valid = [int(rng.choice(rest))]
-        valid = np.sort(valid)
-        yield k, np.setdiff1d(rest, valid), valid, test
 
 
 # ----------------------------------------------------------------------------- audio and embeddings
@@ -383,21 +484,21 @@ def read_encoder(path):
     """An exported encoder (TorchScript, train.py's encoder.pt) on the CPU, checked: (B, T) -> (B, D)
     with D independent of T, as a 1-s and a 0.5-s batch must agree. Returns (encoder, D)."""
     if not Path(path).is_file():
-        raise ProbeError(f"no encoder file {path}")
+        raise ValueError(f"no encoder file {path}")
     try:
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
-        raise ProbeError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
+        raise ValueError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
     dims = []
     for b, t in [(2, SR), (1, SR // 2)]:
         try:
             with torch.no_grad():
                 y = encoder(torch.zeros(b, t))
         except Exception as e:
-            raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
+            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or y.shape[1] != (dims or [y.shape[1]])[0]:
-            raise ProbeError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
+            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
         dims.append(y.shape[1])
     return encoder, dims[0]
 
@@ -415,12 +516,13 @@ def embed(encoder, root, files, batch_size, device, desc):
     zero-padded to 1 s (as the encoder does) so they batch together; a longer clip waits for
     batch_size - 1 others of its length (or the end). Returns embeddings, their clip indices, and
     the clips skipped with the reason."""
+    from tqdm import tqdm
     out, bad, waiting = {}, [], {}
 
     def run(batch):
         y = encoder(torch.stack([x for _, x in batch]).to(device))
         if y.dim() != 2 or y.shape[0] != len(batch):
-            raise ProbeError(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(batch)} clips")
+            raise ValueError(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(batch)} clips")
         out.update(zip([i for i, _ in batch], y.float().cpu().numpy()))
 
     with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
@@ -438,11 +540,11 @@ def embed(encoder, root, files, batch_size, device, desc):
         for group in waiting.values():
             run(group)
     if not out:
-        raise ProbeError(f"none of the {len(files)} clips under {root} decodes (first: {bad[0]})")
+        raise ValueError(f"none of the {len(files)} clips under {root} decodes (first: {bad[0]})")
     ok = sorted(out)
     emb = np.stack([out[i] for i in ok]).astype(np.float32)
     if not np.isfinite(emb).all():
-        raise ProbeError(f"{desc}: the encoder gives non-finite embeddings for {int((~np.isfinite(emb).all(1)).sum())} clips")
+        raise ValueError(f"{desc}: the encoder gives non-finite embeddings for {int((~np.isfinite(emb).all(1)).sum())} clips")
     return emb, ok, bad
 
 
@@ -482,8 +584,10 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
     emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, desc=f"{task['name']} {encoder_path}")
     seconds = time.time() - t0
     print(f"{task['name']}: embedded {len(task['files'])} clips in {seconds:.1f} s ({len(task['files']) / seconds:.0f} clips/s)")
-    write_atomic(path, lambda f: np.savez(f, embeddings=emb, files=np.array([task["files"][i] for i in ok]),
-                                          skipped=np.array(bad, dtype=str), encoder_hash=encoder_hash, data_hash=data_hash))
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=emb, files=np.array([task["files"][i] for i in ok]), skipped=np.array(bad, dtype=str),
+             encoder_hash=encoder_hash, data_hash=data_hash)
+    atomic_write(path, buf.getvalue())
     return ok, emb, bad
 
 
@@ -499,124 +603,18 @@ def runner_embeddings(folder, task):
         try:
             e = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise ProbeError(f"{path} is not a .npy embedding ({first_line(e)})")
+            raise ValueError(f"{path} is not a .npy embedding ({first_line(e)})")
         if e.ndim != 1 or not np.isfinite(e).all() or (emb and e.shape != emb[0].shape):
-            raise ProbeError(f"{path}: not a finite scene embedding of the others' size (shape {e.shape})")
+            raise ValueError(f"{path}: not a finite scene embedding of the others' size (shape {e.shape})")
         ok.append(i), emb.append(e.astype(np.float32))
     if not ok:
-        raise ProbeError(f"{folder} holds no embedding of {task['name']}'s clips (<split>/<file>.embedding.npy)")
+        raise ValueError(f"{folder} holds no embedding of {task['name']}'s clips (<split>/<file>.embedding.npy)")
     return ok, np.stack(emb), missing
-
-
-# ----------------------------------------------------------------------------- probe
-
-def score(y_true, logits, multilabel):
-    """Accuracy, or macro average precision over the classes with a positive clip (NaN if none has)."""
-    if not multilabel:
-        return float((logits.argmax(1) == y_true).mean())
-    keep = y_true.sum(0) > 0
-    return float(average_precision_score(y_true[:, keep], logits[:, keep], average="macro")) if keep.any() else math.nan
-
-
-def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patience, lr, batch_size):
-    """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss).
-    Returns the model of the best epoch and that epoch."""
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(x.shape[1], n_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
-    order = torch.Generator().manual_seed(seed)
-    x_train, y_train, x_valid, y_valid = x[train], y[train], x[valid], y[valid]
-    best, best_state, best_epoch = (-math.inf, -math.inf), None, 0
-    for epoch in range(1, epochs + 1):
-        for idx in torch.randperm(len(train), generator=order).split(batch_size):
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            logits = model(x_valid)
-            s = score(y_valid.numpy(), logits.numpy(), multilabel)
-            current = (-math.inf if math.isnan(s) else s, -loss_fn(logits, y_valid).item())
-        if current > best:
-            best, best_epoch = current, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= patience:
-            break
-    model.load_state_dict(best_state)
-    return model, best_epoch
-
-
-def probe_task(emb, task, args):
-    """Leave-one-fold-out linear probe; one result row per fold."""
-    x = torch.from_numpy(emb)
-    y = torch.from_numpy(task["labels"]).float() if task["multilabel"] else torch.from_numpy(task["labels"])
-    rows, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # a small linear layer trains faster without thread syncs, and the same on any machine
-    for k, train, valid, test in cv_splits(task, args.valid_frac, args.seed):
-        t0 = time.time()
-        # standardize with statistics of the clips the probe is fit on only
-        mean, std = x[train].mean(0), x[train].std(0)
-        xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
-        model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
-                                           args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
-        with torch.no_grad():
-            s = score(y[test].numpy(), model(xs[test]).numpy(), task["multilabel"])
-        rows.append(dict(fold=int(k), score=s, epochs=best_epoch, n_train=len(train), n_valid=len(valid),
-                         n_test=len(test), seconds=round(time.time() - t0, 2)))
-    torch.set_num_threads(threads)
-    return rows
-
-
-def write_atomic(path, write):
-    """write(file) to a temporary file next to path, then rename it: path is never half-written, and
-    the temporary file (and any folder made for it) is removed if anything (an error, a full disk,
-    SIGTERM, Ctrl-C) stops the write. An OSError names path, not the temporary file."""
-    made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
-    f = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-        with f:
-            write(f)
-        os.replace(f.name, path)
-        made = []
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        if f is not None and os.path.exists(f.name):
-            os.unlink(f.name)
-        with contextlib.suppress(OSError):
-            for d in made:
-                d.rmdir()
-
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive flock on .NAME.lock beside path while the block runs: several runs update one
-    results.json, each re-reading and merging under the lock, so no run's rows replace another's."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
-        yield
-
-
-def table(summary):
-    encoders = list(dict.fromkeys(s["encoder"] for s in summary))
-    tasks = list(dict.fromkeys(s["task"] for s in summary))
-    cell = {(s["encoder"], s["task"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in summary}
-    lines = ["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    lines += [f"| {e} | " + " | ".join(cell.get((e, t), "-") for t in tasks) + " |" for e in encoders]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- HEAR 2021 API
 # probe.py is also a HEAR module: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt`
 # loads it with load_model and calls the two functions below, as hearvalidator checks.
-
-HEAR_HOP_MS = 50.0  # HEAR asks for a timestamp hop of at most 50 ms
-WINDOWS_PER_CALL = 256  # 1-s windows per encoder call: memory stays bounded whatever the clip length
-
 
 class HearModel(torch.nn.Module):
     """An exported encoder with the attributes of the HEAR API; .to(device) moves its weights."""
@@ -638,9 +636,9 @@ def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
     """HEAR: the exported encoder at model_file_path as a torch.nn.Module. hop_ms, the timestamp hop,
     is an option (the runner's --model-options '{"hop_ms": 25}')."""
     if not model_file_path:
-        raise ProbeError("load_model needs the path of an exported encoder (runs/NAME/encoder.pt)")
+        raise ValueError("load_model needs the path of an exported encoder (runs/NAME/encoder.pt)")
     if not 0 < float(hop_ms) <= 1000:
-        raise ProbeError(f"hop_ms must be in (0, 1000], not {hop_ms}")
+        raise ValueError(f"hop_ms must be in (0, 1000], not {hop_ms}")
     return HearModel(*read_encoder(model_file_path), hop_ms)
 
 
@@ -648,7 +646,7 @@ def hear_audio(audio, model):
     """(n_sounds, n_samples) float32 on the model's device, whatever came in."""
     audio = torch.as_tensor(audio)
     if audio.dim() != 2:
-        raise ProbeError(f"audio must be (n_sounds, n_samples), not {tuple(audio.shape)}")
+        raise ValueError(f"audio must be (n_sounds, n_samples), not {tuple(audio.shape)}")
     return audio.to(next(model.encoder.parameters()).device, torch.float32)
 
 
@@ -680,83 +678,38 @@ def get_timestamp_embeddings(audio, model):
     return embeddings.float(), timestamps.expand(n_sounds, -1).contiguous()
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- results on disk
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", nargs="+", metavar="PATH",
-                        help="exported encoders (TorchScript runs/NAME/encoder.pt); several give one table row each "
-                             "(default: every runs/*/encoder.pt)")
-    parser.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR",
-                        help="hear: embeddings that heareval's runner wrote for this task (embeddings/MODULE/TASK), "
-                             "probed beside the encoders, one row each")
-    parser.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
-    parser.add_argument("--data-dir", type=Path,
-                        help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
-    parser.add_argument("--label", help="csv: label column of meta.csv")
-    parser.add_argument("--fold-column", help="csv: fold column (default: fold if present, else a seeded stratified 5-fold split)")
-    parser.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
-    parser.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
-    parser.add_argument("--batch-size", type=int, default=32, help="clips per encoder call")
-    parser.add_argument("--seed", type=int, default=0, help="seeds probe init, data order, validation split, subsampling")
-    parser.add_argument("--epochs", type=int, default=100, help="max probe epochs per fold")
-    parser.add_argument("--patience", type=int, default=10, help="epochs without validation improvement before stopping")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
-    parser.add_argument("--probe-batch-size", type=int, default=32, help="probe batch size (paper: 32)")
-    parser.add_argument("--valid-frac", type=float, default=0.1, help="share of the training folds for early stopping")
-    parser.add_argument("--max-per-class", type=int, help="keep at most N clips per class (stratified over folds, seeded)")
-    parser.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
-    parser.add_argument("--no-download", action="store_true",
-                        help="never download a missing dataset (also: environment PROBE_NO_DOWNLOAD=1)")
-    return parser
-
-
-def check_args(args):
-    if args.task == "csv" and not args.label:
-        raise ProbeError("--task csv needs --label COLUMN")
-    if args.task in ("hear", "csv") and args.data_dir is None:
-        raise ProbeError(f"--task {args.task} needs --data-dir")
-    if args.embeddings and args.task != "hear":
-        raise ProbeError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
-    for flag, low in [("batch_size", 1), ("epochs", 1), ("probe_batch_size", 1), ("patience", 0), ("seed", 0),
-                      ("max_per_class", 2)]:
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            raise ProbeError(f"--{flag.replace('_', '-')} must be at least {low}, not {value}")
-    if not 0 < args.lr < math.inf:
-        raise ProbeError(f"--lr must be a positive number, not {args.lr}")
-    if not 0 <= args.valid_frac < 1:
-        raise ProbeError(f"--valid-frac must be in [0, 1), not {args.valid_frac}")
-    for flag, path in [("--out", args.out), ("--cache-dir", args.cache_dir)]:
-        if path is not None:
-            check_path(path, flag, "folder")
-            ancestor = next(d for d in [path, *path.parents] if d.exists())  # where the first folder or file is made
-            if not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the embedding
-                raise ProbeError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
-    for flag, paths, kind in [("--data-dir", [args.data_dir] if args.data_dir else [], "folder"),
-                              ("--embeddings", args.embeddings, "folder"), ("--encoder", args.encoder or [], "file")]:
-        for path in paths:  # a missing --data-dir of esc50 is downloaded into; the others are named where they are read
-            check_path(Path(path), flag, kind, must_exist=False)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeError(f"--device {args.device} but CUDA is not available")
-
-
-def check_path(path, flag, kind, must_exist=False):
-    """A path flag: a link is followed; a broken or looping link, or a file where a folder belongs (or the
-    reverse), is named here."""
+def atomic_write(path, data):
+    """data to path through a temporary file and a rename: path is never half-written; on any failure
+    (a full disk, SIGTERM) the temporary file and any folder made for it are removed."""
+    made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        is_dir = stat.S_ISDIR(path.stat().st_mode)
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ProbeError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
-        if must_exist:
-            raise ProbeError(f"{flag} {path} does not exist")
-        return
-    except OSError as e:
-        raise ProbeError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
-    if is_dir != (kind == "folder"):
-        raise ProbeError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        made = []
+    except OSError as e:  # e.g. a full disk: the error names the file the user knows, not its temporary twin
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        with contextlib.suppress(OSError):
+            for d in made:
+                d.rmdir()
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive flock on .NAME.lock beside path while the block runs: several runs update one
+    results.json, each re-reading and merging under the lock, so no run's rows replace another's."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
+        yield
 
 
 def read_results(path):
@@ -767,95 +720,133 @@ def read_results(path):
     if not (rows_of(results["rows"], {"encoder", "task"}) and rows_of(results["summary"], {"encoder", "task", "mean", "std"})
             and all(isinstance(s[k], (int, float)) for s in results["summary"] for k in ("mean", "std"))
             and isinstance(results["skipped_files"], dict)):
-        raise ProbeError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away to start a new one")
+        raise ValueError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away to start a new one")
     return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    import argparse
+
+    def checked(kind, ok, what):  # type=: kind(text), refused unless ok(value)
+        def parse(text):
+            value = kind(text)
+            if not ok(value):
+                raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
+            return value
+        parse.__name__ = kind.__name__  # a non-number reads "invalid int value: 'x'"
+        return parse
+    at_least = lambda low: checked(int, lambda v: v >= low, f"at least {low}")
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # one line on stderr, exit 2, as for every other bad input
+    p.add_argument("--encoder", nargs="+", metavar="PATH",
+                   help="exported encoders (TorchScript runs/NAME/encoder.pt); several give one table row each "
+                        "(default: every runs/*/encoder.pt)")
+    p.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="hear: embeddings that heareval's runner wrote for this task (embeddings/MODULE/TASK), "
+                        "probed beside the encoders, one row each")
+    p.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
+    p.add_argument("--data-dir", type=Path,
+                   help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
+    p.add_argument("--label", help="csv: label column of meta.csv")
+    p.add_argument("--fold-column", help="csv: fold column (default: fold if present, else a seeded stratified 5-fold split)")
+    p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
+    p.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="clips per encoder call")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seeds probe init, data order, validation split, subsampling")
+    p.add_argument("--epochs", type=at_least(1), default=100, help="max probe epochs per fold")
+    p.add_argument("--patience", type=at_least(0), default=10, help="epochs without validation improvement before stopping")
+    p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "a positive number"), default=1e-3,
+                   help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--probe-batch-size", type=at_least(1), default=32, help="probe batch size (paper: 32)")
+    p.add_argument("--valid-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1,
+                   help="share of the training folds for early stopping")
+    p.add_argument("--max-per-class", type=at_least(2), help="keep at most N clips per class (stratified over folds, seeded)")
+    p.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
+    p.add_argument("--no-download", action="store_true",
+                   help="never download a missing dataset (also: environment PROBE_NO_DOWNLOAD=1)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """What argparse cannot check, found before anything is read or written."""
+    if args.task == "csv" and not args.label:
+        raise ValueError("--task csv needs --label COLUMN")
+    if args.task in ("hear", "csv") and args.data_dir is None:
+        raise ValueError(f"--task {args.task} needs --data-dir")
+    if args.embeddings and args.task != "hear":
+        raise ValueError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
+    for flag, path in [("--out", args.out), ("--cache-dir", args.cache_dir)]:
+        if path is not None:
+            check_path(path, flag, "folder")
+            ancestor = next(d for d in [path, *path.parents] if d.exists())  # where the first folder or file is made
+            if not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the embedding
+                raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
+    for flag, paths, kind in [("--data-dir", [args.data_dir] if args.data_dir else [], "folder"),
+                              ("--embeddings", args.embeddings, "folder"), ("--encoder", args.encoder or [], "file")]:
+        for path in paths:  # a missing --data-dir of esc50 is downloaded into; the others are named where they are read
+            check_path(Path(path), flag, kind)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but CUDA is not available")
+
+
+def check_path(path, flag, kind):
+    """A path flag that may not exist yet: a link is followed; a broken or looping link, or a file where a
+    folder belongs (or the reverse), is named here."""
+    try:
+        is_dir = stat.S_ISDIR(path.stat().st_mode)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+        return
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
+    if is_dir != (kind == "folder"):
+        raise ValueError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
 
 
 def default_encoders():
     found = sorted(map(str, Path("runs").glob("*/encoder.pt")))
     if not found:
-        raise ProbeError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
+        raise ValueError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
                          "with python train.py --epochs 0 --out runs/random")
     print(f"probing every runs/*/encoder.pt: {', '.join(found)}")
     return found
 
 
-def probe(args):
-    check_args(args)
-    if args.task == "esc50":
-        download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
-        task = load_esc50(args.data_dir or DATA / "ESC-50", download)
-    elif args.task == "us8k":
-        task = load_us8k(args.data_dir or DATA / "UrbanSound8K")
-    else:
-        task = load_hear(args.data_dir) if args.task == "hear" else load_csv(args.data_dir, args.label, args.fold_column, args.seed)
-    task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
-    task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
-    runs = ([args.data_dir] if task.get("runner") else []) + args.embeddings  # heareval runner outputs
-    paths = args.encoder if args.encoder is not None else [] if runs else default_encoders()
-    encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(paths)}  # bad ones fail in seconds
-    metric = "mAP" if task["multilabel"] else "accuracy"
-    print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
-          f"{len(task['test_folds'])} test folds, {metric}")
-    out_path = args.out / "results.json"
-    results = read_results(out_path)  # a foreign results.json stops the run before the long part
-
-    # every source is probed on the clips that all of them embed
-    got = {path: task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings", args.batch_size,
-                                 args.device) for path, encoder in encoders.items()}
-    got.update({str(folder): runner_embeddings(folder, task) for folder in dict.fromkeys(runs)})
-    ok = sorted(set.intersection(*(set(o) for o, _, _ in got.values())))
-    skipped = sorted(set().union(*(s for _, _, s in got.values())))
-    embeddings = {}
-    for name, (o, e, _) in got.items():
-        pos = {i: k for k, i in enumerate(o)}
-        embeddings[name] = e[[pos[i] for i in ok]]
-    if skipped:
-        warn(f"{task['name']}: skipped {len(skipped)} clips that do not decode (first: {skipped[0]})")
-    task, keep = check_classes(select(task, ok), args.drop_rare)  # the skipped clips may leave a class too small
-    for path, emb in embeddings.items():
-        rows = [dict(encoder=path, task=task["name"], metric=metric, **r) for r in probe_task(emb[keep], task, args)]
-        for r in rows:
-            print(f"{path} {task['name']} fold {r['fold']}: {metric} {100 * r['score']:.1f} "
-                  f"(epoch {r['epochs']}, {r['n_train']} train / {r['n_test']} test, {r['seconds']:.1f} s)")
-        scores = np.array([r["score"] for r in rows])
-        same = lambda r: r["encoder"] == path and r["task"] == task["name"]
-        with locked(out_path):  # other probes may have written since: re-read, merge, replace
-            results = read_results(out_path)
-            results["rows"] = [r for r in results["rows"] if not same(r)] + rows
-            results["summary"] = [s for s in results["summary"] if not same(s)] + [dict(
-                encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
-                std=float(np.nanstd(scores)), folds=len(rows))]
-            results["skipped_files"][task["name"]] = sorted(skipped)
-            write_atomic(out_path, lambda f: f.write(json.dumps(results, indent=1).encode()))  # nothing finished is lost
-    print(f"\nresults: {out_path}\n")
-    print(table(results["summary"]))
+def warn(msg):
+    print(f"probe.py: warning: {' '.join(str(msg).split())}", file=sys.stderr)
 
 
-def fail(msg):
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def fail(msg):  # the exit of main (and of argparse, for a bad flag): one line on stderr, exit 2
     print(f"probe.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
     sys.exit(2)
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM ends the run as Ctrl-C does: atomic_write removes its temp file
 
 
-def main():
-    parser = build_parser()
-    parser.error = fail  # one line on stderr, exit 2
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: unwinds, so write_atomic removes its temp file
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        probe(parser.parse_args())
-    except ProbeError as e:
-        fail(e)
-    except OSError as e:  # e.g. --out on a read-only or full disk
-        fail(f"{e.filename}: {e.strerror}" if e.filename else e)
+        check_args(args)
+        probe(args)
     except KeyboardInterrupt as e:
         print("probe.py: interrupted", file=sys.stderr)
         sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+    except (ValueError, OSError) as e:  # the only place an error becomes one line on stderr
+        fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     main()

@@ -1,31 +1,24 @@
 """Linear probe of exported encoders on labelled audio (the paper's downstream evaluation).
 
-Every encoder (TorchScript file from train.py: (B, T) 16 kHz mono waveform -> (B, 512)) embeds
-each clip of a task once, whole; the embeddings are cached per (encoder, clip list), so every label
-of a folder reuses them. A linear layer on the standardized embeddings (Adam, lr 1e-3, batch 32,
-early stopping on a validation split carved from the training folds) is trained per fold, leaving
-one fold out; the table reports mean ± std over folds of accuracy (multiclass) or mAP (multilabel),
-in percent.
+Every encoder (train.py's TorchScript encoder.pt: (B, T) 16 kHz mono waveform -> (B, 512)) embeds each clip of a
+task once, whole; the embeddings are cached per (encoder, clip list), so every label of a folder reuses them. A
+linear layer on the standardized embeddings (Adam, lr 1e-3, batch 32, early stopping on a validation split carved
+from the training folds) is trained per fold, leaving one fold out; the table reports mean ± std over folds of
+accuracy (multiclass) or mAP (multilabel), in percent.
 
   # ESC-50, official 5 folds (downloaded into --data-dir when it is missing and the machine is online)
   python probe.py --task esc50 --data-dir data/ESC-50 --encoder runs/voice/encoder.pt --out probes/
-
   # UrbanSound8K, official 10 folds
   python probe.py --task us8k --data-dir data/UrbanSound8K --encoder runs/voice/encoder.pt --out probes/
-
   # any folder with meta.csv (`file` relative to the folder, label columns, optional `fold` column)
   python probe.py --task csv --data-dir ../shared/data/gm_notes --label pitch --encoder runs/voice/encoder.pt --out probes/
-
   # two encoders side by side (e.g. trained vs random init): one table row each
   python probe.py --task csv --data-dir ../shared/data/fsdd --label digit \\
       --encoder runs/voice/encoder.pt runs/random/encoder.pt --out probes/
-
   # a HEAR-preprocessed scene task (k folds, or train/valid/test), e.g. FSD50K is scored by mAP
   python probe.py --task hear --data-dir tasks/esc50-v2.0.0-full --encoder runs/voice/encoder.pt --out probes/
-
   # quick look: at most 20 clips per class (stratified, deterministic)
   python probe.py --task csv --data-dir ../shared/data/fsdd --label digit --max-per-class 20 --encoder runs/voice/encoder.pt
-
   # no --encoder: every runs/*/encoder.pt, one row each
   python probe.py --task esc50
 
@@ -38,9 +31,8 @@ probe.py is also a HEAR 2021 module (load_model, get_scene_embeddings, get_times
   python probe.py --task hear --data-dir hear/tasks/nsynth_pitch-v2.2.3-5h --encoder runs/voice/encoder.pt \\
       --embeddings embeddings/openl3_hear/nsynth_pitch-v2.2.3-5h --out probes/
 
-Runs with the same --out add to one results.json (rows of the same encoder and task are
-replaced), so the printed table gathers every encoder x task probed into that folder; runs at the
-same time merge under a lock, so none loses another's rows.
+Runs with the same --out add to one results.json (rows of the same encoder and task are replaced), so the printed
+table gathers every encoder x task probed into that folder; runs at the same time merge under a lock.
 """
 
 import contextlib
@@ -87,8 +79,7 @@ def score(y_true, logits, multilabel):
 
 
 def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patience, lr, batch_size):
-    """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss).
-    Returns the model of the best epoch and that epoch."""
+    """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss) -> best model, epoch."""
     torch.manual_seed(seed)
     model = torch.nn.Linear(x.shape[1], n_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -116,8 +107,8 @@ def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patienc
 
 
 def cv_splits(task, valid_frac, seed):
-    """(fold, train, valid, test) index arrays: each test fold left out in turn; the validation clips
-    come from valid_fold when the task has one, else a stratified valid_frac of the training folds."""
+    """(fold, train, valid, test) index arrays, each test fold left out in turn; validation clips come from
+    valid_fold when the task has one, else a stratified valid_frac of the training folds."""
     folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
@@ -165,7 +156,13 @@ def probe(args):
     task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
     task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
     runs = ([args.data_dir] if task.get("runner") else []) + args.embeddings  # heareval runner outputs
-    paths = args.encoder if args.encoder is not None else [] if runs else default_encoders()
+    paths = args.encoder or []
+    if args.encoder is None and not runs:  # no flag: every trained run here
+        paths = sorted(map(str, Path("runs").glob("*/encoder.pt")))
+        if not paths:
+            raise ValueError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
+                             "with python train.py --epochs 0 --out runs/random")
+        print(f"probing every runs/*/encoder.pt: {', '.join(paths)}")
     encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(paths)}  # bad ones fail in seconds
     metric = "mAP" if task["multilabel"] else "accuracy"
     print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
@@ -298,36 +295,33 @@ def load_esc50(data_dir, download=True):
 
 def download_esc50(data_dir):
     """Official archive -> data_dir, checked (zip CRCs, meta file) and moved into place in one rename."""
-    import shutil
     import tempfile
     import urllib.request
     import zipfile
     from tqdm import tqdm
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".esc50-", dir=data_dir.parent))
-    archive, fix = tmp / "master.zip", f"unpack {ESC50_URL} so that {data_dir}/meta/esc50.csv and {data_dir}/audio/ exist"
-    try:
+    fix = f"unpack {ESC50_URL} so that {data_dir}/meta/esc50.csv and {data_dir}/audio/ exist"
+    with tempfile.TemporaryDirectory(prefix=".esc50-", dir=data_dir.parent, ignore_cleanup_errors=True) as tmp:
+        archive = Path(tmp) / "master.zip"
         try:
-            with urllib.request.urlopen(ESC50_URL, timeout=30) as r, open(archive, "wb") as f:
-                total = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc="ESC-50") as bar:
-                    while chunk := r.read(1 << 20):
-                        bar.update(f.write(chunk))
+            with (urllib.request.urlopen(ESC50_URL, timeout=30) as r, open(archive, "wb") as f,
+                  tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                       desc="ESC-50") as bar):
+                while chunk := r.read(1 << 20):
+                    bar.update(f.write(chunk))
         except OSError as e:  # URLError, timeouts, disk
             raise OSError(f"cannot download ESC-50 ({first_line(e)}); {fix}")
         try:
             with zipfile.ZipFile(archive) as z:
                 if z.testzip() is not None or "ESC-50-master/meta/esc50.csv" not in z.namelist():
                     raise zipfile.BadZipFile("damaged or not the official one")
-                z.extractall(tmp / "unpacked")
+                z.extractall(Path(tmp) / "unpacked")
         except zipfile.BadZipFile as e:
             raise ValueError(f"downloaded ESC-50 archive is not usable ({first_line(e)}); {fix}")
         if data_dir.exists():
             data_dir.rmdir()  # only ever an empty folder here
-        os.replace(tmp / "unpacked" / "ESC-50-master", data_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)
 
 
 def load_us8k(data_dir):
@@ -396,8 +390,8 @@ def load_hear(data_dir):
 
 
 def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
-    """Any folder with meta.csv: `file` (relative to the folder), the --label column, optional fold
-    column (default `fold`; without one, a seeded stratified n_folds split)."""
+    """Any folder with meta.csv: `file` (relative to the folder), the --label column, optional fold column
+    (default `fold`; without one, a seeded stratified n_folds split)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ValueError(f"no data folder {data_dir}")
@@ -439,9 +433,9 @@ def subsample(task, max_per_class, seed):
 
 
 def check_classes(task, drop_rare=False):
-    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it
-    cannot be both trained on and tested; dropped if asked), a left-out fold that leaves too few
-    training clips or shares no class with them. Returns the task and the indices of the clips kept."""
+    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it cannot be both
+    trained on and tested; dropped if asked), a left-out fold that leaves too few training clips or shares no class
+    with them. Returns the task and the indices of the clips kept."""
     y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
     counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
     rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
@@ -481,8 +475,7 @@ def read_audio(path):
 
 
 def read_encoder(path):
-    """An exported encoder (TorchScript, train.py's encoder.pt) on the CPU, checked: (B, T) -> (B, D)
-    with D independent of T, as a 1-s and a 0.5-s batch must agree. Returns (encoder, D)."""
+    """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
     if not Path(path).is_file():
         raise ValueError(f"no encoder file {path}")
     try:
@@ -512,10 +505,9 @@ def load_encoder(path, device):
 
 
 def embed(encoder, root, files, batch_size, device, desc):
-    """Embeddings of the clips that decode, each whole, in one read pass. Clips up to 1 s are
-    zero-padded to 1 s (as the encoder does) so they batch together; a longer clip waits for
-    batch_size - 1 others of its length (or the end). Returns embeddings, their clip indices, and
-    the clips skipped with the reason."""
+    """Embeddings of the clips that decode, each whole, in one read pass -> (embeddings, their clip indices, the clips
+    skipped with the reason). Clips up to 1 s are zero-padded to 1 s (as the encoder does) so they batch together;
+    a longer clip waits for batch_size - 1 others of its length (or the end)."""
     from tqdm import tqdm
     out, bad, waiting = {}, [], {}
 
@@ -548,24 +540,18 @@ def embed(encoder, root, files, batch_size, device, desc):
     return emb, ok, bad
 
 
-def cache_entry(cache_dir, encoder_path, task):
-    """Cache file and data hash of a task's embeddings. One file per (encoder, clip list), so every
-    label of a folder reuses it; the hash changes with any clip's size or mtime."""
+def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
+    """(indices of the clips that decode, their embeddings, the clips that do not), from the cache when encoder and
+    clips are unchanged: one file per (encoder, clip list), so every label of a folder reuses it."""
     p, root = Path(encoder_path).resolve(), task["root"].resolve()
     where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
     clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{p.parent.name}_{p.stem}-{where}__{root.name}-{clips}").strip("_")
-    h = hashlib.sha256(str(root).encode())
-    for f in task["files"]:
+    path, h = Path(cache_dir) / f"{name}.npz", hashlib.sha256(str(root).encode())
+    for f in task["files"]:  # the data hash changes with any clip's size or mtime
         st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
         h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
-    return Path(cache_dir) / f"{name}.npz", h.hexdigest()
-
-
-def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
-    """Embeddings of a task's clips, from the cache when encoder and clips are unchanged. Returns
-    the indices of the clips that decoded, their embeddings, and the clips that did not."""
-    path, data_hash = cache_entry(cache_dir, encoder_path, task)
+    data_hash = h.hexdigest()
     with open(encoder_path, "rb") as f:
         encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
     try:
@@ -592,8 +578,7 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
 
 
 def runner_embeddings(folder, task):
-    """Scene embeddings that heareval's runner wrote for a HEAR task's clips
-    (embeddings/MODULE/TASK/<split>/<file>.embedding.npy), with the contract of task_embeddings."""
+    """The scene embeddings heareval's runner wrote (<folder>/<split>/<file>.embedding.npy), as task_embeddings."""
     ok, emb, missing = [], [], []
     for i, f in enumerate(task["files"]):
         path = Path(folder) / f"{f.removeprefix(task['prefix'])}.embedding.npy"
@@ -633,8 +618,7 @@ class HearModel(torch.nn.Module):
 
 
 def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
-    """HEAR: the exported encoder at model_file_path as a torch.nn.Module. hop_ms, the timestamp hop,
-    is an option (the runner's --model-options '{"hop_ms": 25}')."""
+    """HEAR: the exported encoder as a torch.nn.Module; hop_ms is the runner's --model-options '{"hop_ms": 25}'."""
     if not model_file_path:
         raise ValueError("load_model needs the path of an exported encoder (runs/NAME/encoder.pt)")
     if not 0 < float(hop_ms) <= 1000:
@@ -652,8 +636,7 @@ def hear_audio(audio, model):
 
 @torch.no_grad()
 def get_scene_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (n_sounds, D), the encoder's own embedding of each whole clip
-    (the one probe.py measures), computed a few clips at a time."""
+    """HEAR: (n_sounds, n_samples) -> (n_sounds, D), the encoder's own embedding of each whole clip (as probed)."""
     audio = hear_audio(audio, model)
     per_call = max(1, WINDOWS_PER_CALL // max(1, round(audio.shape[1] / SR)))
     return torch.cat([model.encoder(a) for a in audio.split(per_call)]).float()
@@ -751,20 +734,24 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path,
                    help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
     p.add_argument("--label", help="csv: label column of meta.csv")
-    p.add_argument("--fold-column", help="csv: fold column (default: fold if present, else a seeded stratified 5-fold split)")
+    p.add_argument("--fold-column",
+                   help="csv: fold column (default: fold if present, else a seeded stratified 5-fold split)")
     p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
     p.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="clips per encoder call")
-    p.add_argument("--seed", type=at_least(0), default=0, help="seeds probe init, data order, validation split, subsampling")
+    p.add_argument("--seed", type=at_least(0), default=0,
+                   help="seeds probe init, data order, validation split, subsampling")
     p.add_argument("--epochs", type=at_least(1), default=100, help="max probe epochs per fold")
-    p.add_argument("--patience", type=at_least(0), default=10, help="epochs without validation improvement before stopping")
+    p.add_argument("--patience", type=at_least(0), default=10,
+                   help="epochs without validation improvement before stopping")
     p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "a positive number"), default=1e-3,
                    help="Adam learning rate (paper: 1e-3)")
     p.add_argument("--probe-batch-size", type=at_least(1), default=32, help="probe batch size (paper: 32)")
     p.add_argument("--valid-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1,
                    help="share of the training folds for early stopping")
-    p.add_argument("--max-per-class", type=at_least(2), help="keep at most N clips per class (stratified over folds, seeded)")
+    p.add_argument("--max-per-class", type=at_least(2),
+                   help="keep at most N clips per class (stratified over folds, seeded)")
     p.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
     p.add_argument("--no-download", action="store_true",
                    help="never download a missing dataset (also: environment PROBE_NO_DOWNLOAD=1)")
@@ -772,49 +759,33 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """What argparse cannot check, found before anything is read or written."""
+    """What argparse cannot check, before anything is read or written. A path may not exist yet (a missing --data-dir
+    of esc50 is downloaded into; the others are named where they are read), but a broken or looping link, a file
+    where a folder belongs (or the reverse) and an --out this user cannot write are named here."""
     if args.task == "csv" and not args.label:
         raise ValueError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:
         raise ValueError(f"--task {args.task} needs --data-dir")
     if args.embeddings and args.task != "hear":
         raise ValueError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
-    for flag, path in [("--out", args.out), ("--cache-dir", args.cache_dir)]:
-        if path is not None:
-            check_path(path, flag, "folder")
+    paths = [("--out", args.out), ("--cache-dir", args.cache_dir), ("--data-dir", args.data_dir)]
+    paths += [("--embeddings", p) for p in args.embeddings] + [("--encoder", Path(p)) for p in args.encoder or []]
+    for flag, path in paths:
+        kind = "file" if flag == "--encoder" else "folder"
+        try:
+            if path is not None and stat.S_ISDIR(path.stat().st_mode) != (kind == "folder"):  # a link is followed
+                raise ValueError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
+        except FileNotFoundError:
+            if path.is_symlink():
+                raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+        except OSError as e:
+            raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
+        if flag in ("--out", "--cache-dir") and path is not None:
             ancestor = next(d for d in [path, *path.parents] if d.exists())  # where the first folder or file is made
             if not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the embedding
                 raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
-    for flag, paths, kind in [("--data-dir", [args.data_dir] if args.data_dir else [], "folder"),
-                              ("--embeddings", args.embeddings, "folder"), ("--encoder", args.encoder or [], "file")]:
-        for path in paths:  # a missing --data-dir of esc50 is downloaded into; the others are named where they are read
-            check_path(Path(path), flag, kind)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} but CUDA is not available")
-
-
-def check_path(path, flag, kind):
-    """A path flag that may not exist yet: a link is followed; a broken or looping link, or a file where a
-    folder belongs (or the reverse), is named here."""
-    try:
-        is_dir = stat.S_ISDIR(path.stat().st_mode)
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
-        return
-    except OSError as e:
-        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
-    if is_dir != (kind == "folder"):
-        raise ValueError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
-
-
-def default_encoders():
-    found = sorted(map(str, Path("runs").glob("*/encoder.pt")))
-    if not found:
-        raise ValueError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
-                         "with python train.py --epochs 0 --out runs/random")
-    print(f"probing every runs/*/encoder.pt: {', '.join(found)}")
-    return found
 
 
 def warn(msg):

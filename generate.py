@@ -313,11 +313,6 @@ class PairSampler:
 # -----------------------------------------------------------------------------
 # command line
 
-def die(msg, code=2):
-    print(f"generate.py: error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-
 def delta_dirname(delta):
     return f"delta_{delta:g}"
 
@@ -350,16 +345,34 @@ def output_folder(path, flag):
         try:
             path = os.path.realpath(path, strict=True)
         except OSError as e:
-            die(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
-                else f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+            raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                             else f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
     if os.path.exists(path) and not os.path.isdir(path):
-        die(f"{path} is a file, not a folder")
+        raise ValueError(f"{path} is a file, not a folder")
     # the old folder is moved aside and removed only after the new one is written: every part must allow it
     stuck = [d for d, dirs, files in os.walk(path)
              if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]
     if stuck:
-        die(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
+        raise ValueError(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
     return path
+
+
+def temporary_sibling(out):
+    """An empty folder beside out, with the mode a new folder gets (mkdtemp's private 0700 would become the
+    output's): everything is built there and moved into place at the end, so that an interrupted run leaves no
+    half-written output and never harms what was there."""
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+    except FileExistsError as e:  # makedirs met a file (or a broken link) where a folder must be
+        raise OSError(f"cannot write to {parent}: {e.filename} is not a folder") from None
+    except OSError as e:
+        raise OSError(f"cannot write to {parent}: {e.strerror}") from None
+    return tmp
 
 
 def move_into_place(tmp, out):
@@ -380,44 +393,25 @@ def move_into_place(tmp, out):
               file=sys.stderr)
 
 
-def write_pairs(out, sampler, n_pairs, batch_size, progress):
+def write_pairs(out, sampler, n_pairs, progress, factor=None):
+    """OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz: doppelgänger pairs, or with factor the pairs
+    that differ in that factor only (see PairSampler.factor_pair)."""
     thetas = {"theta": [], "theta_a": [], "theta_b": []}
-    n_written, step = 0, 0
-    while n_written < n_pairs:
-        audio_a, audio_b, *theta = sampler.sample(step)
-        k = min(batch_size, n_pairs - n_written)
+    for step, start in enumerate(range(0, n_pairs, sampler.batch_size)):
+        audio_a, audio_b, *theta = sampler.sample(step) if factor is None else sampler.factor_pair(factor, step)
+        k = min(sampler.batch_size, n_pairs - start)
         for i in range(k):
-            write_wav(os.path.join(out, f"{n_written + i:06d}_a.wav"), audio_a[i], sampler.sample_rate)
-            write_wav(os.path.join(out, f"{n_written + i:06d}_b.wav"), audio_b[i], sampler.sample_rate)
+            write_wav(os.path.join(out, f"{start + i:06d}_a.wav"), audio_a[i], sampler.sample_rate)
+            write_wav(os.path.join(out, f"{start + i:06d}_b.wav"), audio_b[i], sampler.sample_rate)
         for name, t in zip(thetas, theta):
             thetas[name].append(t[:k])
-        n_written += k
-        step += 1
         progress.update(k)
-    recipe = {}  # only beside the paper's single delta: a default params.npz stays as it was
-    if sampler.delta_group or sampler.keep:
-        recipe = dict(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
-                      delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
-    np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items()},
-             synth=sampler.synth_name, delta=sampler.delta, seed=sampler.seed, sample_rate=sampler.sample_rate,
-             **recipe)
-
-
-def write_factor_pairs(out, sampler, factor, n_pairs, progress):
-    n_written, step = 0, 0
-    while n_written < n_pairs:
-        audio_a, audio_b = sampler.factor_pair(factor, step)
-        k = min(sampler.batch_size, n_pairs - n_written)
-        for i in range(k):
-            for side, audio in (("a", audio_a[i]), ("b", audio_b[i])):
-                write_wav(os.path.join(out, f"{n_written + i:06d}_{side}.wav"), audio, sampler.sample_rate)
-        n_written += k
-        step += 1
-        progress.update(k)
-    np.savez(os.path.join(out, "params.npz"), synth=sampler.synth_name, delta=sampler.delta, factor=factor,
-             seed=sampler.seed, sample_rate=sampler.sample_rate)
-
-
+    meta = dict(synth=sampler.synth_name, delta=sampler.delta, **({} if factor is None else {"factor": factor}),
+                seed=sampler.seed, sample_rate=sampler.sample_rate)
+    if factor is None and (sampler.delta_group or sampler.keep):  # a default params.npz stays as it was
+        meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
+                    delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
+    np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
 def log_mel_png(path, audio, sample_rate):
     """The training frontend's view of a sound (VGGish log-mel), drawn for a person."""
     import matplotlib
@@ -497,7 +491,7 @@ def benchmark(args):
               f"{sounds_per_s * args.seconds:>11.0f}")
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
     p.add_argument("--delta", nargs="+", type=float, default=[0.25], help="perturbation size(s) delta >= 0 (default 0.25)")
@@ -522,101 +516,106 @@ def parse_args():
                    f"tuning; repeatable")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
     p.add_argument("--benchmark-seconds", type=float, default=10.0)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main():
-    args = parse_args()
-
+def check_args(args):
+    """The checks argparse would answer with its usage too: a refusal here is one line (ValueError)."""
     for s in args.synth:
         if s not in SYNTHS:
-            die(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")
+            raise ValueError(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")
     for d in args.delta:
         if not math.isfinite(d) or d < 0:
-            die(f"delta must be a finite number >= 0, got {d}")
+            raise ValueError(f"delta must be a finite number >= 0, got {d}")
     if args.pairs <= 0:
-        die(f"--pairs must be > 0, got {args.pairs}")
+        raise ValueError(f"--pairs must be > 0, got {args.pairs}")
     if args.batch_size <= 0 or args.sample_rate <= 0 or not 0 < args.seconds < math.inf:
-        die("--batch-size, --sample-rate and --seconds must be > 0 (and finite)")
+        raise ValueError("--batch-size, --sample-rate and --seconds must be > 0 (and finite)")
     if not 0 < args.benchmark_seconds < math.inf:
-        die(f"--benchmark-seconds must be > 0, got {args.benchmark_seconds}")
+        raise ValueError(f"--benchmark-seconds must be > 0, got {args.benchmark_seconds}")
     if args.delta_group or args.keep:  # names checked against each synth before anything is written
-        try:
-            for synth in args.synth:
-                PairSampler(synth, 0.0, 1, args.sample_rate, args.seconds, args.seed, args.delta_group, args.keep)
-        except ValueError as e:
-            die(e)
+        for synth in args.synth:
+            PairSampler(synth, 0.0, 1, args.sample_rate, args.seconds, args.seed, args.delta_group, args.keep)
+    if args.benchmark:
+        return
+    if args.factors is not None and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
+        raise ValueError("--factors takes one --synth and one --delta, and no --gallery")
+    if not (args.gallery or args.out):
+        raise ValueError("give --out DIR (or --gallery DIR, or --benchmark)")
+
+
+def write_outputs(tmp, args):
+    """The gallery, the --factors pairs or the pairs of every (synth, delta), into the folder tmp."""
+    from tqdm import tqdm
+    if args.gallery:
+        return write_gallery(tmp, args)
+    if args.factors is not None:
+        sampler = PairSampler(args.synth[0], args.delta[0], min(args.batch_size, args.pairs), args.sample_rate,
+                              args.seconds, args.seed, args.delta_group, args.keep)
+        factors = args.factors or sampler.factors()
+        unknown = sorted(set(factors) - set(sampler.factors()))
+        if unknown:
+            raise ValueError(f"unknown factor(s) {', '.join(unknown)} for {args.synth[0]} "
+                             f"(choose from {', '.join(sampler.factors())})")
+        with tqdm(total=len(factors) * args.pairs, unit="pair", desc="factors") as progress:
+            for factor in factors:
+                os.makedirs(os.path.join(tmp, factor))
+                write_pairs(os.path.join(tmp, factor), sampler, args.pairs, progress, factor)
+        return
+    combos = [(s, d) for s in args.synth for d in args.delta]
+    with tqdm(total=len(combos) * args.pairs, unit="pair", desc="generate") as progress:
+        for synth in args.synth:
+            sampler = PairSampler(synth, 0.0, min(args.batch_size, args.pairs), args.sample_rate, args.seconds,
+                                  args.seed, args.delta_group, args.keep)
+            for delta in args.delta:
+                sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
+                d = tmp if len(combos) == 1 else os.path.join(tmp, synth, delta_dirname(delta))
+                os.makedirs(d, exist_ok=True)
+                write_pairs(d, sampler, args.pairs, progress)
+
+
+def run(args):
+    check_args(args)
     if args.benchmark:
         return benchmark(args)
-    if args.factors is not None and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
-        die("--factors takes one --synth and one --delta, and no --gallery")
-    out = args.gallery or args.out
-    if not out:
-        die("give --out DIR (or --gallery DIR, or --benchmark)")
-    out = output_folder(out, "--gallery" if args.gallery else "--out")
+    out = output_folder(args.gallery or args.out, "--gallery" if args.gallery else "--out")
     if os.path.isdir(out) and os.listdir(out) and not args.force:
-        die(f"{out} is not empty (use --force to replace it)")
-
-    # Build everything in a temporary sibling folder and move it into place at the end:
-    # an interrupted run leaves no half-written output and never harms what was there.
-    parent = os.path.dirname(out)
+        raise ValueError(f"{out} is not empty (use --force to replace it)")
+    tmp = temporary_sibling(out)
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
-    except FileExistsError as e:  # makedirs met a file (or a broken link) where a folder must be
-        die(f"cannot write to {parent}: {e.filename} is not a folder")
-    except OSError as e:
-        die(f"cannot write to {parent}: {e.strerror}")
-    try:
-        if args.gallery:
-            write_gallery(tmp, args)
-        elif args.factors is not None:
-            from tqdm import tqdm
-            sampler = PairSampler(args.synth[0], args.delta[0], min(args.batch_size, args.pairs), args.sample_rate,
-                                  args.seconds, args.seed, args.delta_group, args.keep)
-            factors = args.factors or sampler.factors()
-            unknown = sorted(set(factors) - set(sampler.factors()))
-            if unknown:
-                die(f"unknown factor(s) {', '.join(unknown)} for {args.synth[0]} "
-                    f"(choose from {', '.join(sampler.factors())})")
-            with tqdm(total=len(factors) * args.pairs, unit="pair", desc="factors") as progress:
-                for factor in factors:
-                    os.makedirs(os.path.join(tmp, factor))
-                    write_factor_pairs(os.path.join(tmp, factor), sampler, factor, args.pairs, progress)
-        else:
-            from tqdm import tqdm
-            combos = [(s, d) for s in args.synth for d in args.delta]
-            with tqdm(total=len(combos) * args.pairs, unit="pair", desc="generate") as progress:
-                for synth in args.synth:
-                    sampler = PairSampler(synth, 0.0, min(args.batch_size, args.pairs), args.sample_rate,
-                                          args.seconds, args.seed, args.delta_group, args.keep)
-                    for delta in args.delta:
-                        sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
-                        d = tmp if len(combos) == 1 else os.path.join(tmp, synth, delta_dirname(delta))
-                        os.makedirs(d, exist_ok=True)
-                        write_pairs(d, sampler, args.pairs, sampler.batch_size, progress)
+        write_outputs(tmp, args)
         move_into_place(tmp, out)
     except OSError as e:  # e.g. a full disk: the error names the file as the user would have seen it
         shutil.rmtree(tmp, ignore_errors=True)
         name = str(e.filename or "")
         where = os.path.join(out, os.path.relpath(name, tmp)) if name.startswith(tmp + os.sep) else name or out
-        die(f"cannot write {where}: {e.strerror or e}; nothing was written ({out} is as it was)")
+        raise OSError(f"cannot write {where}: {e.strerror or e}; nothing was written ({out} is as it was)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {os.path.join(out, 'index.html') if args.gallery else out}")
 
 
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]  # uncut: an unknown NAME lists every choice
+
+
 def interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the temporary folder is removed
+    raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
+
+
+def main(argv=None):
+    args = parse_args(argv)  # argparse itself exits 2 with its usage line for bad flags
+    try:
+        run(args)
+    except KeyboardInterrupt:  # the temporary folder is gone (run removes it), the output folder untouched
+        print("generate.py: error: interrupted; nothing was written (the output folder is as it was)", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line + exit 2
+        print(f"generate.py: error: {first_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, interrupted)
-    try:
-        main()
-    except KeyboardInterrupt:
-        die("interrupted; nothing was written (the output folder is as it was)", 130)
+    main()

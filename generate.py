@@ -1,6 +1,5 @@
 """
-Audio doppelgängers: positive pairs from randomly perturbed synthesizer parameters
-(Cherep & Singh, Algorithm 1).
+Audio doppelgängers: positive pairs from randomly perturbed synthesizer parameters (Cherep & Singh, Algorithm 1).
 
     theta   ~ U(0, 1)^m                       random point in the synth's normalized parameter space
     z1, z2  ~ N(0, I)
@@ -19,17 +18,9 @@ writes pairs to disk for listening and analysis.
     python generate.py --gallery gallery_groups/ --synth voice --delta 0.25 --delta-group keyboard=0 \\
         --delta-group vco_1.tuning=0.05 --pairs 4
 
---delta-group NAME=VALUE gives the columns of one synthax module (keyboard, vco_1, ...) or of one parameter
-(keyboard.midi_f0) their own delta VALUE instead of --delta; --keep pitch holds every pitch parameter (each
-keyboard's midi_f0, each oscillator's tuning) equal within a pair. params.npz then also holds delta_columns
-(each column's delta, (m,)), delta_group and keep.
-
---factors writes pairs that differ in one factor at a time (noise, gain, time shift, each parameter
-group of the synth) into OUT/<factor>/, for `analyze.py invariance`.
-
-One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz (theta,
-theta_a, theta_b of shape (pairs, m), synth, delta, seed, sample_rate). Several synths or deltas
-write OUT/<synth>/delta_<delta>/ in that layout each.
+One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz (theta, theta_a, theta_b of
+shape (pairs, m), synth, delta, seed, sample_rate; with --delta-group or --keep also delta_columns, each column's
+delta, delta_group and keep). Several synths or deltas write OUT/<synth>/delta_<delta>/ in that layout each.
 
 Three faults of synthax 0.2.2 are worked around here:
   * synth.init draws parameters uniformly in the human range and then applies each parameter's
@@ -68,16 +59,9 @@ EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normal
 SYNTHS = ("voice", "voicefm", "parametric")
 CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
 FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
-
-# --keep SET: parameters held equal within a pair (their delta is 0), matched by parameter name in every module.
-# Found in the parameter trees of the three synths (PairSampler(...).columns) and synthax 0.2.2's modules:
-# a sound's notes are the keyboard's midi_f0 (0-127) plus each oscillator's tuning (+-24 semitones).
-#   voice       keyboard.midi_f0, vco_1.tuning, vco_2.tuning
-#   voicefm     keyboard.midi_f0, vco_1.tuning ... vco_4.tuning (vco_4 is vco_3's FM carrier)
-#   parametric  keyboard_1.midi_f0 ... keyboard_6.midi_f0 (keyboard_i plays vco_i; the FM carriers vco_7, vco_8
-#               play keyboard_5, keyboard_6 with vco_5, vco_6 as modulators), vco_1.tuning ... vco_8.tuning
-# Not pitch in this sense, so still perturbed: each oscillator's mod_depth and the mod_matrix (how far an LFO,
-# envelope or FM oscillator moves the pitch around the note: vibrato, FM index), and the LFO frequencies (rates).
+# --keep SET: parameters held equal within a pair (delta 0), matched by name in every module. A sound's notes are
+# each keyboard's midi_f0 (0-127) plus each oscillator's tuning (+-24 semitones); not pitch in this sense, so still
+# perturbed: each oscillator's mod_depth and the mod_matrix (vibrato, FM index), and the LFO frequencies (rates).
 KEEP = {"pitch": ("midi_f0", "tuning")}
 
 
@@ -116,9 +100,8 @@ def make_synth(name, config):
 
 
 def synthesis_device(local_rank=0, devices=None):
-    """The JAX device a torchrun rank synthesizes on: its own GPU (LOCAL_RANK) when JAX has a GPU
-    plugin, else the CPU. Left to JAX's default, every rank would synthesize on GPU 0, beside rank 0's
-    training. devices: JAX's devices (default: jax.devices(), the default backend's, GPUs first)."""
+    """The JAX device a torchrun rank synthesizes on: its own GPU (LOCAL_RANK) if JAX has one, else the CPU; JAX's
+    default would put every rank on GPU 0, beside rank 0's training. devices: default jax.devices(), GPUs first."""
     devices = jax.devices() if devices is None else devices
     gpus = [d for d in devices if d.platform in ("gpu", "cuda", "rocm")]
     return gpus[local_rank % len(gpus)] if gpus else jax.devices("cpu")[0]
@@ -130,10 +113,9 @@ def synthesis_device(local_rank=0, devices=None):
 class PairSampler:
     """Draws batches of doppelgänger pairs; every batch is a pure function of (seed, stream, rank, step).
 
-    sample(step, rank=0, stream=0) -> (audio_a, audio_b, theta, theta_a, theta_b) as float32 numpy
-    arrays of shape (B, T) and (B, m); batch(...) -> (audio_a, audio_b) only. stream 0 is for
-    training; other streams (e.g. 1 for validation) are key spaces that training never draws from.
-    delta_group, keep, delta_schedule: a delta per column instead of one (see set_recipe, delta_at).
+    sample(step, rank=0, stream=0) -> (audio_a, audio_b, theta, theta_a, theta_b) as float32 numpy arrays of shape
+    (B, T) and (B, m); batch(...) -> (audio_a, audio_b) only. stream 0 is for training; other streams (1 for
+    validation, FACTOR_STREAM) are key spaces that training never draws from.
     """
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
@@ -144,15 +126,14 @@ class PairSampler:
         config = SynthConfig(batch_size=batch_size, sample_rate=sample_rate, buffer_size_seconds=seconds,
                              control_rate=CONTROL_RATE)
         self.synth = make_synth(synth, config)
-        # init only gives the parameter tree's structure; its values are not U(0,1) and are discarded
-        # eval_shape: only the tree's structure is needed, and a real init takes ~10 s of eager JAX
+        # only the parameter tree's structure is needed (init's values are not U(0,1)); a real init takes ~10 s
         params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
         paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.shapes = [leaf.shape[1:] for _, leaf in paths]  # per sound: (), (n_input,), (n_out, n_in)
         self.sizes = [math.prod(s) for s in self.shapes]
         self.m = sum(self.sizes)
-        # parameter groups = synthax modules (vco_1, adsr_1, lfo_1, mixer, ...): column indices into theta;
-        # columns: the same per parameter, named MODULE.PARAM (keyboard.midi_f0, vco_1.tuning, mixer.level, ...)
+        # groups: the synthax modules (vco_1, adsr_1, mixer, ...) as column indices into theta; columns: the same
+        # per parameter, named MODULE.PARAM (keyboard.midi_f0, vco_1.tuning, mixer.level, ...)
         self.groups, self.columns, start = {}, {}, 0
         for (path, _), size in zip(paths, self.sizes):
             module = str(path[-2].key).removeprefix("modules_")
@@ -164,14 +145,11 @@ class PairSampler:
         self._render = jax.jit(self.render)
 
     def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
-        """Which delta each column of theta gets (default: self.delta for all, the paper's sampler).
-
-        delta_group: "NAME=VALUE" strings, as --delta-group takes them: NAME is a module (all its columns) or
-            MODULE.PARAM, VALUE that group's delta whatever self.delta is; a parameter's own value beats its module's.
-        keep: names of KEEP sets (e.g. "pitch"), held equal within a pair: delta 0, beating every delta_group.
-        delta_schedule: (start, steps): training batches (stream 0) ramp from delta start at step 0 to self.delta
-            at step steps - 1 and stay there; every column is scaled by the same delta(step) / self.delta.
-        Raises ValueError with one line naming the valid choices."""
+        """Which delta each column of theta gets (default: self.delta for all, the paper's sampler); ValueError
+        names the valid choices. delta_group: "NAME=VALUE" strings as --delta-group takes them (a parameter's own
+        value beats its module's); keep: names of KEEP sets, delta 0, beating every delta_group; delta_schedule:
+        (start, steps), training batches (stream 0) ramp from delta start at step 0 to self.delta at step steps - 1,
+        every column scaled by the same delta(step) / self.delta."""
         delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
@@ -207,10 +185,8 @@ class PairSampler:
         return [i for name, cols in self.columns.items() if name.split(".")[-1] in KEEP[keep] for i in cols]
 
     def delta_at(self, step=0, stream=0):
-        """The delta of batch (step, stream): a float32 scalar while no column has its own (then the pairs are
-        the paper's sampler's, bit for bit), else one per column, (m,). A pure function of (step, stream) and
-        the recipe, so a resumed run draws the same pairs. Only stream 0 (training) follows delta_schedule;
-        validation and factor streams use the final delta."""
+        """The delta of batch (step, stream): a float32 scalar while no column has its own (the paper's sampler, bit
+        for bit), else one per column, (m,). Only stream 0 (training) follows delta_schedule."""
         delta = self.delta
         if self.delta_schedule is not None and stream == 0:
             start, steps = self.delta_schedule
@@ -254,8 +230,7 @@ class PairSampler:
         # delta is an argument, not a constant: a new delta (or delta(step) of a schedule) needs no recompile
         theta, theta_a, theta_b = self.perturb(key, delta)
         k_noise_a, k_noise_b = jax.random.split(key, 4)[2:]
-        # each side its own noise: shared noise would identify the pair (a shortcut, not sound).
-        # vmap over the two sides compiles one synth graph instead of two.
+        # each side its own noise (see the module docstring); vmap over the two sides compiles one synth graph
         audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jnp.stack([k_noise_a, k_noise_b]))
         return audio_a, audio_b, theta, theta_a, theta_b
 

@@ -6,8 +6,8 @@ Audio doppelgängers: positive pairs from randomly perturbed synthesizer paramet
     theta_i = clip(theta + delta * z_i, eps, 1)
     audio_i = synth(theta_i)                  two sounds that are alike, but not the same
 
-Used two ways: train.py imports `PairSampler` for on-the-fly synthesis, and the command line
-writes pairs to disk for listening and analysis.
+Used two ways: train.py imports `PairSampler` for on-the-fly synthesis, and the command line writes pairs to disk
+for listening and analysis.
 
     python generate.py --synth voice --delta 0.25 --pairs 1000 --out pairs/
     python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
@@ -23,26 +23,25 @@ shape (pairs, m), synth, delta, seed, sample_rate; with --delta-group or --keep 
 delta, delta_group and keep). Several synths or deltas write OUT/<synth>/delta_<delta>/ in that layout each.
 
 Three faults of synthax 0.2.2 are worked around here:
-  * synth.init draws parameters uniformly in the human range and then applies each parameter's
-    curve, so its normalized values are not U(0,1): theta is sampled here instead.
-  * AudioMixer's normalize_if_clipping divides the whole batch by sound 0's peak: replaced by a
-    per-sound version, so every sound is scaled by its own peak only if it clips.
-  * The Noise module renders one fixed buffer (seed 0) for every sound and every call: replaced by
-    a module that draws fresh noise from a flax rng stream. Every sound gets its own noise, the two
-    sides of a pair included: a noise realization shared by a pair and by no other sound is a
-    shortcut the encoder would learn instead of sound. delta = 0 means identical *parameters*.
+  * synth.init draws parameters uniformly in the human range and then applies each parameter's curve, so its
+    normalized values are not U(0,1): theta is sampled here instead.
+  * AudioMixer's normalize_if_clipping divides the whole batch by sound 0's peak: replaced by a per-sound version,
+    so every sound is scaled by its own peak only if it clips.
+  * The Noise module renders one fixed buffer (seed 0) for every sound and every call: replaced by a module that
+    draws fresh noise from a flax rng stream. Every sound gets its own noise, the two sides of a pair included: a
+    noise realization shared by a pair and by no other sound is a shortcut the encoder would learn instead of
+    sound. delta = 0 means identical *parameters*.
 """
 import argparse
 import errno
-import io
 import math
 import os
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
-import wave
 
 # JAX would otherwise grab 75% of a GPU that PyTorch shares with it in train.py.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -288,33 +287,22 @@ class PairSampler:
 # -----------------------------------------------------------------------------
 # command line
 
-def delta_dirname(delta):
-    return f"delta_{delta:g}"
-
-
 def write_wav(path, audio, sample_rate):
-    """16-bit WAV as soundfile writes it (floor(x * 32768), clipped), byte for byte, but through Python's
-    own file I/O: a full disk is an OSError naming the file (libsndfile says only "System error"), and
-    Ctrl-C or SIGTERM never lands inside libsndfile's Python callbacks, where it would surface as a
-    libsndfile error and a traceback instead of a clean stop."""
-    pcm = np.floor(np.clip(np.asarray(audio, np.float32) * np.float32(32768), -32768, 32767)).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(pcm.tobytes())
+    """16-bit WAV byte for byte as soundfile writes it (floor(x * 32768), clipped), but through Python's file I/O: a
+    full disk is an OSError naming the file, and a signal never lands inside libsndfile's Python callbacks."""
+    pcm = np.floor(np.clip(np.asarray(audio, np.float32) * np.float32(32768), -32768, 32767)).astype("<i2").tobytes()
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
+                         2 * sample_rate, 2, 16, b"data", len(pcm))  # the canonical 44 bytes: PCM, mono, 16 bit
     try:
         with open(path, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(header + pcm)
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
 
 
 def output_folder(path, flag):
-    """--out / --gallery as the folder it names: a link to a folder is followed (the output lands where it
-    points, so the link keeps working); a broken or looping link, a file, or a folder this user cannot
-    replace stop here, before any work."""
+    """--out / --gallery as the folder it names: a link to a folder is followed (the link keeps working); a broken
+    or looping link, a file, or a folder this user cannot replace stop here, before any work."""
     path = os.path.abspath(path)
     if os.path.islink(path):
         try:
@@ -330,24 +318,6 @@ def output_folder(path, flag):
     if stuck:
         raise ValueError(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
     return path
-
-
-def temporary_sibling(out):
-    """An empty folder beside out, with the mode a new folder gets (mkdtemp's private 0700 would become the
-    output's): everything is built there and moved into place at the end, so that an interrupted run leaves no
-    half-written output and never harms what was there."""
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-    except FileExistsError as e:  # makedirs met a file (or a broken link) where a folder must be
-        raise OSError(f"cannot write to {parent}: {e.filename} is not a folder") from None
-    except OSError as e:
-        raise OSError(f"cannot write to {parent}: {e.strerror}") from None
-    return tmp
 
 
 def move_into_place(tmp, out):
@@ -387,6 +357,8 @@ def write_pairs(out, sampler, n_pairs, progress, factor=None):
         meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
                     delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
     np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
+
+
 def log_mel_png(path, audio, sample_rate):
     """The training frontend's view of a sound (VGGish log-mel), drawn for a person."""
     import matplotlib
@@ -419,7 +391,7 @@ def write_gallery(out, args):
             for i in range(args.pairs):
                 cells = []
                 for side, audio in (("a", audio_a[i]), ("b", audio_b[i])):
-                    stem = f"{synth}_{delta_dirname(delta)}_{i:02d}_{side}"
+                    stem = f"{synth}_delta_{delta:g}_{i:02d}_{side}"
                     write_wav(os.path.join(out, stem + ".wav"), audio, args.sample_rate)
                     log_mel_png(os.path.join(out, stem + ".png"), audio, args.sample_rate)
                     cells.append(f'<td><img src="{stem}.png" alt="{stem}"><br>'
@@ -469,7 +441,8 @@ def benchmark(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
-    p.add_argument("--delta", nargs="+", type=float, default=[0.25], help="perturbation size(s) delta >= 0 (default 0.25)")
+    p.add_argument("--delta", nargs="+", type=float, default=[0.25],
+                   help="perturbation size(s) delta >= 0 (default 0.25)")
     p.add_argument("--pairs", type=int, default=1000, help="pairs per (synth, delta) (default 1000)")
     p.add_argument("--out", help="output folder; must be empty or absent unless --force")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -544,7 +517,7 @@ def write_outputs(tmp, args):
                                   args.seed, args.delta_group, args.keep)
             for delta in args.delta:
                 sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
-                d = tmp if len(combos) == 1 else os.path.join(tmp, synth, delta_dirname(delta))
+                d = tmp if len(combos) == 1 else os.path.join(tmp, synth, f"delta_{delta:g}")
                 os.makedirs(d, exist_ok=True)
                 write_pairs(d, sampler, args.pairs, progress)
 
@@ -556,7 +529,19 @@ def run(args):
     out = output_folder(args.gallery or args.out, "--gallery" if args.gallery else "--out")
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         raise ValueError(f"{out} is not empty (use --force to replace it)")
-    tmp = temporary_sibling(out)
+    # everything is built in a temporary sibling folder and moved into place at the end: an interrupted run leaves
+    # no half-written output and never harms what was there
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
+    except FileExistsError as e:  # makedirs met a file (or a broken link) where a folder must be
+        raise OSError(f"cannot write to {parent}: {e.filename} is not a folder") from None
+    except OSError as e:
+        raise OSError(f"cannot write to {parent}: {e.strerror}") from None
     try:
         write_outputs(tmp, args)
         move_into_place(tmp, out)

@@ -1,62 +1,16 @@
 """
 Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgängers" (Cherep & Singh).
 
-One script, seven subcommands. Each writes PNG plots and the numbers behind them (CSV) into --out DIR and
-prints its section of the report (markdown); `analyze.py NAME --help` shows NAME's block below. Nothing
-downloads: every model is read from a local path.
-
-  # Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the
-  # pairs per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png
-  python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
-  python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
-  python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
-
-  # Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and
-  # complexity (median over a clip's non-silent frames, at a fixed RMS) of synthetic sets, real clips and
-  # K-segment mixtures of real clips -> features.csv, features.png
-  python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
-      --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
-
-  # Fig. 2B: causal-uncertainty proxies of an Audio Spectrogram Transformer's class probabilities per clip: H_cu
-  # (max probability), H_p (entropy / log C), S_conf (top-1 minus top-2) -> uncertainty.csv, uncertainty.png
-  python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
-      --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
-
-  # Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
-  # -> fad.csv, fad.png
-  python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
-      --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
-  python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
-
-  # Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
-  # line per synth and recipe (train.py's --keep, --delta-group, --delta-schedule; a ramped run sits at its final
-  # delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
-  # in %), training_align_unif.png, training_probe.png
-  python analyze.py training --runs runs/* --results probes/results.json --out figs/training
-
-  # what an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
-  # gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
-  # (s - s_neg) / (1 - s_neg) -> invariance.csv, invariance.png
-  python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
-  python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
-      --out figs/invariance
-
-  # everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
-  # fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
-  # and table in DIR/report.md
-  python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
-      --runs runs/* --results probes/results.json --out report/
+One script, seven subcommands: pairs (Fig. 1), features (Fig. 2A), uncertainty (Fig. 2B), fad (Table 2), training
+(Fig. 5, Fig. 3), invariance, and report (all that the inputs allow). Each writes PNG plots and the numbers behind
+them (CSV) into --out DIR and prints its section of the report (markdown); `analyze.py NAME --help` says what NAME
+computes, with examples. Nothing downloads: every model is read from a local path.
 
 Sets: --set NAME=PATH is a folder of audio (read recursively) or, for fad, a probe.py embedding cache .npz;
 NAME=mixK:PATH is the paper's "Mix" set: each clip the sum of K random 1-s segments of one file under PATH.
 
 Embedders: mfcc (mean and std over time of 20 MFCCs, no weights), encoder:PATH (train.py's encoder.pt) or clap
-(LAION-CLAP, local weights). In `pairs`, mfcc features are z-scored per dimension over the whole sweep before the
-cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which inflates every similarity.
-
-features (Essentia): odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3] and
-plotted in log10. PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine
-~0, a 1/k sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
+(LAION-CLAP, local weights).
 """
 import argparse
 import collections
@@ -65,6 +19,8 @@ import csv
 import errno
 import functools
 import importlib.util
+import inspect
+import io
 import json
 import os
 import re
@@ -93,65 +49,42 @@ FEATURES = ["inharmonicity", "odd_even_ratio", "pitch_salience", "flatness", "fl
 PROXIES = ["H_cu", "H_p", "S_conf"]
 
 
-class AnalyzeError(Exception):
-    """Bad input. Helpers raise it; only main turns it into one line on stderr and exit 2."""
-
-
-class Interrupted(BaseException):  # BaseException: no `except Exception` in a helper may swallow it
-    """SIGTERM or SIGINT; main exits 128 + signal number."""
-
-
 Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-@contextlib.contextmanager
-def bad_input(msg, errors=Exception):
-    """An error in the block becomes AnalyzeError(msg), followed by its cause when msg ends with ':'."""
-    try:
-        yield
-    except errors as e:
-        raise AnalyzeError(f"{msg} {first_line(e)}" if msg.endswith(":") else msg)
-
-
-# atomic outputs: a reader never sees half a file, and a crash never truncates an old one
-
 WRITTEN = []  # this run's outputs: removed again if it fails in an --out it created, so no partial set is left
 
 
-@contextlib.contextmanager
-def atomic(path):
-    """A temp path beside path, renamed over it only when the block completes (removed otherwise)."""
-    path = Path(path)
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def atomic_write(path, data):
+    """A reader never sees half a file, and a crash never truncates an old one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        yield tmp
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         WRITTEN.append(path)
     except OSError as e:  # e.g. a full disk: named by the file the user asked for, not its temporary twin
-        raise AnalyzeError(f"cannot write {path}: {e.strerror or first_line(e)}")
+        raise OSError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def write_csv(path, rows, cols, caption=None):
     """-> the same rows as a report.md table: (caption, cols, rows)."""
-    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(map(fmt_row, rows))
+    f = io.StringIO()
+    w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(map(fmt_row, rows))
+    atomic_write(path, f.getvalue().encode())
     return caption or path.name, cols, rows
 
 
 def save_fig(fig, path):
-    try:
-        with atomic(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    f = io.BytesIO()
+    fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, f.getvalue())
     return path.name
 
 
@@ -169,10 +102,12 @@ def delta_axis(ax, deltas):
 
 def load_audio(path):
     """-> mono float32 at 16 kHz, or None if the file holds non-finite samples."""
-    with bad_input(f"cannot read audio {path}:"):
+    try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
     if len(x) == 0:
-        raise AnalyzeError(f"empty audio file {path}")
+        raise ValueError(f"empty audio file {path}")
     if not np.isfinite(x).all():
         return None  # NaN/inf samples: callers skip the clip and count it
     x = x.mean(1)  # mono downmix
@@ -196,9 +131,9 @@ def parse_set(spec):
     if m:
         k, path = int(m.group(1)), m.group(2)
         if k < 1:
-            raise AnalyzeError(f"--set {spec}: mixK needs K >= 1")
+            raise ValueError(f"--set {spec}: mixK needs K >= 1")
     if not path:
-        raise AnalyzeError(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
+        raise ValueError(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
     return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
 
 
@@ -208,32 +143,34 @@ def load_set(spec, max_files):
     name, path, k = parse_set(spec)
     if path.suffix == ".npz":
         if not path.is_file():
-            raise AnalyzeError(f"no such file: {path}")
-        with bad_input(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)"):
+            raise ValueError(f"no such file: {path}")
+        try:
             z = np.load(path, allow_pickle=False)
             emb = np.asarray(z["embeddings"], dtype=np.float64)
+        except Exception:
+            raise ValueError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)") from None
         if emb.ndim != 2 or len(emb) == 0:
-            raise AnalyzeError(f"set {name}: {path} holds no (N, D) embeddings")
+            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings")
         if not np.isfinite(emb).all():
-            raise AnalyzeError(f"set {name}: {path} holds non-finite embeddings")
+            raise ValueError(f"set {name}: {path} holds non-finite embeddings")
         try:
             files = [str(f) for f in z["files"]]
         except Exception:  # file names are optional here
             files = [str(i) for i in range(len(emb))]
         if len(files) != len(emb):
-            raise AnalyzeError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
+            raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
     if not path.is_dir():
-        raise AnalyzeError(f"no such folder: {path}")
+        raise ValueError(f"no such folder: {path}")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
     if not files:
-        raise AnalyzeError(f"no audio files under {path}")
+        raise ValueError(f"no audio files under {path}")
     files = [files[i] for i in subset(len(files), max_files)]
     waves = [load_audio(f) for f in tqdm(files, desc=f"read {name}", disable=None)]
     bad = sum(w is None for w in waves)
     if bad == len(waves):
-        raise AnalyzeError(f"set {name}: every clip under {path} has non-finite samples")
+        raise ValueError(f"set {name}: every clip under {path} has non-finite samples")
     if bad:
         print(f"analyze.py: set {name}: {bad} clip(s) with non-finite samples skipped", file=sys.stderr)
     files, waves = [f for f, w in zip(files, waves) if w is not None], [w for w in waves if w is not None]
@@ -251,24 +188,26 @@ def load_set(spec, max_files):
 def get_embedder(spec, args):
     """A function from a float32 (B, T) 16 kHz batch to (B, D) embeddings; see the module docstring."""
     if spec not in ("mfcc", "clap") and not spec.startswith("encoder:"):
-        raise AnalyzeError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
+        raise ValueError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
     import torch
     import torchaudio
     if spec.startswith("encoder:"):  # an encoder.pt exported by train.py, checked on a dummy batch
         path = Path(spec[len("encoder:"):])
         if not path.is_file():
-            raise AnalyzeError(f"no such encoder file: {path}")
-        with bad_input(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))"):
+            raise ValueError(f"no such encoder file: {path}")
+        try:
             enc = torch.jit.load(str(path), map_location="cpu").eval()
             with torch.no_grad():
                 out = enc(torch.zeros(2, SR))
             if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2):
                 raise ValueError("not (B, D)")
+        except Exception:
+            raise ValueError(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))") from None
 
         def encode(x):
             e = enc(x).float()
             if not torch.isfinite(e).all():
-                raise AnalyzeError(f"{path} gives non-finite embeddings")
+                raise ValueError(f"{path} gives non-finite embeddings")
             return e
         return encode
     if spec == "clap":
@@ -278,12 +217,14 @@ def get_embedder(spec, args):
         elif not Path(args.clap_checkpoint).is_file():
             missing.append(f"the CLAP checkpoint {args.clap_checkpoint} (no such file)")
         if missing:
-            raise AnalyzeError("--embedder clap needs " + " and ".join(missing))
-        with bad_input(f"cannot load LAION-CLAP from {args.clap_checkpoint}:"):
+            raise ValueError("--embedder clap needs " + " and ".join(missing))
+        try:
             import laion_clap
             model = laion_clap.CLAP_Module(enable_fusion=False, amodel=args.clap_amodel, device="cpu")
             model.load_ckpt(args.clap_checkpoint, verbose=False)
             model.eval()
+        except Exception as e:
+            raise ValueError(f"cannot load LAION-CLAP from {args.clap_checkpoint}: {first_line(e)}") from None
         return lambda x: model.get_audio_embedding_from_data(
             x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()  # CLAP works at 48 kHz
     mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
@@ -308,7 +249,7 @@ def embed(waves, fn, batch_size, desc="embed"):
     out = np.empty(e.shape)  # back in input order
     out[np.concatenate(idx)] = e
     if not np.isfinite(out).all():
-        raise AnalyzeError(f"{desc}: the embedder gives non-finite embeddings")
+        raise ValueError(f"{desc}: the embedder gives non-finite embeddings")
     return out
 
 
@@ -320,13 +261,13 @@ def read_pairs(d, max_pairs=0):
     fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
     fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
     if not fa:
-        raise AnalyzeError(f"no NNNNNN_a.wav files in {d}")
+        raise ValueError(f"no NNNNNN_a.wav files in {d}")
     if not all(f.is_file() for f in fb):
-        raise AnalyzeError(f"{d}: some _a.wav files have no matching _b.wav")
+        raise ValueError(f"{d}: some _a.wav files have no matching _b.wav")
     pairs = [(load_audio(a), load_audio(b)) for a, b in tqdm(list(zip(fa, fb)), desc=f"read {d}", disable=None)]
     keep = [(a, b) for a, b in pairs if a is not None and b is not None]
     if not keep:
-        raise AnalyzeError(f"{d}: every pair has a clip with non-finite samples")
+        raise ValueError(f"{d}: every pair has a clip with non-finite samples")
     if len(keep) < len(pairs):
         print(f"analyze.py: {d}: {len(pairs) - len(keep)} pair(s) with non-finite samples skipped", file=sys.stderr)
     return [a for a, _ in keep], [b for _, b in keep]
@@ -336,15 +277,17 @@ def read_sweep(root, max_pairs):
     """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
     root = Path(root)
     if not root.is_dir():
-        raise AnalyzeError(f"no such folder: {root}")
+        raise ValueError(f"no such folder: {root}")
     dirs = sorted(p.parent for p in root.rglob("params.npz"))
     if not dirs:
-        raise AnalyzeError(f"no generate.py pair folders (params.npz) under {root}")
+        raise ValueError(f"no generate.py pair folders (params.npz) under {root}")
     groups = []
     for d in dirs:
-        with bad_input(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)"):
+        try:
             z = np.load(d / "params.npz", allow_pickle=False)
             groups.append(dict(synth=str(z["synth"]), delta=float(z["delta"])))
+        except Exception:
+            raise ValueError(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)") from None
     for g, d in zip(groups, dirs):  # every folder checked before any audio is read
         g["wa"], g["wb"] = read_pairs(d, max_pairs)
     return groups
@@ -354,7 +297,7 @@ def pair_similarity(groups, fn, embedder, batch_size):
     """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
     unit-norm embeddings a, b."""
     emb = embed([w for g in groups for w in g["wa"] + g["wb"]], fn, batch_size)
-    if embedder == "mfcc":  # see module docstring: z-score over the whole sweep before cosine
+    if embedder == "mfcc":  # z-scored over the whole sweep before cosine: see cmd_pairs
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     rng = np.random.default_rng(0)
@@ -398,6 +341,15 @@ def plot_pair_pca(groups, pca_pairs):
 
 
 def cmd_pairs(args):
+    """Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the pairs
+    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the
+    whole sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which
+    inflates every similarity.
+
+      python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
+      python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
+      python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
+    """
     groups = read_sweep(args.pairs, args.max_pairs)
     rows = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
     table = write_csv(args.out / "pairs.csv", rows, ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"])
@@ -420,12 +372,22 @@ def cmd_pairs(args):
 # invariance (beyond the paper): what an encoder has learned to ignore
 
 def cmd_invariance(args):
+    """What an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
+    gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
+    (s - s_neg) / (1 - s_neg) -> invariance.csv, invariance.png
+
+      python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
+      python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
+          --out figs/invariance
+    """
     dirs = {}  # generate.py --factors output: {factor: pair folder}
     for npz in sorted(Path(args.factors).glob("*/params.npz")):
-        with bad_input(f"{npz} has no factor (not written by generate.py --factors)"):
+        try:
             dirs[str(np.load(npz, allow_pickle=False)["factor"])] = npz.parent
+        except Exception:
+            raise ValueError(f"{npz} has no factor (not written by generate.py --factors)") from None
     if "negative" not in dirs:
-        raise AnalyzeError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
+        raise ValueError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
     labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
     if len(set(labels)) < len(labels):
         labels = [str(p) for p in args.encoder]
@@ -531,6 +493,17 @@ def violins(ax, rows, key, names, title, log=False):
 
 
 def cmd_features(args):
+    """Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and
+    complexity (median over a clip's non-silent frames, at a fixed RMS) of synthetic sets, real clips and K-segment
+    mixtures of real clips -> features.csv, features.png
+
+      python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
+          --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
+
+    odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3] and plotted in log10.
+    PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k
+    sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
+    """
     sets = [load_set(s, args.max_files) for s in args.set]
     E = make_essentia()
     rows = [dict(set=s["name"], file=f, **clip_features(w, E)) for s in sets
@@ -572,9 +545,11 @@ def classify(sets, args):
     from transformers import ASTFeatureExtractor, ASTForAudioClassification, logging as hf_logging
     hf_logging.set_verbosity_error()
     d = Path(args.classifier_path)
-    with bad_input(f"cannot load an AST classifier from {d}:"):
+    try:
         fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
+    except Exception as e:
+        raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
     cfg = model.config
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
     sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
@@ -597,6 +572,12 @@ def classify(sets, args):
 
 
 def cmd_uncertainty(args):
+    """Fig. 2B: causal-uncertainty proxies of an Audio Spectrogram Transformer's class probabilities per clip: H_cu
+    (max probability), H_p (entropy / log C), S_conf (top-1 minus top-2) -> uncertainty.csv, uncertainty.png
+
+      python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
+          --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
+    """
     sets = [load_set(s, args.max_files) for s in args.set]
     labels, how, probs = classify(sets, args)
     rows = []
@@ -638,18 +619,25 @@ def fad(e1, e2, eps=1e-6):
 
 
 def cmd_fad(args):
+    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
+    -> fad.csv, fad.png
+
+      python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
+          --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
+      python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
+    """
     audio = any(parse_set(s)[1].suffix != ".npz" for s in args.set + args.target)
     fn = get_embedder(args.embedder, args) if audio else None
     sets = [load_set(s, args.max_files) for s in args.set + args.target]
     for s in sets:
         if len(s["files"]) < 2:
-            raise AnalyzeError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
+            raise ValueError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
     names = [s["name"] for s in sets]
     # audio sets embedded with fn, caches used as they are
     embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
             for s in sets}
     if len({e.shape[1] for e in embs.values()}) > 1:
-        raise AnalyzeError("embedding dimensions differ: "
+        raise ValueError("embedding dimensions differ: "
                            + ", ".join(f"{k} has {e.shape[1]}" for k, e in embs.items()))
     set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
     rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
@@ -677,11 +665,11 @@ def read_json(path, what):
     try:
         obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError:
-        raise AnalyzeError(f"{path} is not UTF-8 text ({what})")
+        raise ValueError(f"{path} is not UTF-8 text ({what})")
     except Exception as e:
-        raise AnalyzeError(f"cannot read {what} {path}: {first_line(e)}")
+        raise ValueError(f"cannot read {what} {path}: {first_line(e)}")
     if not isinstance(obj, dict):
-        raise AnalyzeError(f"{path} is not a {what} (expected a JSON object)")
+        raise ValueError(f"{path} is not a {what} (expected a JSON object)")
     return obj
 
 
@@ -689,10 +677,12 @@ def recipe(cfg, path):
     """How a run drew its pairs besides one delta (train.py --keep, --delta-group, --delta-schedule), e.g.
     'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler and for runs from before these flags."""
     keep, groups, start = cfg.get("keep") or [], cfg.get("delta_group") or [], cfg.get("delta_schedule")
-    with bad_input(f"{path} has a malformed keep, delta_group or delta_schedule", (TypeError, ValueError)):
+    try:
         if not (isinstance(keep, list) and isinstance(groups, list)):
             raise TypeError
         ramp = [] if start is None else [f"ramp from {float(start):g}"]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path} has a malformed keep, delta_group or delta_schedule") from None
     return ", ".join([f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
 
 
@@ -701,13 +691,15 @@ def read_run(d):
     model."""
     d = Path(d)
     if not d.is_dir():
-        raise AnalyzeError(f"no such run folder: {d}")
+        raise ValueError(f"no such run folder: {d}")
     if not (d / "config.json").is_file():
-        raise AnalyzeError(f"{d} is not a train.py run folder (no readable config.json)")
+        raise ValueError(f"{d} is not a train.py run folder (no readable config.json)")
     cfg = read_json(d / "config.json", "train.py config")
-    with bad_input(f"{d / 'config.json'} has no synth/delta", (KeyError, TypeError, ValueError)):
+    try:
         synth = "+".join(map(str, cfg["synth"])) if isinstance(cfg["synth"], list) else str(cfg["synth"])
         delta = float(cfg["delta"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{d / 'config.json'} has no synth/delta") from None
     how = recipe(cfg, d / "config.json")
     if cfg.get("data"):  # the paper's real-audio baselines: no synth, no delta
         synth, delta, how = f"real ({cfg.get('positives', 'aug')})", float("nan"), ""
@@ -727,9 +719,9 @@ def read_run(d):
         if val:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
     except UnicodeDecodeError:
-        raise AnalyzeError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
+        raise ValueError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
     except (KeyError, TypeError, ValueError, csv.Error) as e:
-        raise AnalyzeError(f"{path} is not a train.py log.csv ({first_line(e)})")
+        raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})")
     return row
 
 
@@ -748,7 +740,7 @@ def read_results(path, runs):
         summary = [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
                         std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise AnalyzeError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
+        raise ValueError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
     out, skipped = [], set()
     for s in summary:
         enc = Path(s.pop("encoder"))
@@ -788,10 +780,17 @@ def by_synth(ax, rows, key, err=None, series=None):
 
 
 def cmd_training(args):
+    """Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
+    line per synth and recipe (train.py's --keep, --delta-group, --delta-schedule; a ramped run sits at its final
+    delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
+    in %), training_align_unif.png, training_probe.png
+
+      python analyze.py training --runs runs/* --results probes/results.json --out figs/training
+    """
     runs = {r["run"]: r for r in map(read_run, args.runs)}
     probes = [p for f in args.results for p in read_results(f, runs)]
     if not runs and not probes:
-        raise AnalyzeError("no probe result maps to a train.py run folder "
+        raise ValueError("no probe result maps to a train.py run folder "
                            "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
     order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
     rows = sorted(runs.values(), key=order)
@@ -845,6 +844,13 @@ def markdown(s):
 
 
 def cmd_report(args):
+    """Everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
+    fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
+    and table in DIR/report.md
+
+      python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
+          --runs runs/* --results probes/results.json --out report/
+    """
     audio = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
     audio_args = argparse.Namespace(**{**vars(args), "set": audio})
     sections = [cmd(a) for wanted, cmd, a in [
@@ -855,116 +861,101 @@ def cmd_report(args):
         (args.runs or args.results, cmd_training, args),
         (args.factors and args.encoder, cmd_invariance, args)] if wanted]
     if not sections:
-        raise AnalyzeError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
+        raise ValueError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                            "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
-    with atomic(args.out / "report.md") as tmp:
-        tmp.write_text("\n".join(md))
+    atomic_write(args.out / "report.md", "\n".join(md).encode())
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
-# command line
+# command line: every flag defined once; each subcommand's flags listed in SUBCOMMANDS
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2, like every other bad input
-        raise AnalyzeError(message)
+def at_least(low):
+    """An argparse type: an int >= low."""
+    def check(s):
+        if int(s) < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {s}")
+        return int(s)
+    check.__name__ = "int"  # a non-number reads "invalid int value", as with type=int
+    return check
+
+
+FLAGS = {
+    "--out": dict(type=Path, help="output folder for PNGs, CSVs (created if absent)"),
+    "--batch-size": dict(type=at_least(1), default=64, help="clips per embedding/classifier batch"),
+    "--embedder": dict(default="mfcc", help="mfcc (mean+std of 20 MFCCs; z-scored over the sweep in `pairs`), "
+                       "encoder:PATH (train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)"),
+    "--clap-checkpoint": dict(help="local LAION-CLAP weights (.pt) for --embedder clap"),
+    "--clap-amodel": dict(default="HTSAT-tiny", help="CLAP audio model of that checkpoint"),
+    "--set": dict(action="append", default=[], metavar="NAME=PATH", help="audio folder (recursive), NAME=mixK:PATH "
+                  "for K-segment mixtures of its files, or (fad) a probe.py embedding cache .npz; repeat for more sets"),
+    "--max-files": dict(type=at_least(0), default=1000, help="files per set, fixed seeded subset (0 = all)"),
+    "--target": dict(action="append", default=[], metavar="NAME=PATH",
+                     help="FAD reference set(s), same syntax as --set (default: all pairs of --set)"),
+    "--classifier-path": dict(help="folder of a local AST classifier (save_pretrained layout)"),
+    "--activation": dict(choices=["auto", "softmax", "sigmoid"], default="auto", help="logits -> probabilities; auto: "
+                         "sigmoid normalized to sum 1 for multi-label (AudioSet, 527 classes) heads, softmax otherwise"),
+    "--pairs": dict(help="generate.py output: a pair folder or a sweep of them"),
+    "--max-pairs": dict(type=at_least(0), default=0, help="pairs per (synth, delta) folder or per factor (0 = all)"),
+    "--pca-pairs": dict(type=at_least(1), default=40, help="pairs drawn per PCA panel"),
+    "--runs": dict(nargs="+", default=[], help="train.py run folders (config.json + log.csv)"),
+    "--results": dict(nargs="+", default=[], help="probe.py results.json files"),
+    "--factors": dict(help="generate.py --factors output (one folder per factor)"),
+    "--encoder": dict(nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)"),
+}
+EMBEDDER = ["--embedder", "--clap-checkpoint", "--clap-amodel"]
+SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help shows the function's docstring
+    "pairs": (cmd_pairs, ["--pairs", "--out"], [*EMBEDDER, "--batch-size", "--max-pairs", "--pca-pairs"]),
+    "features": (cmd_features, ["--set", "--out"], ["--max-files"]),
+    "uncertainty": (cmd_uncertainty, ["--set", "--classifier-path", "--out"],
+                    ["--max-files", "--activation", "--batch-size"]),
+    "fad": (cmd_fad, ["--set", "--out"], ["--target", "--max-files", *EMBEDDER, "--batch-size"]),
+    "training": (cmd_training, ["--out"], ["--runs", "--results"]),
+    "invariance": (cmd_invariance, ["--factors", "--encoder", "--out"], ["--max-pairs", "--batch-size"]),
+    "report": (cmd_report, ["--out"], [f for f in FLAGS if f != "--out"]),
+}
 
 
 def build_parser():
-    output = Parser(add_help=False)
-    output.add_argument("--out", type=Path, required=True, help="output folder for PNGs, CSVs (created if absent)")
-    batching = Parser(add_help=False)
-    batching.add_argument("--batch-size", type=int, default=64, help="clips per embedding/classifier batch")
-    embedder = Parser(add_help=False)
-    embedder.add_argument("--embedder", default="mfcc",
-                          help="mfcc (mean+std of 20 MFCCs; z-scored over the sweep in `pairs`), encoder:PATH "
-                               "(train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)")
-    embedder.add_argument("--clap-checkpoint", help="local LAION-CLAP weights (.pt) for --embedder clap")
-    embedder.add_argument("--clap-amodel", default="HTSAT-tiny", help="CLAP audio model of that checkpoint")
-    audio_sets = Parser(add_help=False)
-    audio_sets.add_argument("--set", action="append", default=[], metavar="NAME=PATH",
-                            help="audio folder (recursive), NAME=mixK:PATH for K-segment mixtures of its files, "
-                                 "or (fad) a probe.py embedding cache .npz; repeat for more sets")
-    audio_sets.add_argument("--max-files", type=int, default=1000, help="files per set, fixed seeded subset (0 = all)")
-    targets = Parser(add_help=False)
-    targets.add_argument("--target", action="append", default=[], metavar="NAME=PATH",
-                         help="FAD reference set(s), same syntax as --set (default: all pairs of --set)")
-    classifier = Parser(add_help=False)
-    classifier.add_argument("--classifier-path", help="folder of a local AST classifier (save_pretrained layout)")
-    classifier.add_argument("--activation", choices=["auto", "softmax", "sigmoid"], default="auto",
-                            help="logits -> probabilities; auto: sigmoid normalized to sum 1 for multi-label "
-                                 "(AudioSet, 527 classes) heads, softmax otherwise")
-    sweep = Parser(add_help=False)
-    sweep.add_argument("--max-pairs", type=int, default=0, help="pairs per (synth, delta) folder (0 = all)")
-    sweep.add_argument("--pca-pairs", type=int, default=40, help="pairs drawn per PCA panel")
-    runs = Parser(add_help=False)
-    runs.add_argument("--runs", nargs="+", default=[], help="train.py run folders (config.json + log.csv)")
-    runs.add_argument("--results", nargs="+", default=[], help="probe.py results.json files")
-    factors = Parser(add_help=False)
-    factors.add_argument("--factors", help="generate.py --factors output (one folder per factor)")
-    factors.add_argument("--encoder", nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)")
-
+    # exit_on_error=False: a bad value or subcommand is an ArgumentError, which main prints as one line
     raw = argparse.RawDescriptionHelpFormatter
-    p = Parser(description=__doc__, formatter_class=raw)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    # each subcommand's --help shows its block of the module docstring: what it computes and writes, examples
-    usage = {re.search(r"python analyze\.py (\w+)", b)[1]: b for b in __doc__.split("\n\n") if "python analyze.py" in b}
-    sp = {name: sub.add_parser(name, parents=[output, *parents], description=usage[name], formatter_class=raw)
-          for name, parents in [
-              ("pairs", [batching, embedder, sweep]), ("features", [audio_sets]),
-              ("uncertainty", [batching, audio_sets, classifier]), ("fad", [batching, embedder, audio_sets, targets]),
-              ("training", [runs]), ("invariance", [batching, factors]),
-              ("report", [batching, embedder, audio_sets, targets, classifier, sweep, runs, factors])]}
-    sp["pairs"].add_argument("--pairs", required=True, help="generate.py output: a pair folder or a sweep of them")
-    sp["invariance"].add_argument("--max-pairs", type=int, default=0, help="pairs per factor (0 = all)")
-    sp["report"].add_argument("--pairs", help="generate.py output for the pairs section")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw, exit_on_error=False)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, (fn, required, optional) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw, exit_on_error=False)
+        for flag in required + optional:
+            sp.add_argument(flag, required=flag in required, **FLAGS[flag])
     return p
 
 
-COMMANDS = dict(pairs=cmd_pairs, features=cmd_features, uncertainty=cmd_uncertainty, fad=cmd_fad,
-                training=cmd_training, invariance=cmd_invariance, report=cmd_report)
-
-
 def check_args(args):
-    """Every value checked before --out is created."""
-    for flag, low in [("batch_size", 1), ("max_files", 0), ("max_pairs", 0), ("pca_pairs", 1)]:
-        v = getattr(args, flag, None)
-        if v is not None and v < low:
-            raise AnalyzeError(f"--{flag.replace('_', '-')} must be >= {low}, got {v}")
-    names = [parse_set(s)[0] for s in getattr(args, "set", []) + getattr(args, "target", [])]
+    """What argparse cannot check, before --out is created."""
+    sets = [parse_set(s) for s in getattr(args, "set", []) + getattr(args, "target", [])]
+    names = [name for name, _, _ in sets]
     if len(set(names)) < len(names):
-        raise AnalyzeError(f"set names must be unique, got {', '.join(names)}")
-    cmd, clf = args.cmd, getattr(args, "classifier_path", None)
-    if cmd in ("features", "uncertainty") and not args.set:
-        raise AnalyzeError(f"{cmd} needs at least one --set NAME=PATH")
-    for name, path, _ in map(parse_set, args.set if cmd in ("features", "uncertainty") else []):
+        raise ValueError(f"set names must be unique, got {', '.join(names)}")
+    for name, path, _ in sets if args.cmd in ("features", "uncertainty") else []:
         if path.suffix == ".npz":  # embedding caches serve fad only
-            raise AnalyzeError(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
-    if cmd == "uncertainty" and not clf:
-        raise AnalyzeError("uncertainty needs --classifier-path DIR (a local AST classifier)")
+            raise ValueError(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
+    clf = getattr(args, "classifier_path", None)
     if clf and not Path(clf).is_dir():
-        raise AnalyzeError(f"no such classifier folder: {clf}")
-    if cmd == "fad" and not args.set:
-        raise AnalyzeError("fad needs at least one --set NAME=PATH (and --target, or two --set for all pairs)")
-    if cmd == "fad" and not args.target and len(args.set) < 2:
-        raise AnalyzeError("fad needs a --target or at least two --set")
-    if cmd == "training" and not args.runs and not args.results:
-        raise AnalyzeError("training needs --runs DIR ... and/or --results results.json ...")
-    if cmd == "invariance" and (not args.factors or not args.encoder):
-        raise AnalyzeError("invariance needs --factors DIR and --encoder PATH [PATH ...]")
+        raise ValueError(f"no such classifier folder: {clf}")
+    if args.cmd == "fad" and not args.target and len(args.set) < 2:
+        raise ValueError("fad needs a --target or at least two --set")
+    if args.cmd == "training" and not args.runs and not args.results:
+        raise ValueError("training needs --runs DIR ... and/or --results results.json ...")
     paths = [("--out", args.out, "folder"), ("--classifier-path", clf, "folder"),
              ("--clap-checkpoint", getattr(args, "clap_checkpoint", None), "file"),
              ("--pairs", getattr(args, "pairs", None), "folder"), ("--factors", getattr(args, "factors", None), "folder")]
     paths += [(f"--{flag}", p, kind) for flag, kind in [("runs", "folder"), ("results", "file"), ("encoder", "file")]
               for p in getattr(args, flag, [])]
-    paths += [("--set", p, "file" if p.suffix == ".npz" else "folder")
-              for _, p, _ in map(parse_set, getattr(args, "set", []) + getattr(args, "target", []))]
+    paths += [("--set", p, "file" if p.suffix == ".npz" else "folder") for _, p, _ in sets]
     for flag, path, kind in paths:  # a missing one is named where it is read
         if path is not None:
             check_path(Path(path), flag, kind)
     ancestor = next(d for d in [args.out, *args.out.parents] if d.exists())  # found now, not after the embedding
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise AnalyzeError(f"--out {args.out} is not writable by this user ({ancestor}: permission denied)")
+        raise ValueError(f"--out {args.out} is not writable by this user ({ancestor}: permission denied)")
 
 
 def check_path(path, flag, kind):
@@ -973,36 +964,36 @@ def check_path(path, flag, kind):
         path.stat()
     except FileNotFoundError:
         if path.is_symlink():
-            raise AnalyzeError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
         return
     except OSError as e:
-        raise AnalyzeError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
     if path.is_dir() != (kind == "folder"):
-        raise AnalyzeError(f"{flag} {path} is a {'folder' if kind == 'file' else 'file'}, not a {kind}")
+        raise ValueError(f"{flag} {path} is a {'folder' if kind == 'file' else 'file'}, not a {kind}")
 
 
-def on_signal(signum, frame):
-    raise Interrupted(128 + signum)
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     made = []
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
         made = [d for d in [args.out, *args.out.parents] if not d.exists()]  # removed, innermost first, on failure
-        with bad_input(f"cannot create --out {args.out}:", OSError):
+        try:
             args.out.mkdir(parents=True, exist_ok=True)
-        section = COMMANDS[args.cmd](args)
+        except OSError as e:
+            raise OSError(f"cannot create --out {args.out}: {first_line(e)}") from None
+        section = SUBCOMMANDS[args.cmd][0](args)
         if section:  # report's sections went to report.md
             print("\n".join(markdown(section)))
         return
-    except (AnalyzeError, OSError) as e:  # OSError: e.g. a full disk while writing
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: 128 + the signal's number
+        code, msg = 128 + (e.args[0] if e.args else signal.SIGINT), "interrupted"
+    except (ValueError, OSError, argparse.ArgumentError) as e:  # the only place an error becomes one line, exit 2
         code, msg = 2, f"error: {first_line(e)}"
-    except Interrupted as e:
-        code, msg = e.args[0], "interrupted"
     with contextlib.suppress(OSError):  # no --out left behind that this run created (outputs are whole or absent)
         for f in WRITTEN if made else []:
             f.unlink()
@@ -1013,4 +1004,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupted)
     main()

@@ -637,8 +637,7 @@ def cmd_fad(args):
     embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
             for s in sets}
     if len({e.shape[1] for e in embs.values()}) > 1:
-        raise ValueError("embedding dimensions differ: "
-                           + ", ".join(f"{k} has {e.shape[1]}" for k, e in embs.items()))
+        raise ValueError("embedding dimensions differ: " + ", ".join(f"{k} has {e.shape[1]}" for k, e in embs.items()))
     set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
     rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
             for s in set_names for t in target_names]
@@ -791,7 +790,7 @@ def cmd_training(args):
     probes = [p for f in args.results for p in read_results(f, runs)]
     if not runs and not probes:
         raise ValueError("no probe result maps to a train.py run folder "
-                           "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
+                         "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
     order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
     rows = sorted(runs.values(), key=order)
     # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
@@ -862,7 +861,7 @@ def cmd_report(args):
         (args.factors and args.encoder, cmd_invariance, args)] if wanted]
     if not sections:
         raise ValueError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
-                           "--factors + --encoder")
+                         "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
     atomic_write(args.out / "report.md", "\n".join(md).encode())
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
@@ -887,14 +886,15 @@ FLAGS = {
                        "encoder:PATH (train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)"),
     "--clap-checkpoint": dict(help="local LAION-CLAP weights (.pt) for --embedder clap"),
     "--clap-amodel": dict(default="HTSAT-tiny", help="CLAP audio model of that checkpoint"),
-    "--set": dict(action="append", default=[], metavar="NAME=PATH", help="audio folder (recursive), NAME=mixK:PATH "
-                  "for K-segment mixtures of its files, or (fad) a probe.py embedding cache .npz; repeat for more sets"),
+    "--set": dict(action="append", default=[], metavar="NAME=PATH", help="audio folder (recursive), NAME=mixK:PATH for "
+                  "K-segment mixtures of its files, or (fad) a probe.py embedding cache .npz; repeat for more sets"),
     "--max-files": dict(type=at_least(0), default=1000, help="files per set, fixed seeded subset (0 = all)"),
     "--target": dict(action="append", default=[], metavar="NAME=PATH",
                      help="FAD reference set(s), same syntax as --set (default: all pairs of --set)"),
     "--classifier-path": dict(help="folder of a local AST classifier (save_pretrained layout)"),
-    "--activation": dict(choices=["auto", "softmax", "sigmoid"], default="auto", help="logits -> probabilities; auto: "
-                         "sigmoid normalized to sum 1 for multi-label (AudioSet, 527 classes) heads, softmax otherwise"),
+    "--activation": dict(choices=["auto", "softmax", "sigmoid"], default="auto", help="logits -> probabilities; "
+                         "auto: sigmoid normalized to sum 1 for multi-label (AudioSet, 527 classes) heads, softmax "
+                         "otherwise"),
     "--pairs": dict(help="generate.py output: a pair folder or a sweep of them"),
     "--max-pairs": dict(type=at_least(0), default=0, help="pairs per (synth, delta) folder or per factor (0 = all)"),
     "--pca-pairs": dict(type=at_least(1), default=40, help="pairs drawn per PCA panel"),

@@ -101,7 +101,7 @@ def delta_axis(ax, deltas):
 # audio and sets
 
 def load_audio(path):
-    """-> mono float32 at 16 kHz, or None if the file holds non-finite samples."""
+    """-> mono float32 at 16 kHz, or None if the file holds NaN/inf samples (callers skip the clip and count it)."""
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
@@ -109,7 +109,7 @@ def load_audio(path):
     if len(x) == 0:
         raise ValueError(f"empty audio file {path}")
     if not np.isfinite(x).all():
-        return None  # NaN/inf samples: callers skip the clip and count it
+        return None
     x = x.mean(1)  # mono downmix
     if sr != SR:
         import torch
@@ -686,8 +686,7 @@ def recipe(cfg, path):
 
 
 def read_run(d):
-    """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of the final
-    model."""
+    """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of its end."""
     d = Path(d)
     if not d.is_dir():
         raise ValueError(f"no such run folder: {d}")
@@ -923,6 +922,7 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, (fn, required, optional) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw, exit_on_error=False)
+        sp.set_defaults(run=fn)
         for flag in required + optional:
             sp.add_argument(flag, required=flag in required, **FLAGS[flag])
     return p
@@ -986,7 +986,7 @@ def main(argv=None):
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(f"cannot create --out {args.out}: {first_line(e)}") from None
-        section = SUBCOMMANDS[args.cmd][0](args)
+        section = args.run(args)
         if section:  # report's sections went to report.md
             print("\n".join(markdown(section)))
         return

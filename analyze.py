@@ -946,7 +946,8 @@ def check_args(args):
         raise ValueError("training needs --runs DIR ... and/or --results results.json ...")
     paths = [("--out", args.out, "folder"), ("--classifier-path", clf, "folder"),
              ("--clap-checkpoint", getattr(args, "clap_checkpoint", None), "file"),
-             ("--pairs", getattr(args, "pairs", None), "folder"), ("--factors", getattr(args, "factors", None), "folder")]
+             ("--pairs", getattr(args, "pairs", None), "folder"),
+             ("--factors", getattr(args, "factors", None), "folder")]
     paths += [(f"--{flag}", p, kind) for flag, kind in [("runs", "folder"), ("results", "file"), ("encoder", "file")]
               for p in getattr(args, flag, [])]
     paths += [("--set", p, "file" if p.suffix == ".npz" else "folder") for _, p, _ in sets]
@@ -967,7 +968,8 @@ def check_path(path, flag, kind):
             raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
         return
     except OSError as e:
-        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                         else f"{flag} {path}: {e.strerror}")
     if path.is_dir() != (kind == "folder"):
         raise ValueError(f"{flag} {path} is a {'folder' if kind == 'file' else 'file'}, not a {kind}")
 

@@ -916,16 +916,23 @@ SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help
 
 
 def build_parser():
-    # exit_on_error=False: a bad value or subcommand is an ArgumentError, which main prints as one line
     raw = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw, exit_on_error=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd", required=True)
+    parsers = [p]
     for name, (fn, required, optional) in SUBCOMMANDS.items():
-        sp = sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw, exit_on_error=False)
-        sp.set_defaults(run=fn)
+        parsers.append(sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw))
+        parsers[-1].set_defaults(run=fn)
         for flag in required + optional:
-            sp.add_argument(flag, required=flag in required, **FLAGS[flag])
+            parsers[-1].add_argument(flag, required=flag in required, **FLAGS[flag])
+    for parser in parsers:
+        parser.error = usage_error
     return p
+
+
+def usage_error(msg):  # argparse's refusals (bad value, missing flag) are one line too, exit 2, no usage block
+    print(f"analyze.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def check_args(args):
@@ -994,7 +1001,7 @@ def main(argv=None):
         return
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: 128 + the signal's number
         code, msg = 128 + (e.args[0] if e.args else signal.SIGINT), "interrupted"
-    except (ValueError, OSError, argparse.ArgumentError) as e:  # the only place an error becomes one line, exit 2
+    except (ValueError, OSError) as e:  # the only place an error becomes one line, exit 2
         code, msg = 2, f"error: {first_line(e)}"
     with contextlib.suppress(OSError):  # no --out left behind that this run created (outputs are whole or absent)
         for f in WRITTEN if made else []:

@@ -4,7 +4,17 @@ Analysis and figures for "Contrastive Learning from Synthetic Audio Doppelgänge
 One script, seven subcommands: pairs (Fig. 1), features (Fig. 2A), uncertainty (Fig. 2B), fad (Table 2), training
 (Fig. 5, Fig. 3), invariance, and report (all that the inputs allow). Each writes PNG plots and the numbers behind
 them (CSV) into --out DIR and prints its section of the report (markdown); `analyze.py NAME --help` says what NAME
-computes, with examples. Nothing downloads: every model is read from a local path.
+computes, with more examples. Nothing downloads: every model is read from a local path.
+
+  python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
+  python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
+  python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
+  python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd --out figs/features
+  python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --classifier-path models/ast --out figs/uncertainty
+  python analyze.py fad --set voice=pairs/voice/delta_0.25 --target fsdd=../shared/data/fsdd --out figs/fad
+  python analyze.py training --runs runs/* --results probes/results.json --out figs/training
+  python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt --out figs/inv
+  python analyze.py report --pairs pairs/ --runs runs/* --results probes/results.json --out report/
 
 Sets: --set NAME=PATH is a folder of audio (read recursively) or, for fad, a probe.py embedding cache .npz;
 NAME=mixK:PATH is the paper's "Mix" set: each clip the sum of K random 1-s segments of one file under PATH.

@@ -179,10 +179,6 @@ def all_mean(*xs):
 # data: a source's batch(step, rank, stream) -> (audio_a, audio_b) is a pure function of its
 # arguments (and the seed), so ranks never share batches and a resumed run sees the same stream
 
-class DataError(Exception):
-    """A training file turned out to be unusable mid-run (read in the prefetch thread)."""
-
-
 class Prefetcher:
     """Draws batches in a background thread so the model never waits for synthesis.
     A thread, not DataLoader workers: a forked worker deadlocks once JAX has run.
@@ -220,17 +216,6 @@ class Prefetcher:
 # the pieces of a run, in the order main() uses them
 
 CREATED = []  # what this process created for a new run: removed again if the run fails before its first checkpoint
-
-
-def die(msg, code=2):
-    if CREATED and not os.path.exists(os.path.join(CREATED[0], "checkpoint.pt")):  # no half-made run to block a retry
-        for path in reversed(CREATED):
-            if os.path.isdir(path):
-                unlock()  # the run's files are gone: its lock goes last, with the folder
-            with contextlib.suppress(OSError):
-                os.rmdir(path) if os.path.isdir(path) else os.remove(path)
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(code)
 
 
 # A run folder is owned by one training job: rank 0 holds an flock on RUN/.lock (with its pid in it) for
@@ -327,32 +312,15 @@ def resumed_args(args, given, config):
 
 
 def check_args(args, synths):
-    """Every flag checked before anything is created; every rank checks, so none waits for another."""
-    finite = lambda *xs: all(x is None or math.isfinite(x) for x in xs)
+    """What argparse cannot check alone, before anything is created; every rank checks, so none waits for another."""
     if args.data is None and args.synth not in synths:
         raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(synths)})")
     if args.data is not None:
         check_folder(args.data, "--data", must_exist=True)
-    for ok, msg in [
-        (finite(args.delta) and args.delta >= 0, "--delta must be a finite number >= 0"),
-        (args.batch_size >= 2, "--batch-size must be >= 2 (uniformity needs pairs of embeddings)"),
-        (args.epochs >= 0 and args.sounds_per_epoch > 0, "--epochs must be >= 0 and --sounds-per-epoch > 0"),
-        (args.lr is None or (finite(args.lr) and args.lr > 0), "--lr must be > 0"),
-        (finite(args.momentum, args.weight_decay) and min(args.momentum, args.weight_decay) >= 0,
-         "--momentum and --weight-decay must be >= 0"),
-        (finite(args.gamma) and args.gamma > 0 and all(0 <= f <= 1 for f in args.milestones),
-         "--gamma must be > 0 and --milestones fractions in [0, 1]"),
-        (finite(args.align_alpha, args.unif_t, args.align_w, args.unif_w) and args.align_alpha > 0 and args.unif_t > 0,
-         "--align-alpha and --unif-t must be > 0, --align-w and --unif-w finite"),
-        (args.log_every >= 1 and finite(args.save_every) and args.save_every >= 0, "--log-every must be >= 1 and --save-every >= 0"),
-        ((args.max_steps or 0) >= 0 and args.benchmark_steps >= 1, "--max-steps must be >= 0 and --benchmark-steps >= 1"),
-        (args.delta_schedule is None or (finite(args.delta_schedule) and args.delta_schedule >= 0 and args.delta > 0),
-         "--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)"),
-        (args.data is None or not (args.delta_group or args.keep or args.delta_schedule is not None),
-         "--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data"),
-    ]:
-        if not ok:
-            raise ValueError(msg)
+        if args.delta_group or args.keep or args.delta_schedule is not None:
+            raise ValueError("--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data")
+    if args.delta_schedule is not None and not args.delta > 0:
+        raise ValueError("--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no GPU")
     check_folder(args.out, "--resume" if args.resume else "--out")
@@ -441,18 +409,24 @@ def open_run(out, config, step, val_epochs):
     return log_path
 
 
-def log_row(path, **row):
-    buf = io.StringIO()
-    csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerow(row)
-    data = memoryview(buf.getvalue().encode())
-    with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
-        end = f.seek(0, os.SEEK_END)
-        try:
-            while data:
-                data = data[f.write(data):]
-        except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
-            f.truncate(end)
-            raise OSError(e.errno, e.strerror, str(path)) from None
+def log(path, step, epoch, lr, last, rate, val=None):
+    """One row of log.csv (path: rank 0's log, else None) and its line on the console."""
+    if path:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerow(dict(
+            step=step, epoch=epoch, lr=lr, loss=last[0], align=last[1], unif=last[2], val_align=val[0] if val else "",
+            val_unif=val[1] if val else "", sounds_per_s=f"{rate:.1f}"))
+        data = memoryview(buf.getvalue().encode())
+        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[f.write(data):]
+            except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
+                f.truncate(end)
+                raise OSError(e.errno, e.strerror, str(path)) from None
+    print(f"epoch {epoch} done: loss {last[0]:.4f} val align {val[0]:.4f} val unif {val[1]:.4f} {rate:.0f} sounds/s"
+          if val else f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f} {rate:.0f} sounds/s")
 
 
 def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
@@ -476,7 +450,7 @@ def restore(run, ckpt, model, optimizer, steps_per_epoch):
         np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), *rest))
         random.setstate(ckpt["rng"]["python"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        die(f"{run}/checkpoint.pt does not fit this model ({first_line(e)})")
+        raise ValueError(f"{run}/checkpoint.pt does not fit this model ({first_line(e)})") from None
     step = ckpt["step"]  # checkpoints before val_epochs was recorded were saved after validation
     return step, ckpt.get("val_epochs", step // steps_per_epoch), ckpt.get("last")
 
@@ -492,132 +466,159 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
     return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
 
 
+def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args, log_row, save):
+    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, last step's losses, the same on every rank)."""
+    model.train()
+    last_save = time.time()
+    for s, a, b in batches:
+        loss, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t, args.align_w, args.unif_w)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        last = all_mean(loss, align, unif)
+        if not math.isfinite(last[0]):
+            kept = os.path.exists(os.path.join(args.out, "checkpoint.pt"))
+            raise FloatingPointError(f"non-finite loss at step {s}; stopping"
+                                     + (f", {args.out}/checkpoint.pt (earlier) is kept" if kept else ""))
+        optimizer.step()
+        step = s + 1
+        if step % args.log_every == 0 and step % steps_per_epoch != 0:  # the epoch's last row is its validation's
+            log_row(step, epoch, last)
+        if time.time() - last_save > 60 * args.save_every:
+            save(step, epoch, last)
+            last_save = time.time()
+    save(step, epoch, last)  # the epoch's training (or the run's last step) is on disk before validation starts
+    return step, last
+
+
+def open_args(args, given):
+    """Own the run folder (rank 0), read a resumed run's checkpoint and config, check every flag -> (args, ckpt)."""
+    from generate import SYNTHS
+    first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
+    if args.resume and first:  # owned before it is read: no other process writes it meanwhile
+        lock_run(args.resume, create=False)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt:
+        args = resumed_args(args, given, ckpt["config"])
+    check_args(args, SYNTHS)
+    if not args.resume and not args.benchmark and first:
+        lock_run(args.out, create=True)
+        check_new_run(args)  # again: another process may have finished a run here since check_args
+    return args, ckpt
+
+
+def make_source(args, ckpt, steps_per_epoch):
+    """The batches: synthetic pairs (generate.py) or real audio, and the augmentation -> (source, augment, schedule)."""
+    from generate import PairSampler, synthesis_device
+    augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
+    # the ramp spans the epochs the run was started with, kept in its config: --resume --epochs N extends
+    # the run at the final delta instead of redrawing the pairs of steps already trained
+    ramp_steps = (ckpt["config"] if ckpt else {}).get("delta_schedule_steps") or steps_per_epoch * args.epochs
+    schedule = None if args.delta_schedule is None else (args.delta_schedule, ramp_steps)
+    if args.data is not None:
+        return RealAudio(args.data, args.positives, args.batch_size, args.seed), augment, schedule
+    return PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed, args.delta_group,
+                       args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0)))), augment, schedule
+
+
+def fail(msg, code=2):
+    """main's exit on an error: a new run that has no checkpoint yet is removed, so it blocks no retry."""
+    if CREATED and not os.path.exists(os.path.join(CREATED[0], "checkpoint.pt")):
+        for path in reversed(CREATED):
+            if os.path.isdir(path):
+                unlock()  # the run's files are gone: its lock goes last, with the folder
+            with contextlib.suppress(OSError):
+                os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+    print(f"train.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
 # -----------------------------------------------------------------------------
 
-def main():
-    args, given = parse_args()
-    from generate import SYNTHS, PairSampler, synthesis_device
-    first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
+def main(argv=None):
     try:
-        if args.resume and first:  # owned before it is read: no other process writes it meanwhile
-            lock_run(args.resume, create=False)
-        ckpt = load_checkpoint(args.resume) if args.resume else None
-        if ckpt:
-            args = resumed_args(args, given, ckpt["config"])
-        check_args(args, SYNTHS)
-        if not args.resume and not args.benchmark and first:
-            lock_run(args.out, create=True)
-            check_new_run(args)  # again: another process may have finished a run here since check_args
-    except ValueError as e:
-        die(e)
-    ddp, rank, world, device = setup_ddp(args.device)
-    master = rank == 0
-    amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
-    global_batch = args.batch_size * world
-    args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
-    steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
-    val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
-    stop_at = steps_per_epoch * args.epochs if args.max_steps is None else min(steps_per_epoch * args.epochs, args.max_steps)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+        args, given = parse_args(argv)
+        args, ckpt = open_args(args, given)
+        ddp, rank, world, device = setup_ddp(args.device)
+        master = rank == 0
+        amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
+        global_batch = args.batch_size * world
+        args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
+        steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
+        val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
+        stop_at = steps_per_epoch * args.epochs if args.max_steps is None \
+            else min(steps_per_epoch * args.epochs, args.max_steps)
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        source, augment, schedule = make_source(args, ckpt, steps_per_epoch)
 
-    # data
-    try:
-        augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
-        # the ramp spans the epochs the run was started with, kept in its config: --resume --epochs N extends
-        # the run at the final delta instead of redrawing the pairs of steps already trained
-        ramp_steps = (ckpt["config"] if ckpt else {}).get("delta_schedule_steps") or steps_per_epoch * args.epochs
-        schedule = None if args.delta_schedule is None else (args.delta_schedule, ramp_steps)
-        source = RealAudio(args.data, args.positives, args.batch_size, args.seed) if args.data is not None \
-            else PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed, args.delta_group,
-                             args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0))))
-    except ValueError as e:
-        die(e)
+        # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)
+        model = Encoder(init=args.init).to(device, memory_format=torch.channels_last)
+        if ddp and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        step, val_epochs, last = restore(args.resume, ckpt, model, optimizer, steps_per_epoch) if ckpt else (0, 0, None)
+        # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
+        # computes the log of small mel energies in float32
+        net = nn.parallel.DistributedDataParallel(model.net, device_ids=[device.index] if device.type == "cuda" else None) \
+            if ddp else model.net
 
-    # model
-    # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)
-    model = Encoder(init=args.init).to(device, memory_format=torch.channels_last)
-    if ddp and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    step, val_epochs, last = restore(args.resume, ckpt, model, optimizer, steps_per_epoch) if ckpt else (0, 0, None)
-    # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
-    # computes the log of small mel energies in float32
-    net = nn.parallel.DistributedDataParallel(model.net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ddp else model.net
+        def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
+            spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                e = net(spec.contiguous(memory_format=torch.channels_last))
+            return e[: len(a)], e[len(a):]
 
-    def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
-        spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            e = net(spec.contiguous(memory_format=torch.channels_last))
-        return e[: len(a)], e[len(a):]
+        if args.benchmark:
+            return benchmark(args, source, embed_pair, optimizer, rank, augment, amp)
+        config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+                  "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
+                  "delta_schedule_steps": schedule[1] if schedule else None, "precision": "bf16" if amp else "fp32"}
+        log_path = open_run(args.out, config, step, val_epochs) if master else None
+        if ddp:
+            print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
+        print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
+              f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}, "
+              f"{config['precision']}")
+        t0, step0 = time.time(), step
 
-    if args.benchmark:
-        return benchmark(args, source, embed_pair, optimizer, rank, augment, amp)
+        def log_row(step, epoch, last, val=None):  # at the sounds/s this process has trained so far
+            rate = 2 * global_batch * (step - step0) / (time.time() - t0)
+            log(log_path, step, epoch, learning_rate(epoch, args), last, rate, val)
 
-    out = args.out
-    config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
-              "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
-              "delta_schedule_steps": schedule[1] if schedule else None, "precision": "bf16" if amp else "fp32"}
-    if master:
-        log_path = open_run(out, config, step, val_epochs)
-    if ddp:
-        print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
-    print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
-          f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}, "
-          f"{config['precision']}")
-    t0, sounds, last_save = time.time(), 0, time.time()
-    while True:
-        epoch = step // steps_per_epoch
-        if epoch > val_epochs:  # this epoch's training is done, its validation not yet
-            val_align, val_unif = validate(model, embed_pair, source, val_steps, rank, augment, args)
-            rate = sounds / (time.time() - t0)
+        def save(step, val_epochs, last):  # the one place the checkpoint is written
             if master:
-                log_row(log_path, step=step, epoch=val_epochs, lr=learning_rate(val_epochs, args), loss=last[0],
-                        align=last[1], unif=last[2], val_align=val_align, val_unif=val_unif, sounds_per_s=f"{rate:.1f}")
-            print(f"epoch {val_epochs} done: loss {last[0]:.4f} val align {val_align:.4f} val unif {val_unif:.4f} "
-                  f"{rate:.0f} sounds/s")
-            val_epochs += 1
-            if master:
-                save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
-            continue
-        if step >= stop_at:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch, args)
-        model.train()
-        for s, a, b in Prefetcher(source, range(step, min(stop_at, (epoch + 1) * steps_per_epoch)), rank, TRAIN, augment):
-            loss, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t, args.align_w, args.unif_w)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            last = all_mean(loss, align, unif)  # same numbers on every rank
-            if not math.isfinite(last[0]):
-                kept = os.path.exists(os.path.join(out, "checkpoint.pt"))
-                die(f"non-finite loss at step {s}; stopping" + (f", {out}/checkpoint.pt (earlier) is kept" if kept else ""), 1)
-            optimizer.step()
-            step, sounds = s + 1, sounds + 2 * global_batch
-            if master and step % args.log_every == 0 and step % steps_per_epoch != 0:
-                rate = sounds / (time.time() - t0)
-                log_row(log_path, step=step, epoch=epoch, lr=learning_rate(epoch, args), loss=last[0], align=last[1],
-                        unif=last[2], val_align="", val_unif="", sounds_per_s=f"{rate:.1f}")
-                print(f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f} {rate:.0f} sounds/s")
-            if master and time.time() - last_save > 60 * args.save_every:
-                save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
-                last_save = time.time()
-        if master:  # the epoch's training (or the run's last step) is on disk before validation starts
-            save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
-            last_save = time.time()
+                save_checkpoint(args.out, model, optimizer, step, val_epochs, last, config)
 
-    if master:
+        # from the first epoch not validated; one trained before a kill is validated even if --epochs shrank below it
+        for epoch in range(val_epochs, max(args.epochs, step // steps_per_epoch)):
+            for group in optimizer.param_groups:  # the lr is a function of the epoch: no scheduler state to lose
+                group["lr"] = learning_rate(epoch, args)
+            steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
+            if steps:
+                batches = Prefetcher(source, steps, rank, TRAIN, augment)
+                step, last = train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args, log_row, save)
+            if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch
+                break
+            log_row(step, epoch, last, validate(model, embed_pair, source, val_steps, rank, augment, args))
+            save(step, epoch + 1, last)
         if not ckpt and step == 0:  # --epochs 0: the random initialisation is the run
-            save_checkpoint(out, model, optimizer, step, val_epochs, last, config)
-        export_encoder(model.state_dict(), os.path.join(out, "encoder.pt"), config)
-        print(f"wrote {os.path.join(out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
-    if ddp:
-        del net  # free DDP's reducer (and its hold on the process group) while every rank is still here
-        dist.all_reduce(torch.zeros(1, device=device))  # leave together: no rank tears down while another exports
-        dist.destroy_process_group()
+            save(step, val_epochs, last)
+        if master:
+            export_encoder(model.state_dict(), os.path.join(args.out, "encoder.pt"), config)
+            print(f"wrote {os.path.join(args.out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
+        if ddp:
+            del net  # free DDP's reducer (and its hold on the process group) while every rank is still here
+            dist.all_reduce(torch.zeros(1, device=device))  # leave together: no rank tears down while another exports
+            dist.destroy_process_group()
+    except KeyboardInterrupt:
+        fail("interrupted; what was written is whole (continue a run with --resume RUN)", 130)
+    except FloatingPointError as e:  # a non-finite loss
+        fail(e, 1)
+    except (ValueError, argparse.ArgumentError) as e:
+        fail(e)
+    except OSError as e:  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
+        fail(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))
 
 
 def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
@@ -699,9 +700,9 @@ class RealAudio:
         try:
             x, _ = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
         except Exception as e:
-            raise DataError(f"unreadable audio file {path}: {first_line(e)}") from None
+            raise ValueError(f"unreadable audio file {path}: {first_line(e)}") from None
         if not np.isfinite(x).all():  # one NaN would poison the weights of every later step
-            raise DataError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
+            raise ValueError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
         x = torch.from_numpy(x.mean(axis=1))
         if sr != SAMPLE_RATE:
             x = AF.resample(x, sr, SAMPLE_RATE)
@@ -875,16 +876,30 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def number(kind=float, low=0, high=math.inf, above=False):
+    """An argparse type: a finite number in [low, high] (above: > low)."""
+    def check(text):
+        x = kind(text)
+        if not (low < x if above else low <= x) or not x <= high or not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in "
+                                             f"{'(' if above else '['}{low}, {high}{']' if high < math.inf else ')'}")
+        return x
+    check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+    return check
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> (args, the flags given); a bad value raises argparse.ArgumentError, which main makes one line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                exit_on_error=False)
     g = p.add_argument_group("data")
     g.add_argument("--synth", default="voice", help="voice (78 params), voicefm (130) or parametric (340)")
-    g.add_argument("--delta", type=float, default=0.25, help="perturbation size delta for the doppelgänger pairs")
+    g.add_argument("--delta", type=number(), default=0.25, help="perturbation size delta for the doppelgänger pairs")
     g.add_argument("--delta-group", action="append", metavar="NAME=VALUE", help="delta VALUE for one synthax module "
                    "(keyboard, vco_1, ...) or parameter (keyboard.midi_f0) instead of --delta; repeatable")
     g.add_argument("--keep", action="append", metavar="SET", help="hold a set of parameters equal within a pair: "
                    "pitch (every keyboard's midi_f0 and oscillator's tuning)")
-    g.add_argument("--delta-schedule", type=float, metavar="START", help="delta ramps linearly from START at step 0 "
+    g.add_argument("--delta-schedule", type=number(), metavar="START", help="delta ramps linearly from START at step 0 "
                    "to --delta at the run's last step (per-group values scale with it); validation uses --delta")
     g.add_argument("--data", help="train on a folder of real audio instead of a synth (read recursively)")
     g.add_argument("--positives", default="aug", choices=["aug", "jitter", "mix5", "mix10"], help="real audio: "
@@ -892,24 +907,24 @@ def parse_args(argv=None):
     g.add_argument("--aug", action="store_true",
                    help="the paper's effect chain on both views (on with --positives aug)")
     g.add_argument("--ir-dir", help="impulse responses for the reverb augmentation (default: synthetic rooms)")
-    g.add_argument("--sounds-per-epoch", type=int, default=100_000, help="pairs per epoch, split 90/10 train/val")
+    g.add_argument("--sounds-per-epoch", type=number(int, above=True), default=100_000, help="pairs per epoch, split 90/10 train/val")
     g = p.add_argument_group("optimisation (paper defaults)")
-    g.add_argument("--epochs", type=int, default=200)
-    g.add_argument("--batch-size", type=int, default=768, help="pairs per process; global = procs x this")
-    g.add_argument("--lr", type=float, default=None, help="default 0.12 x global batch / 256")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum; the paper is silent, the authors' "
+    g.add_argument("--epochs", type=number(int), default=200)
+    g.add_argument("--batch-size", type=number(int, 2), default=768, help="pairs per process; global = procs x this")
+    g.add_argument("--lr", type=number(above=True), default=None, help="default 0.12 x global batch / 256")
+    g.add_argument("--momentum", type=number(), default=0.9, help="SGD momentum; the paper is silent, the authors' "
                    "code uses 0, Wang & Isola 0.9, the usual choice with this loss and lr scaling")
-    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--weight-decay", type=number(), default=1e-6)
     g.add_argument("--init", default="pytorch", choices=["pytorch", "torchvision"], help="ResNet weight init: each "
                    "layer's PyTorch default (learns far more at small budgets, see README) or torchvision's Kaiming")
-    g.add_argument("--milestones", type=float, nargs="+", default=[0.775, 0.85, 0.925],
+    g.add_argument("--milestones", type=number(high=1), nargs="+", default=[0.775, 0.85, 0.925],
                    help="lr x gamma at these fractions of the epochs")
-    g.add_argument("--gamma", type=float, default=0.1)
+    g.add_argument("--gamma", type=number(above=True), default=0.1)
     g = p.add_argument_group("loss (Wang & Isola's names; the old names still work)")
-    g.add_argument("--align-alpha", "--alpha", type=float, default=2.0, help="alignment exponent")
-    g.add_argument("--unif-t", "--t", type=float, default=2.0, help="uniformity temperature")
-    g.add_argument("--align-w", "--lam-align", type=float, default=1.0, help="weight of the alignment term")
-    g.add_argument("--unif-w", "--lam-unif", type=float, default=1.0, help="weight of the uniformity term")
+    g.add_argument("--align-alpha", "--alpha", type=number(above=True), default=2.0, help="alignment exponent")
+    g.add_argument("--unif-t", "--t", type=number(above=True), default=2.0, help="uniformity temperature")
+    g.add_argument("--align-w", "--lam-align", type=number(low=-math.inf), default=1.0, help="weight of the alignment term")
+    g.add_argument("--unif-w", "--lam-unif", type=number(low=-math.inf), default=1.0, help="weight of the uniformity term")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
@@ -918,13 +933,13 @@ def parse_args(argv=None):
     g.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast of the ResNet (the "
                    "log-mel stays float32); auto: on where the hardware has native bf16 (Ampere+ GPUs, CPUs with "
                    "AMX or AVX512-BF16), off elsewhere, where it is emulated and slower")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log rows")
-    g.add_argument("--save-every", type=float, default=30.0, help="minutes between mid-epoch checkpoints")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpoint kept)")
+    g.add_argument("--log-every", type=number(int, 1), default=50, help="steps between log rows")
+    g.add_argument("--save-every", type=number(), default=30.0, help="minutes between mid-epoch checkpoints")
+    g.add_argument("--max-steps", type=number(int), default=None, help="stop after this many steps (checkpoint kept)")
     g.add_argument("--readout", default="pool", choices=["pool", "fc"], help="what encoder.pt outputs: the 512-d "
                    "pooled layer (probes better, as a layer below a projection head does) or the fc head of the loss")
     g.add_argument("--benchmark", action="store_true", help="sounds/s per precision, pre-generated vs on-the-fly, and the perfect-overlap bound")
-    g.add_argument("--benchmark-steps", type=int, default=10)
+    g.add_argument("--benchmark-steps", type=number(int, 1), default=10)
     args = p.parse_args(argv)
     for a in p._actions:  # a second pass with no defaults tells which flags were given
         a.default = argparse.SUPPRESS
@@ -937,11 +952,4 @@ def interrupted(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, interrupted)
-    try:
-        main()
-    except KeyboardInterrupt:
-        die("interrupted; what was written is whole (continue a run with --resume RUN)", 130)
-    except DataError as e:
-        die(e)
-    except OSError as e:  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
-        die(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))
+    main()

@@ -103,10 +103,8 @@ class Encoder(nn.Module):
         self.sample_rate = SAMPLE_RATE
         self.net = torchvision.models.resnet18(num_classes=dim)  # fc 512 -> 512, as the authors' code
         self.net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # 1 channel in
-        # torchvision re-initializes its convolutions with Kaiming normal (fan_out), weights ~1.7x larger
-        # than each layer's PyTorch default. Under BatchNorm only the direction of a conv's weights
-        # matters, so larger weights mean smaller effective steps: at a CPU budget the encoder then
-        # barely moves from random init (see README, "Does it learn?").
+        # torchvision's Kaiming normal (fan_out) weights are ~1.7x PyTorch's defaults: under BatchNorm, smaller
+        # effective steps, and at a CPU budget the encoder barely moves from random init (README, "Does it learn?")
         if init == "pytorch":
             for m in self.net.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
@@ -180,11 +178,8 @@ def all_mean(*xs):
 # arguments (and the seed), so ranks never share batches and a resumed run sees the same stream
 
 class Prefetcher:
-    """Draws batches in a background thread so the model never waits for synthesis.
-    A thread, not DataLoader workers: a forked worker deadlocks once JAX has run.
-    On a CPU the two share the cores: JAX fills the step's serial gaps, and on-the-fly training runs at
-    0.97-1.0 of the bound 1 / (1/train + 1/synthesis) (--benchmark); a lock that made them take turns
-    measured 0.93-0.96."""
+    """Draws batches in a background thread (a forked DataLoader worker deadlocks once JAX has run). On a CPU
+    JAX fills the step's serial gaps: on the fly runs at 0.97-1.0 of the bound 1 / (1/train + 1/synthesis)."""
 
     def __init__(self, source, steps, rank, stream, augment=None, depth=3):
         self.q = queue.Queue(maxsize=depth)
@@ -302,29 +297,12 @@ def load_checkpoint(run):
 
 
 def resumed_args(args, given, config):
-    """The run's own config wins; only these may change when it is continued, and the device is
-    always this machine's (given, or the default here)."""
+    """The run's own config wins; only these may change when it is continued, and the device is this machine's."""
     may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
     config = {LOSS_ALIASES.get(k, k): v for k, v in config.items()}
     config = {"delta_group": None, "keep": None, "delta_schedule": None, **config}  # older runs: the paper's one delta
     saved = {k: v for k, v in config.items() if k in vars(args) and k not in given & may_change}
     return argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "resume": args.resume, "device": args.device})
-
-
-def check_args(args, synths):
-    """What argparse cannot check alone, before anything is created; every rank checks, so none waits for another."""
-    if args.data is None and args.synth not in synths:
-        raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(synths)})")
-    if args.data is not None:
-        check_folder(args.data, "--data", must_exist=True)
-        if args.delta_group or args.keep or args.delta_schedule is not None:
-            raise ValueError("--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data")
-    if args.delta_schedule is not None and not args.delta > 0:
-        raise ValueError("--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU")
-    check_folder(args.out, "--resume" if args.resume else "--out")
-    check_new_run(args)
 
 
 def check_new_run(args):
@@ -343,8 +321,7 @@ def native_bf16(device):
 
 
 def check_folder(path, flag, must_exist=False):
-    """A folder flag: a link to a folder is followed; a broken or looping link, or a file, is named now
-    instead of failing later in makedirs or open."""
+    """A folder flag: a link to a folder is followed; a broken or looping link, or a file, is refused now."""
     try:
         if stat.S_ISDIR(os.stat(path).st_mode):
             return
@@ -467,7 +444,7 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
 
 
 def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args, log_row, save):
-    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, last step's losses, the same on every rank)."""
+    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks)."""
     model.train()
     last_save = time.time()
     for s, a, b in batches:
@@ -490,8 +467,9 @@ def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoc
     return step, last
 
 
-def open_args(args, given):
-    """Own the run folder (rank 0), read a resumed run's checkpoint and config, check every flag -> (args, ckpt)."""
+def check_args(args, given):
+    """Own the run folder (rank 0), read a resumed run's checkpoint and config, and check what argparse cannot,
+    before anything is created -> (args, ckpt). Every rank checks, so none waits for another."""
     from generate import SYNTHS
     first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
     if args.resume and first:  # owned before it is read: no other process writes it meanwhile
@@ -499,7 +477,18 @@ def open_args(args, given):
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt:
         args = resumed_args(args, given, ckpt["config"])
-    check_args(args, SYNTHS)
+    if args.data is None and args.synth not in SYNTHS:
+        raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(SYNTHS)})")
+    if args.data is not None:
+        check_folder(args.data, "--data", must_exist=True)
+        if args.delta_group or args.keep or args.delta_schedule is not None:
+            raise ValueError("--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data")
+    if args.delta_schedule is not None and not args.delta > 0:
+        raise ValueError("--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no GPU")
+    check_folder(args.out, "--resume" if args.resume else "--out")
+    check_new_run(args)
     if not args.resume and not args.benchmark and first:
         lock_run(args.out, create=True)
         check_new_run(args)  # again: another process may have finished a run here since check_args
@@ -537,7 +526,7 @@ def fail(msg, code=2):
 def main(argv=None):
     try:
         args, given = parse_args(argv)
-        args, ckpt = open_args(args, given)
+        args, ckpt = check_args(args, given)
         ddp, rank, world, device = setup_ddp(args.device)
         master = rank == 0
         amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
@@ -597,7 +586,8 @@ def main(argv=None):
             steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
             if steps:
                 batches = Prefetcher(source, steps, rank, TRAIN, augment)
-                step, last = train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args, log_row, save)
+                step, last = train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args,
+                                             log_row, save)
             if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch
                 break
             log_row(step, epoch, last, validate(model, embed_pair, source, val_steps, rank, augment, args))
@@ -622,9 +612,8 @@ def main(argv=None):
 
 
 def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
-    """Training speed per precision: the same batches pre-generated in memory, then synthesized on the
-    fly, beside the perfect-overlap bound 1 / (1/train + 1/synthesis). On the CPU both share the
-    cores, so the bound is the best a pipeline can do there; on a GPU on-the-fly can reach train."""
+    """Training speed per precision: the same batches pre-generated, then synthesized on the fly, beside the
+    perfect-overlap bound 1 / (1/train + 1/synthesis), the best a pipeline can do where both share the CPU."""
     n, sounds = args.benchmark_steps, 2 * args.batch_size
 
     def train_step(a, b, amp):
@@ -644,9 +633,8 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
     print(f"synthesis alone: {synth:.1f} sounds/s")
     print(f"{'sounds/s':10s} {'pre-generated':>14s} {'on-the-fly':>11s} {'bound':>8s} {'on-the-fly / bound':>19s}")
     # bf16 is measured where it is the default or asked for: emulated on a CPU, 10 steps take minutes
-    precisions = [False] + [True] * amp
     fly = {}
-    for bf16 in precisions:
+    for bf16 in [False] + [True] * amp:
         for _ in range(2):
             train_step(*first, bf16)  # warm-up (oneDNN and cuDNN pick their kernels)
         t0 = time.time()
@@ -729,12 +717,10 @@ class RealAudio:
         return torch.stack(a).numpy(), torch.stack(b).numpy()
 
 
-# The paper's augmentation chain (App. B): high-pass, low-pass, pitch, shift, reverb, each p = 0.5,
-# torch-audiomentations in mini-batches of <= 100 (imported only when augmentation is asked for).
-# torch-audiomentations 0.12 on torchaudio >= 2.9: ApplyImpulseResponse loads IR files with the removed
-# torchaudio.info, and PitchShift at 16 kHz can only reach +-0.41 semitones within +-2 (its "fast"
-# ratios 125/128 and 128/125) at ~8 s per 100 sounds. IRs are read with soundfile and handed over in
-# memory; pitch is shifted by a phase vocoder + FFT resampling to a uniform draw in +-2 semitones.
+# The paper's augmentation chain (App. B): high-pass, low-pass, pitch, shift, reverb, each p = 0.5, with
+# torch-audiomentations (imported only when asked for) in mini-batches of <= 100. Its IR loader needs the removed
+# torchaudio.info and its PitchShift reaches only +-0.41 semitones at 16 kHz: IRs are read with soundfile, and
+# pitch_shift below draws uniformly in +-2 semitones.
 CHUNK = 100
 
 
@@ -772,11 +758,8 @@ def synthetic_irs(sample_rate, n=32, seed=0):
 
 
 def pitch_shift(x, semitones, n_fft=512, hop=128):
-    """Shift x (..., T) by `semitones` keeping its length: phase-vocoder stretch to L = T * 2^(st/12)
-    samples, then band-limited FFT resampling back to T. Any ratio L/T is exact to 1/T (< 0.001 st);
-    torchaudio.functional.pitch_shift instead sinc-resamples int(sr * r) -> sr, whose gcd is ~1,
-    and spends seconds building a ~1 GB kernel per call. Same plain phase vocoder as torchaudio's, so
-    same phasiness: e.g. a pure tone starting at t=0 comes out ~4 dB quieter when shifted up."""
+    """Shift x (..., T) by `semitones` keeping its length: phase-vocoder stretch to L = T * 2^(st/12) samples, then
+    FFT resampling back to T, exact to 1/T (torchaudio's sinc resampling builds a ~1 GB kernel per call)."""
     T = x.shape[-1]
     L = round(T * 2 ** (semitones / 12))
     if L == T:
@@ -800,9 +783,7 @@ def make_transforms(sample_rate=SAMPLE_RATE, ir_dir=None, seed=0, p=0.5):
     from torch_audiomentations.utils.object_dict import ObjectDict
 
     class InMemoryImpulseResponse(ApplyImpulseResponse):
-        """ApplyImpulseResponse fed with tensors instead of file paths. Its Audio() loader accepts
-        {"samples", "sample_rate"} dicts without touching torchaudio I/O, so the library's own
-        randomize_parameters (IR choice, padding) and apply_transform (FFT convolution) run as is."""
+        """ApplyImpulseResponse fed with tensors: its Audio() loader takes {"samples", "sample_rate"} dicts."""
 
         def __init__(self, irs, sample_rate, p=0.5):
             BaseWaveformTransform.__init__(self, p=p, sample_rate=sample_rate, output_type="dict")  # skip path scan

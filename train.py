@@ -402,8 +402,10 @@ def log(path, step, epoch, lr, last, rate, val=None):
             except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
                 f.truncate(end)
                 raise OSError(e.errno, e.strerror, str(path)) from None
-    print(f"epoch {epoch} done: loss {last[0]:.4f} val align {val[0]:.4f} val unif {val[1]:.4f} {rate:.0f} sounds/s"
-          if val else f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f} {rate:.0f} sounds/s")
+    if val:
+        print(f"epoch {epoch} done: loss {last[0]:.4f} val align {val[0]:.4f} val unif {val[1]:.4f} {rate:.0f} sounds/s")
+    else:
+        print(f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f} {rate:.0f} sounds/s")
 
 
 def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
@@ -448,7 +450,8 @@ def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoc
     model.train()
     last_save = time.time()
     for s, a, b in batches:
-        loss, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t, args.align_w, args.unif_w)
+        e_a, e_b = embed_pair(a, b)
+        loss, align, unif = contrastive_loss(e_a, e_b, args.align_alpha, args.unif_t, args.align_w, args.unif_w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         last = all_mean(loss, align, unif)
@@ -545,12 +548,13 @@ def main(argv=None):
         model = Encoder(init=args.init).to(device, memory_format=torch.channels_last)
         if ddp and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
         step, val_epochs, last = restore(args.resume, ckpt, model, optimizer, steps_per_epoch) if ckpt else (0, 0, None)
         # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
         # computes the log of small mel energies in float32
-        net = nn.parallel.DistributedDataParallel(model.net, device_ids=[device.index] if device.type == "cuda" else None) \
-            if ddp else model.net
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model.net, device_ids=ids) if ddp else model.net
 
         def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
             spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
@@ -888,7 +892,8 @@ def parse_args(argv=None):
     g.add_argument("--aug", action="store_true",
                    help="the paper's effect chain on both views (on with --positives aug)")
     g.add_argument("--ir-dir", help="impulse responses for the reverb augmentation (default: synthetic rooms)")
-    g.add_argument("--sounds-per-epoch", type=number(int, above=True), default=100_000, help="pairs per epoch, split 90/10 train/val")
+    g.add_argument("--sounds-per-epoch", type=number(int, above=True), default=100_000,
+                   help="pairs per epoch, split 90/10 train/val")
     g = p.add_argument_group("optimisation (paper defaults)")
     g.add_argument("--epochs", type=number(int), default=200)
     g.add_argument("--batch-size", type=number(int, 2), default=768, help="pairs per process; global = procs x this")
@@ -904,8 +909,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("loss (Wang & Isola's names; the old names still work)")
     g.add_argument("--align-alpha", "--alpha", type=number(above=True), default=2.0, help="alignment exponent")
     g.add_argument("--unif-t", "--t", type=number(above=True), default=2.0, help="uniformity temperature")
-    g.add_argument("--align-w", "--lam-align", type=number(low=-math.inf), default=1.0, help="weight of the alignment term")
-    g.add_argument("--unif-w", "--lam-unif", type=number(low=-math.inf), default=1.0, help="weight of the uniformity term")
+    g.add_argument("--align-w", "--lam-align", type=number(low=-math.inf), default=1.0,
+                   help="weight of the alignment term")
+    g.add_argument("--unif-w", "--lam-unif", type=number(low=-math.inf), default=1.0,
+                   help="weight of the uniformity term")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")

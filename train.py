@@ -262,10 +262,6 @@ def unlock():
         LOCK.clear()
 
 
-# old flag names (and config keys of older runs) -> the names Wang & Isola's code uses
-LOSS_ALIASES = {"alpha": "align_alpha", "t": "unif_t", "lam_align": "align_w", "lam_unif": "unif_w"}
-
-
 # Checkpoints load with weights_only=True: tensors, numbers, strings, lists and dicts, nothing that runs
 # code. Checkpoints of older train.py versions hold numpy's RNG state as an ndarray; numpy's own array
 # constructors are all that rebuilding one calls, so they are allowed too (by name, as numpy 1 and 2 write it).
@@ -299,7 +295,8 @@ def load_checkpoint(run):
 def resumed_args(args, given, config):
     """The run's own config wins; only these may change when it is continued, and the device is this machine's."""
     may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
-    config = {LOSS_ALIASES.get(k, k): v for k, v in config.items()}
+    aliases = {"alpha": "align_alpha", "t": "unif_t", "lam_align": "align_w", "lam_unif": "unif_w"}  # older runs' keys
+    config = {aliases.get(k, k): v for k, v in config.items()}
     config = {"delta_group": None, "keep": None, "delta_schedule": None, **config}  # older runs: the paper's one delta
     saved = {k: v for k, v in config.items() if k in vars(args) and k not in given & may_change}
     return argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "resume": args.resume, "device": args.device})
@@ -725,7 +722,6 @@ class RealAudio:
 # torch-audiomentations (imported only when asked for) in mini-batches of <= 100. Its IR loader needs the removed
 # torchaudio.info and its PitchShift reaches only +-0.41 semitones at 16 kHz: IRs are read with soundfile, and
 # pitch_shift below draws uniformly in +-2 semitones.
-CHUNK = 100
 
 
 def load_irs(ir_dir, sample_rate):
@@ -832,7 +828,7 @@ def make_augment(ir_dir=None, seed=0, sample_rate=SAMPLE_RATE):
         """x: (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5."""
         assert x.ndim == 2, f"expected (B, T), got {tuple(x.shape)}"
         return torch.cat([chain(c[:, None], sample_rate=sample_rate).samples[:, 0]  # library wants (B, C, T)
-                          for c in x.split(CHUNK)])
+                          for c in x.split(100)])
 
     return augment
 

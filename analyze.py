@@ -936,11 +936,11 @@ def build_parser():
         for flag in required + optional:
             parsers[-1].add_argument(flag, required=flag in required, **FLAGS[flag])
     for parser in parsers:
-        parser.error = usage_error
+        parser.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     return p
 
 
-def usage_error(msg):  # argparse's refusals (bad value, missing flag) are one line too, exit 2, no usage block
+def fail(msg):  # argparse's exit: one line on stderr, exit 2 (main's own exit also tidies --out)
     print(f"analyze.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -440,6 +440,7 @@ def benchmark(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
     p.add_argument("--delta", nargs="+", type=float, default=[0.25],
                    help="perturbation size(s) delta >= 0 (default 0.25)")
@@ -564,16 +565,19 @@ def interrupted(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
 
 
+def fail(msg, code=2):  # main's exit, and argparse's: one line on stderr
+    print(f"generate.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv=None):
-    args = parse_args(argv)  # argparse itself exits 2 with its usage line for bad flags
+    args = parse_args(argv)
     try:
         run(args)
     except KeyboardInterrupt:  # the temporary folder is gone (run removes it), the output folder untouched
-        print("generate.py: error: interrupted; nothing was written (the output folder is as it was)", file=sys.stderr)
-        sys.exit(130)
+        fail("interrupted; nothing was written (the output folder is as it was)", 130)
     except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line + exit 2
-        print(f"generate.py: error: {first_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        fail(first_line(e))
 
 
 if __name__ == "__main__":

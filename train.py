@@ -606,7 +606,7 @@ def main(argv=None):
         fail("interrupted; what was written is whole (continue a run with --resume RUN)", 130)
     except FloatingPointError as e:  # a non-finite loss
         fail(e, 1)
-    except (ValueError, argparse.ArgumentError) as e:
+    except ValueError as e:
         fail(e)
     except OSError as e:  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
         fail(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))
@@ -870,9 +870,9 @@ def number(kind=float, low=0, high=math.inf, above=False):
 
 
 def parse_args(argv=None):
-    """-> (args, the flags given); a bad value raises argparse.ArgumentError, which main makes one line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                exit_on_error=False)
+    """-> (args, the flags given)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     g = p.add_argument_group("data")
     g.add_argument("--synth", default="voice", help="voice (78 params), voicefm (130) or parametric (340)")
     g.add_argument("--delta", type=number(), default=0.25, help="perturbation size delta for the doppelgänger pairs")

@@ -491,7 +491,7 @@ def check_args(args, given):
     check_new_run(args)
     if not args.resume and not args.benchmark and first:
         lock_run(args.out, create=True)
-        check_new_run(args)  # again: another process may have finished a run here since check_args
+        check_new_run(args)  # again, now that the folder is ours: another run may have finished here meanwhile
     return args, ckpt
 
 

@@ -469,7 +469,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The checks argparse would answer with its usage too: a refusal here is one line (ValueError)."""
+    """The values and flag combinations argparse does not check, before any work (ValueError: one line)."""
     for s in args.synth:
         if s not in SYNTHS:
             raise ValueError(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")

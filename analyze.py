@@ -32,6 +32,7 @@ import importlib.util
 import inspect
 import io
 import json
+import math
 import os
 import re
 import signal
@@ -878,26 +879,28 @@ def cmd_report(args):
 
 # command line: every flag defined once; each subcommand's flags listed in SUBCOMMANDS
 
-def at_least(low):
-    """An argparse type: an int >= low."""
-    def check(s):
-        if int(s) < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {s}")
-        return int(s)
-    check.__name__ = "int"  # a non-number reads "invalid int value", as with type=int
+def number(kind=float, low=0, high=math.inf, above=False, below=False):
+    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
+    def check(text):
+        x = kind(text)
+        if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
+                                             f"{high}{')' if below or high == math.inf else ']'}")
+        return x
+    check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
     return check
 
 
 FLAGS = {
     "--out": dict(type=Path, help="output folder for PNGs, CSVs (created if absent)"),
-    "--batch-size": dict(type=at_least(1), default=64, help="clips per embedding/classifier batch"),
+    "--batch-size": dict(type=number(int, 1), default=64, help="clips per embedding/classifier batch"),
     "--embedder": dict(default="mfcc", help="mfcc (mean+std of 20 MFCCs; z-scored over the sweep in `pairs`), "
                        "encoder:PATH (train.py's encoder.pt) or clap (LAION-CLAP, needs --clap-checkpoint)"),
     "--clap-checkpoint": dict(help="local LAION-CLAP weights (.pt) for --embedder clap"),
     "--clap-amodel": dict(default="HTSAT-tiny", help="CLAP audio model of that checkpoint"),
     "--set": dict(action="append", default=[], metavar="NAME=PATH", help="audio folder (recursive), NAME=mixK:PATH for "
                   "K-segment mixtures of its files, or (fad) a probe.py embedding cache .npz; repeat for more sets"),
-    "--max-files": dict(type=at_least(0), default=1000, help="files per set, fixed seeded subset (0 = all)"),
+    "--max-files": dict(type=number(int), default=1000, help="files per set, fixed seeded subset (0 = all)"),
     "--target": dict(action="append", default=[], metavar="NAME=PATH",
                      help="FAD reference set(s), same syntax as --set (default: all pairs of --set)"),
     "--classifier-path": dict(help="folder of a local AST classifier (save_pretrained layout)"),
@@ -905,8 +908,8 @@ FLAGS = {
                          "auto: sigmoid normalized to sum 1 for multi-label (AudioSet, 527 classes) heads, softmax "
                          "otherwise"),
     "--pairs": dict(help="generate.py output: a pair folder or a sweep of them"),
-    "--max-pairs": dict(type=at_least(0), default=0, help="pairs per (synth, delta) folder or per factor (0 = all)"),
-    "--pca-pairs": dict(type=at_least(1), default=40, help="pairs drawn per PCA panel"),
+    "--max-pairs": dict(type=number(int), default=0, help="pairs per (synth, delta) folder or per factor (0 = all)"),
+    "--pca-pairs": dict(type=number(int, 1), default=40, help="pairs drawn per PCA panel"),
     "--runs": dict(nargs="+", default=[], help="train.py run folders (config.json + log.csv)"),
     "--results": dict(nargs="+", default=[], help="probe.py results.json files"),
     "--factors": dict(help="generate.py --factors output (one folder per factor)"),

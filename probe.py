@@ -712,15 +712,16 @@ def read_results(path):
 def parse_args(argv=None):
     import argparse
 
-    def checked(kind, ok, what):  # type=: kind(text), refused unless ok(value)
-        def parse(text):
-            value = kind(text)
-            if not ok(value):
-                raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
-            return value
-        parse.__name__ = kind.__name__  # a non-number reads "invalid int value: 'x'"
-        return parse
-    at_least = lambda low: checked(int, lambda v: v >= low, f"at least {low}")
+    def number(kind=float, low=0, high=math.inf, above=False, below=False):
+        """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
+        def check(text):
+            x = kind(text)
+            if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
+                raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
+                                                 f"{high}{')' if below or high == math.inf else ']'}")
+            return x
+        check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+        return check
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # one line on stderr, exit 2, as for every other bad input
@@ -739,18 +740,18 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
     p.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
-    p.add_argument("--batch-size", type=at_least(1), default=32, help="clips per encoder call")
-    p.add_argument("--seed", type=at_least(0), default=0,
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="clips per encoder call")
+    p.add_argument("--seed", type=number(int), default=0,
                    help="seeds probe init, data order, validation split, subsampling")
-    p.add_argument("--epochs", type=at_least(1), default=100, help="max probe epochs per fold")
-    p.add_argument("--patience", type=at_least(0), default=10,
+    p.add_argument("--epochs", type=number(int, 1), default=100, help="max probe epochs per fold")
+    p.add_argument("--patience", type=number(int), default=10,
                    help="epochs without validation improvement before stopping")
-    p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "a positive number"), default=1e-3,
+    p.add_argument("--lr", type=number(above=True), default=1e-3,
                    help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--probe-batch-size", type=at_least(1), default=32, help="probe batch size (paper: 32)")
-    p.add_argument("--valid-frac", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.1,
+    p.add_argument("--probe-batch-size", type=number(int, 1), default=32, help="probe batch size (paper: 32)")
+    p.add_argument("--valid-frac", type=number(high=1, below=True), default=0.1,
                    help="share of the training folds for early stopping")
-    p.add_argument("--max-per-class", type=at_least(2),
+    p.add_argument("--max-per-class", type=number(int, 2),
                    help="keep at most N clips per class (stratified over folds, seeded)")
     p.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
     p.add_argument("--no-download", action="store_true",

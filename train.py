@@ -857,13 +857,13 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def number(kind=float, low=0, high=math.inf, above=False):
-    """An argparse type: a finite number in [low, high] (above: > low)."""
+def number(kind=float, low=0, high=math.inf, above=False, below=False):
+    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
     def check(text):
         x = kind(text)
-        if not (low < x if above else low <= x) or not x <= high or not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in "
-                                             f"{'(' if above else '['}{low}, {high}{']' if high < math.inf else ')'}")
+        if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
+                                             f"{high}{')' if below or high == math.inf else ']'}")
         return x
     check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
     return check

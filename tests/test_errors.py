@@ -16,7 +16,8 @@ CASES = [
     ("probe.py", [], "the following arguments are required: --task"),
     ("analyze.py", [], "the following arguments are required: cmd"),
     ("analyze.py", ["invariance", "--out", "x"], "the following arguments are required: --factors, --encoder"),
-    ("analyze.py", ["pairs", "--pairs", "x", "--out", "y", "--batch-size", "0"], "argument --batch-size: must be"),
+    ("analyze.py", ["pairs", "--pairs", "x", "--out", "y", "--batch-size", "0"],
+     "argument --batch-size: '0' is not a finite number in [1, inf)"),
 ]
 
 

@@ -785,7 +785,16 @@ def by_synth(ax, rows, key, err=None, series=None):
         e = [np.mean([r[err] for r in rs if r["delta"] == d]) for d in ds] if err else None
         ax.errorbar(ds, y, yerr=e, marker="o", capsize=3, color=f"C{i}", label=sy)
     delta_axis(ax, sorted({r["delta"] for r in rows if np.isfinite(r["delta"])}))
-    ax.legend(fontsize=7)
+
+
+def legend_below(fig, axes):
+    """One legend for the figure, under its panels: recipe names are long, and a legend in each panel hid the data."""
+    seen = {}
+    for ax in axes:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(l, h)
+    fig.legend(seen.values(), seen.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(seen), 3),
+               fontsize=8, frameon=False)
 
 
 def cmd_training(args):
@@ -813,6 +822,8 @@ def cmd_training(args):
         for ax, k in zip(axes, ["val_align", "val_unif"]):
             by_synth(ax, rows, k)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
+        fig.tight_layout()
+        legend_below(fig, axes)
         figures.append(save_fig(fig, args.out / "training_align_unif.png"))
     if probes:
         probes.sort(key=lambda r: (r["task"], *order(r)))
@@ -836,6 +847,7 @@ def cmd_training(args):
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         fig.tight_layout()
+        legend_below(fig, axes[0])
         figures.append(save_fig(fig, args.out / "training_probe.png"))
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 

@@ -256,6 +256,26 @@ def test_training_from_run_folders(runs, tmp_path):
     pngs_ok(tmp_path, ["training_align_unif.png", "training_probe.png"])
 
 
+def test_training_legend_sits_under_the_panels_once():
+    """Long recipe names in a legend inside each panel covered the data: one legend for the figure, each
+    recipe once, below every panel."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2)
+    rows = [dict(synth="voice", recipe=r, delta=d, val_align=d + i, run=f"{i}{d}")
+            for i, r in enumerate(["", "keyboard.midi_f0=0.05, vco_1.tuning=0.05, vco_2.tuning=0.05"]) for d in (0.1, 0.25)]
+    rows.append(dict(synth="random init", recipe="", delta=float("nan"), val_align=1.0, run="random"))
+    for ax in axes:
+        analyze.by_synth(ax, rows, "val_align")
+    fig.tight_layout()
+    analyze.legend_below(fig, axes)
+    fig.canvas.draw()
+    assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted({analyze.label(r) for r in rows})
+    box = fig.legends[0].get_window_extent().transformed(fig.transFigure.inverted())
+    assert box.y1 <= min(ax.get_position().y0 for ax in axes)
+    plt.close(fig)
+
+
 def test_training_draws_one_line_per_recipe(tmp_path):
     """Runs of the same synth and delta but different train.py recipes (--keep pitch, --delta-group,
     --delta-schedule) are separate lines and rows, never averaged together."""

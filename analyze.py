@@ -788,7 +788,9 @@ def by_synth(ax, rows, key, err=None, series=None):
 
 
 def legend_below(fig, axes):
-    """One legend for the figure, under its panels: recipe names are long, and a legend in each panel hid the data."""
+    """One legend for the figure, under its panels (laid out first, so the legend goes below where they end):
+    recipe names are long, and a legend in each panel hid the data."""
+    fig.tight_layout()
     seen = {}
     for ax in axes:
         for h, l in zip(*ax.get_legend_handles_labels()):
@@ -822,7 +824,6 @@ def cmd_training(args):
         for ax, k in zip(axes, ["val_align", "val_unif"]):
             by_synth(ax, rows, k)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
-        fig.tight_layout()
         legend_below(fig, axes)
         figures.append(save_fig(fig, args.out / "training_align_unif.png"))
     if probes:
@@ -846,7 +847,6 @@ def cmd_training(args):
             by_synth(ax, rs, "mean", err="std", series=sorted({label(r) for r in probes}))
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
-        fig.tight_layout()
         legend_below(fig, axes[0])
         figures.append(save_fig(fig, args.out / "training_probe.png"))
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)

@@ -266,7 +266,6 @@ def test_training_legend_sits_under_the_panels_once():
     rows.append(dict(synth="random init", recipe="", delta=float("nan"), val_align=1.0, run="random"))
     for ax in axes:
         analyze.by_synth(ax, rows, "val_align")
-    fig.tight_layout()
     analyze.legend_below(fig, axes)
     fig.canvas.draw()
     assert all(ax.get_legend() is None for ax in axes) and len(fig.legends) == 1

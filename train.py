@@ -35,7 +35,6 @@ resumes to the same log rows and weights. It loads with weights_only=True: loadi
 While a job trains the folder, .lock holds its pid, and a second job on the folder is refused.
 """
 import argparse
-import atexit
 import contextlib
 import csv
 import errno
@@ -66,16 +65,15 @@ import torchaudio
 import torchaudio.functional as AF
 import torchvision
 
+# === 1. the paper ===
+# Each step draws a batch of doppelgänger pairs, embeds both views with one log-mel frontend + ResNet18 and takes
+# Wang & Isola's alignment + uniformity loss on the L2-normalized embeddings (uniformity over the global batch);
+# SGD with the paper's step lr schedule, a validation after each epoch, and the encoder exported at the end.
+
 SAMPLE_RATE = 16000
 N_FRAMES, N_MELS = 96, 64  # VGGish input: 0.96 s of 10-ms frames x 64 mel bands
 TRAIN, VAL = 0, 1  # data streams: key spaces of the training batches and of the held-out ones
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-RUN_FILES = ("config.json", "log.csv", "checkpoint.pt", "encoder.pt")
-LOG_FIELDS = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
 
-
-# -----------------------------------------------------------------------------
-# model: log-mel frontend + ResNet18, exported together as one TorchScript file
 
 class LogMel(nn.Module):
     """VGGish log-mel: 25 ms periodic Hann window, 10 ms hop, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01)."""
@@ -122,21 +120,7 @@ class Encoder(nn.Module):
         return e.reshape(B, n, -1).mean(dim=1)
 
 
-def export_encoder(state_dict, path, config):
-    """TorchScript file with the config inside: one torch.jit.load call, no import of this script.
-    readout "pool" exports the 512-d pooled layer, "fc" the trained head on top of it."""
-    enc = Encoder()
-    enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
-    if config.get("readout", "fc") == "pool":
-        enc.net.fc = nn.Identity()
-    scripted = torch.jit.script(enc.cpu().eval())
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={"config.json": json.dumps(config)})
-    atomic_write(path, buf.getvalue())
-
-
-# -----------------------------------------------------------------------------
-# loss (Wang & Isola 2020), on L2-normalized embeddings
+# the loss (Wang & Isola 2020), on L2-normalized embeddings
 
 def align_loss(x, y, alpha=2.0):
     return (x - y).norm(p=2, dim=1).pow(alpha).mean()
@@ -173,185 +157,6 @@ def all_mean(*xs):
     return t.tolist()
 
 
-# -----------------------------------------------------------------------------
-# data: a source's batch(step, rank, stream) -> (audio_a, audio_b) is a pure function of its
-# arguments (and the seed), so ranks never share batches and a resumed run sees the same stream
-
-class Prefetcher:
-    """Draws batches in a background thread (a forked DataLoader worker deadlocks once JAX has run). On a CPU
-    JAX fills the step's serial gaps: on the fly runs at 0.97-1.0 of the bound 1 / (1/train + 1/synthesis)."""
-
-    def __init__(self, source, steps, rank, stream, augment=None, depth=3):
-        self.q = queue.Queue(maxsize=depth)
-        self.source, self.steps, self.rank, self.stream, self.augment = source, steps, rank, stream, augment
-        self.thread = threading.Thread(target=self.work, daemon=True)
-        self.thread.start()
-
-    def work(self):
-        try:
-            for step in self.steps:
-                a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
-                if self.augment is not None:  # each view augmented independently, seeded by its step
-                    seed = hash((self.stream, self.rank, step)) % 2**63
-                    torch.manual_seed(seed), random.seed(seed)  # the library draws from both; the main thread from neither
-                    a, b = self.augment(a), self.augment(b)
-                self.q.put((step, a, b))
-        except BaseException as e:  # surface it in the main thread instead of hanging
-            self.q.put(e)
-
-    def __iter__(self):
-        for _ in self.steps:
-            item = self.q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
-# -----------------------------------------------------------------------------
-# the pieces of a run, in the order main() uses them
-
-CREATED = []  # what this process created for a new run: removed again if the run fails before its first checkpoint
-
-
-# A run folder is owned by one training job: rank 0 holds an flock on RUN/.lock (with its pid in it) for
-# the run's life. The OS drops an flock when its process dies, so a kill -9 never blocks the next --resume.
-LOCK = {}
-
-
-def lock_run(folder, create):
-    """Own the run folder (created if asked), or ValueError naming the process that owns it."""
-    check_folder(folder, "--out" if create else "--resume")
-    if not create and not os.path.isdir(folder):
-        raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
-    if create and not os.path.isdir(folder):
-        try:
-            os.makedirs(folder)
-        except OSError as e:
-            raise ValueError(f"cannot create --out {folder}: {e.strerror}") from None
-        CREATED.append(folder)
-    path = os.path.join(folder, ".lock")
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise ValueError(f"cannot write to run folder {folder}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise ValueError(f"{folder} is in use by another train.py (pid {owner or 'unknown'}); "
-                             f"wait for it to end, or stop it first") from None
-        with contextlib.suppress(OSError):  # the owner before us removed the file as we opened it: take the new one
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    LOCK.update(path=path, fd=fd)
-    atexit.register(unlock)
-
-
-def unlock():
-    """Remove the lock file (while still holding it, so no one takes a file about to vanish) and release it."""
-    if LOCK:
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(LOCK["fd"]), os.stat(LOCK["path"])):
-                os.remove(LOCK["path"])
-        os.close(LOCK.pop("fd"))
-        LOCK.clear()
-
-
-# Checkpoints load with weights_only=True: tensors, numbers, strings, lists and dicts, nothing that runs
-# code. Checkpoints of older train.py versions hold numpy's RNG state as an ndarray; numpy's own array
-# constructors are all that rebuilding one calls, so they are allowed too (by name, as numpy 1 and 2 write it).
-NUMPY_ARRAY = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "numpy.dtypes.UInt32DType": np.dtypes.UInt32DType,
-               **{f"{m}.multiarray._reconstruct": np._core.multiarray._reconstruct for m in ("numpy._core", "numpy.core")}}
-
-
-def load_checkpoint(run):
-    path = os.path.join(run, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint to resume at {path}")
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals([(f, name) for name, f in NUMPY_ARRAY.items()]):
-            warnings.simplefilter("ignore")  # e.g. "looks like a TorchScript archive": the line below says it
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = []
-        with contextlib.suppress(Exception):  # what loading it would call: named from its opcodes, never imported
-            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - NUMPY_ARRAY.keys())
-        if unsafe:
-            raise ValueError(f"{path} is refused: loading it would call {', '.join(unsafe[:3])}"
-                             f"{' ...' if len(unsafe) > 3 else ''}, and train.py never runs code from a checkpoint "
-                             f"(its own hold only tensors, numbers and strings)") from None
-        raise ValueError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
-    if not isinstance(ckpt, dict) or not {"model", "optimizer", "step", "config", "rng"} <= ckpt.keys() \
-            or not isinstance(ckpt["config"], dict) or not isinstance(ckpt["step"], int):
-        raise ValueError(f"{path} is not a train.py checkpoint (no model, optimizer, step, config and rng)")
-    return ckpt
-
-
-def resumed_args(args, given, config):
-    """The run's own config wins; only these may change when it is continued, and the device is this machine's."""
-    may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
-    aliases = {"alpha": "align_alpha", "t": "unif_t", "lam_align": "align_w", "lam_unif": "unif_w"}  # older runs' keys
-    config = {aliases.get(k, k): v for k, v in config.items()}
-    config = {"delta_group": None, "keep": None, "delta_schedule": None, **config}  # older runs: the paper's one delta
-    saved = {k: v for k, v in config.items() if k in vars(args) and k not in given & may_change}
-    return argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "resume": args.resume, "device": args.device})
-
-
-def check_new_run(args):
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
-    if not args.resume and held and not args.benchmark:  # a run folder is never overwritten, whatever is left of it
-        raise ValueError(f"{args.out} already holds a run ({', '.join(held)}); continue it with --resume {args.out} "
-                         f"or pick another --out")
-
-
-def native_bf16(device):
-    """bf16 autocast pays only where the hardware multiplies bf16: Ampere+ GPUs, and CPUs with AMX or
-    AVX512-BF16 (~1.5x fp32). Elsewhere it is emulated: ~40x slower than fp32 on an AVX2 CPU."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def check_folder(path, flag, must_exist=False):
-    """A folder flag: a link to a folder is followed; a broken or looping link, or a file, is refused now."""
-    try:
-        if stat.S_ISDIR(os.stat(path).st_mode):
-            return
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
-        if must_exist:
-            raise ValueError(f"{flag} {path} is not a folder (it does not exist)") from None
-        return
-    except OSError as e:
-        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
-                         else f"{flag} {path}: {e.strerror}") from None
-    raise ValueError(f"{flag} {path} is a file, not a {'run ' if flag != '--data' else ''}folder")
-
-
-def setup_ddp(device_name):
-    """DDP from torchrun's environment; a plain `python train.py` is a world of one."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if device_name.startswith("cuda"):
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # one voice in the console
-    return ddp, rank, world, device
-
-
 def milestone_epochs(args):
     return sorted({max(1, round(f * args.epochs)) for f in args.milestones})
 
@@ -359,87 +164,6 @@ def milestone_epochs(args):
 def learning_rate(epoch, args):
     """The paper's step schedule as a pure function of the epoch (no scheduler state to lose)."""
     return args.lr * args.gamma ** sum(epoch >= m for m in milestone_epochs(args))
-
-
-def open_run(out, config, step, val_epochs):
-    """Create or reopen the run folder: config.json, and log.csv cut back to what the checkpoint
-    holds (a validation row counts only if the checkpoint says that epoch was validated)."""
-    if not step:  # a new run: the folder is empty of run files (check_args)
-        CREATED.extend([out] * (not os.path.isdir(out)) + [os.path.join(out, f) for f in ("config.json", "log.csv")])
-    os.makedirs(out, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(out), "*.tmp[0-9]*")):  # left by a kill -9 mid-write
-        os.remove(stale)
-    atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
-    log_path, rows = os.path.join(out, "log.csv"), []
-    if step and os.path.exists(log_path):
-        with open(log_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step
-                    and (r["val_align"] == "" or int(r["epoch"]) < val_epochs)]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(log_path, buf.getvalue().encode())
-    return log_path
-
-
-def log(path, step, epoch, lr, last, rate, val=None):
-    """One row of log.csv (path: rank 0's log, else None) and its line on the console."""
-    if path:
-        buf = io.StringIO()
-        csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerow(dict(
-            step=step, epoch=epoch, lr=lr, loss=last[0], align=last[1], unif=last[2], val_align=val[0] if val else "",
-            val_unif=val[1] if val else "", sounds_per_s=f"{rate:.1f}"))
-        data = memoryview(buf.getvalue().encode())
-        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
-            end = f.seek(0, os.SEEK_END)
-            try:
-                while data:
-                    data = data[f.write(data):]
-            except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
-                f.truncate(end)
-                raise OSError(e.errno, e.strerror, str(path)) from None
-    if val:
-        print(f"epoch {epoch} done: loss {last[0]:.4f} val align {val[0]:.4f} val unif {val[1]:.4f} {rate:.0f} sounds/s")
-    else:
-        print(f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f} {rate:.0f} sounds/s")
-
-
-def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
-    """Where the run is, exactly: weights, optimizer, step, validated epochs, the last step's losses."""
-    name, key, *rest = np.random.get_state()  # its key as a tensor: the checkpoint loads with weights_only=True
-    rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
-           "python": random.getstate()}
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "val_epochs": val_epochs, "last": last, "config": config, "rng": rng}, buf)
-    atomic_write(os.path.join(out, "checkpoint.pt"), buf.getvalue())
-
-
-def restore(run, ckpt, model, optimizer, steps_per_epoch):
-    """Weights, optimizer and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        name, key, *rest = ckpt["rng"]["numpy"]  # key: a tensor, or an ndarray in older checkpoints
-        np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), *rest))
-        random.setstate(ckpt["rng"]["python"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{run}/checkpoint.pt does not fit this model ({first_line(e)})") from None
-    step = ckpt["step"]  # checkpoints before val_epochs was recorded were saved after validation
-    return step, ckpt.get("val_epochs", step // steps_per_epoch), ckpt.get("last")
-
-
-@torch.no_grad()
-def validate(model, embed_pair, source, val_steps, rank, augment, args):
-    """Alignment and uniformity on the fixed held-out batches -> (val_align, val_unif)."""
-    model.eval()
-    va, vu = [], []
-    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment):
-        _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
-        va.append(align), vu.append(unif)
-    return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
 
 
 def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args, log_row, save):
@@ -467,32 +191,62 @@ def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoc
     return step, last
 
 
-def check_args(args, given):
-    """Own the run folder (rank 0), read a resumed run's checkpoint and config, and check what argparse cannot,
-    before anything is created -> (args, ckpt). Every rank checks, so none waits for another."""
-    from generate import SYNTHS
-    first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
-    if args.resume and first:  # owned before it is read: no other process writes it meanwhile
-        lock_run(args.resume, create=False)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt:
-        args = resumed_args(args, given, ckpt["config"])
-    if args.data is None and args.synth not in SYNTHS:
-        raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(SYNTHS)})")
-    if args.data is not None:
-        check_folder(args.data, "--data", must_exist=True)
-        if args.delta_group or args.keep or args.delta_schedule is not None:
-            raise ValueError("--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data")
-    if args.delta_schedule is not None and not args.delta > 0:
-        raise ValueError("--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU")
-    check_folder(args.out, "--resume" if args.resume else "--out")
-    check_new_run(args)
-    if not args.resume and not args.benchmark and first:
-        lock_run(args.out, create=True)
-        check_new_run(args)  # again, now that the folder is ours: another run may have finished here meanwhile
-    return args, ckpt
+@torch.no_grad()
+def validate(model, embed_pair, source, val_steps, rank, augment, args):
+    """Alignment and uniformity on the fixed held-out batches -> (val_align, val_unif)."""
+    model.eval()
+    va, vu = [], []
+    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment):
+        _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
+        va.append(align), vu.append(unif)
+    return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
+
+
+def export_encoder(state_dict, path, config):
+    """TorchScript file with the config inside: one torch.jit.load call, no import of this script.
+    readout "pool" exports the 512-d pooled layer, "fc" the trained head on top of it."""
+    enc = Encoder()
+    enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
+    if config["readout"] == "pool":
+        enc.net.fc = nn.Identity()
+    scripted = torch.jit.script(enc.cpu().eval())
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf, _extra_files={"config.json": json.dumps(config)})
+    atomic_write(path, buf.getvalue())
+
+
+# === 2. beyond the paper ===
+# Batches drawn in a background thread, the delta recipes plumbed into the sampler, bf16 where the hardware has it,
+# the --benchmark, the real-audio baselines and their augmentations. A source's batch(step, rank, stream) is a pure
+# function of its arguments (and the seed), so ranks never share batches and a resumed run sees the same stream.
+
+class Prefetcher:
+    """Draws batches in a background thread (a forked DataLoader worker deadlocks once JAX has run). On a CPU
+    JAX fills the step's serial gaps: on the fly runs at 0.97-1.0 of the bound 1 / (1/train + 1/synthesis)."""
+
+    def __init__(self, source, steps, rank, stream, augment=None, depth=3):
+        self.q = queue.Queue(maxsize=depth)
+        self.source, self.steps, self.rank, self.stream, self.augment = source, steps, rank, stream, augment
+        threading.Thread(target=self.work, daemon=True).start()
+
+    def work(self):
+        try:
+            for step in self.steps:
+                a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
+                if self.augment is not None:  # each view augmented independently, seeded by its step
+                    seed = hash((self.stream, self.rank, step)) % 2**63
+                    torch.manual_seed(seed), random.seed(seed)  # the library draws from both, the main thread neither
+                    a, b = self.augment(a), self.augment(b)
+                self.q.put((step, a, b))
+        except BaseException as e:  # surface it in the main thread instead of hanging
+            self.q.put(e)
+
+    def __iter__(self):
+        for _ in self.steps:
+            item = self.q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 def make_source(args, ckpt, steps_per_epoch):
@@ -501,7 +255,7 @@ def make_source(args, ckpt, steps_per_epoch):
     augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
     # the ramp spans the epochs the run was started with, kept in its config: --resume --epochs N extends
     # the run at the final delta instead of redrawing the pairs of steps already trained
-    ramp_steps = (ckpt["config"] if ckpt else {}).get("delta_schedule_steps") or steps_per_epoch * args.epochs
+    ramp_steps = ckpt["config"]["delta_schedule_steps"] if ckpt else steps_per_epoch * args.epochs
     schedule = None if args.delta_schedule is None else (args.delta_schedule, ramp_steps)
     if args.data is not None:
         return RealAudio(args.data, args.positives, args.batch_size, args.seed), augment, schedule
@@ -509,107 +263,17 @@ def make_source(args, ckpt, steps_per_epoch):
                        args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0)))), augment, schedule
 
 
-def fail(msg, code=2):
-    """main's exit on an error: a new run that has no checkpoint yet is removed, so it blocks no retry."""
-    if CREATED and not os.path.exists(os.path.join(CREATED[0], "checkpoint.pt")):
-        for path in reversed(CREATED):
-            if os.path.isdir(path):
-                unlock()  # the run's files are gone: its lock goes last, with the folder
-            with contextlib.suppress(OSError):
-                os.rmdir(path) if os.path.isdir(path) else os.remove(path)
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+def native_bf16(device):
+    """bf16 autocast pays only where the hardware multiplies bf16: Ampere+ GPUs, and CPUs with AMX or
+    AVX512-BF16 (~1.5x fp32). Elsewhere it is emulated: ~40x slower than fp32 on an AVX2 CPU."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return any(getattr(torch.cpu, f, lambda: False)()
+               for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
-# -----------------------------------------------------------------------------
-
-def main(argv=None):
-    try:
-        args, given = parse_args(argv)
-        args, ckpt = check_args(args, given)
-        ddp, rank, world, device = setup_ddp(args.device)
-        master = rank == 0
-        amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
-        global_batch = args.batch_size * world
-        args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
-        steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
-        val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
-        stop_at = steps_per_epoch * args.epochs if args.max_steps is None \
-            else min(steps_per_epoch * args.epochs, args.max_steps)
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        source, augment, schedule = make_source(args, ckpt, steps_per_epoch)
-
-        # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)
-        model = Encoder(init=args.init).to(device, memory_format=torch.channels_last)
-        if ddp and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-        step, val_epochs, last = restore(args.resume, ckpt, model, optimizer, steps_per_epoch) if ckpt else (0, 0, None)
-        # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
-        # computes the log of small mel energies in float32
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model.net, device_ids=ids) if ddp else model.net
-
-        def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
-            spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                e = net(spec.contiguous(memory_format=torch.channels_last))
-            return e[: len(a)], e[len(a):]
-
-        if args.benchmark:
-            return benchmark(args, source, embed_pair, optimizer, rank, augment, amp)
-        config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
-                  "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
-                  "delta_schedule_steps": schedule[1] if schedule else None, "precision": "bf16" if amp else "fp32"}
-        log_path = open_run(args.out, config, step, val_epochs) if master else None
-        if ddp:
-            print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
-        print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
-              f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}, "
-              f"{config['precision']}")
-        t0, step0 = time.time(), step
-
-        def log_row(step, epoch, last, val=None):  # at the sounds/s this process has trained so far
-            rate = 2 * global_batch * (step - step0) / (time.time() - t0)
-            log(log_path, step, epoch, learning_rate(epoch, args), last, rate, val)
-
-        def save(step, val_epochs, last):  # the one place the checkpoint is written
-            if master:
-                save_checkpoint(args.out, model, optimizer, step, val_epochs, last, config)
-
-        # from the first epoch not validated; one trained before a kill is validated even if --epochs shrank below it
-        for epoch in range(val_epochs, max(args.epochs, step // steps_per_epoch)):
-            for group in optimizer.param_groups:  # the lr is a function of the epoch: no scheduler state to lose
-                group["lr"] = learning_rate(epoch, args)
-            steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
-            if steps:
-                batches = Prefetcher(source, steps, rank, TRAIN, augment)
-                step, last = train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args,
-                                             log_row, save)
-            if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch
-                break
-            log_row(step, epoch, last, validate(model, embed_pair, source, val_steps, rank, augment, args))
-            save(step, epoch + 1, last)
-        if not ckpt and step == 0:  # --epochs 0: the random initialisation is the run
-            save(step, val_epochs, last)
-        if master:
-            export_encoder(model.state_dict(), os.path.join(args.out, "encoder.pt"), config)
-            print(f"wrote {os.path.join(args.out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
-        if ddp:
-            del net  # free DDP's reducer (and its hold on the process group) while every rank is still here
-            dist.all_reduce(torch.zeros(1, device=device))  # leave together: no rank tears down while another exports
-            dist.destroy_process_group()
-    except KeyboardInterrupt:
-        fail("interrupted; what was written is whole (continue a run with --resume RUN)", 130)
-    except FloatingPointError as e:  # a non-finite loss
-        fail(e, 1)
-    except ValueError as e:
-        fail(e)
-    except OSError as e:  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
-        fail(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))
+def peak_memory_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
@@ -653,22 +317,21 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
     elif args.amp != "off":
         print("bf16: not measured, this CPU has no native bf16 (AMX or AVX512-BF16) and would emulate it "
               "(~40x slower); --amp on measures it anyway")
-    print(f"default precision here (--amp {args.amp}): {'bf16' if amp else 'fp32'}; peak memory {peak_memory_mb():.0f} MB")
+    print(f"default precision here (--amp {args.amp}): {'bf16' if amp else 'fp32'}; "
+          f"peak memory {peak_memory_mb():.0f} MB")
 
-
-# -----------------------------------------------------------------------------
-# real-audio baselines: random 1-s crops of a folder of audio, and the paper's augmentation chain
 
 class RealAudio:
-    """A folder of audio files; a pair is two views of random 1-s crops of one file."""
+    """The real-audio baselines: a folder of audio files; a pair is two views of random 1-s crops of one file."""
+    EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
     def __init__(self, root, positives, batch_size, seed):
         files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                       if f.lower().endswith(AUDIO_EXTENSIONS))
+                       if f.lower().endswith(self.EXTENSIONS))
         if not files:
-            raise ValueError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
+            raise ValueError(f"no audio files ({', '.join(self.EXTENSIONS)}) under {root}")
         self.info = []
-        for f in files:
+        for f in files:  # every file's length now, so a broken one is refused before training starts
             try:
                 i = sf.info(f)
             except Exception as e:
@@ -685,16 +348,7 @@ class RealAudio:
         """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
         path, sr, frames = self.info[i]
         n = math.ceil(sr * 1.0)
-        start = int(rng.integers(0, max(1, frames - n + 1)))
-        try:
-            x, _ = sf.read(path, start=start, frames=n, dtype="float32", always_2d=True)
-        except Exception as e:
-            raise ValueError(f"unreadable audio file {path}: {first_line(e)}") from None
-        if not np.isfinite(x).all():  # one NaN would poison the weights of every later step
-            raise ValueError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
-        x = torch.from_numpy(x.mean(axis=1))
-        if sr != SAMPLE_RATE:
-            x = AF.resample(x, sr, SAMPLE_RATE)
+        x = torch.from_numpy(read_audio(path, start=int(rng.integers(0, max(1, frames - n + 1))), frames=n))
         return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
 
     def view(self, i, rng, k):
@@ -722,26 +376,17 @@ class RealAudio:
 # torch-audiomentations (imported only when asked for) in mini-batches of <= 100. Its IR loader needs the removed
 # torchaudio.info and its PitchShift reaches only +-0.41 semitones at 16 kHz: IRs are read with soundfile, and
 # pitch_shift below draws uniformly in +-2 semitones.
-
-
-def load_irs(ir_dir, sample_rate):
-    """All audio files under ir_dir (recursive) as mono 1-D tensors at sample_rate."""
-    if not os.path.isdir(ir_dir):
-        raise ValueError(f"ir_dir {str(ir_dir)!r} is not an existing directory.")
+def load_irs(ir_dir):
+    """All audio files under ir_dir (recursive) as mono 1-D tensors at 16 kHz."""
+    check_path(ir_dir, "--ir-dir", must_exist=True)
     exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode
     paths = sorted(p for p in Path(ir_dir).rglob("*") if p.is_file() and p.suffix.lower() in exts)
     if not paths:
-        raise ValueError(f"ir_dir {str(ir_dir)!r} contains no audio files that soundfile reads (.wav, .flac, ...).")
-    irs = []
-    for p in paths:
-        try:
-            data, sr = sf.read(str(p), dtype="float32", always_2d=True)  # (frames, channels)
-        except Exception as e:
-            raise ValueError(f"Could not decode impulse response {str(p)!r}: {first_line(e)}") from None
-        ir = torch.from_numpy(data).mean(dim=1)  # downmix to mono
-        if ir.numel() == 0 or not torch.isfinite(ir).all() or ir.abs().max() == 0:
-            raise ValueError(f"Impulse response {str(p)!r} is empty, silent or not finite.")
-        irs.append(AF.resample(ir, sr, sample_rate) if sr != sample_rate else ir)
+        raise ValueError(f"--ir-dir {ir_dir} contains no audio files that soundfile reads (.wav, .flac, ...)")
+    irs = [torch.from_numpy(read_audio(p)) for p in paths]
+    for p, ir in zip(paths, irs):
+        if ir.abs().max() == 0:  # unit energy (below) would divide by zero
+            raise ValueError(f"impulse response {p} is silent")
     return irs
 
 
@@ -776,7 +421,7 @@ def pitch_shift(x, semitones, n_fft=512, hop=128):
     return torch.fft.irfft(Y, T) * (T / L)
 
 
-def make_transforms(sample_rate=SAMPLE_RATE, ir_dir=None, seed=0, p=0.5):
+def make_transforms(ir_dir=None, seed=0, p=0.5):
     from torch_audiomentations import ApplyImpulseResponse, HighPassFilter, LowPassFilter, Shift
     from torch_audiomentations.core.transforms_interface import BaseWaveformTransform
     from torch_audiomentations.utils.io import Audio
@@ -809,64 +454,36 @@ def make_transforms(sample_rate=SAMPLE_RATE, ir_dir=None, seed=0, p=0.5):
             out = torch.stack([pitch_shift(s, st) for s, st in zip(samples, self.transform_parameters["semitones"])])
             return ObjectDict(samples=out, sample_rate=sample_rate, targets=targets, target_rate=target_rate)
 
-    irs = load_irs(ir_dir, sample_rate) if ir_dir is not None else synthetic_irs(sample_rate, seed=seed)
-    kw = dict(p=p, sample_rate=sample_rate, output_type="dict")  # "dict": no deprecation warnings
+    irs = load_irs(ir_dir) if ir_dir is not None else synthetic_irs(SAMPLE_RATE, seed=seed)
+    kw = dict(p=p, sample_rate=SAMPLE_RATE, output_type="dict")  # "dict": no deprecation warnings
     return {
         "highpass": HighPassFilter(min_cutoff_freq=20.0, max_cutoff_freq=800.0, **kw),
         "lowpass": LowPassFilter(min_cutoff_freq=1200.0, max_cutoff_freq=8000.0, **kw),
-        "pitch": UniformPitchShift(-2.0, 2.0, p=p, sample_rate=sample_rate),
+        "pitch": UniformPitchShift(-2.0, 2.0, p=p, sample_rate=SAMPLE_RATE),
         "shift": Shift(min_shift=-0.25, max_shift=0.25, shift_unit="fraction", rollover=True, **kw),
-        "reverb": InMemoryImpulseResponse(irs, sample_rate, p=p),
+        "reverb": InMemoryImpulseResponse(irs, SAMPLE_RATE, p=p),
     }
 
 
-def make_augment(ir_dir=None, seed=0, sample_rate=SAMPLE_RATE):
+def make_augment(ir_dir=None, seed=0):
     from torch_audiomentations import Compose
-    chain = Compose(list(make_transforms(sample_rate, ir_dir, seed).values()), output_type="dict")
+    chain = Compose(list(make_transforms(ir_dir, seed).values()), output_type="dict")
 
     def augment(x):
         """x: (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5."""
         assert x.ndim == 2, f"expected (B, T), got {tuple(x.shape)}"
-        return torch.cat([chain(c[:, None], sample_rate=sample_rate).samples[:, 0]  # library wants (B, C, T)
+        return torch.cat([chain(c[:, None], sample_rate=SAMPLE_RATE).samples[:, 0]  # library wants (B, C, T)
                           for c in x.split(100)])
 
     return augment
 
 
-# -----------------------------------------------------------------------------
-# small utilities
+# === 3. plumbing ===
+# The command line, the checks made before anything is created, the run folder (owned by one job, written through
+# atomic files, its log cut back to the checkpoint) and resume, DDP, and main().
 
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def atomic_write(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:  # e.g. a full disk: the error names the file the user knows, not its temporary twin
-        raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        if os.path.exists(tmp):  # interrupted before the rename: no half-written leftovers
-            os.remove(tmp)
-
-
-def peak_memory_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def number(kind=float, low=0, high=math.inf, above=False, below=False):
-    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
-    def check(text):
-        x = kind(text)
-        if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
-                                             f"{high}{')' if below or high == math.inf else ']'}")
-        return x
-    check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
-    return check
+RUN_FILES = ("config.json", "log.csv", "checkpoint.pt", "encoder.pt")
+LOG_FIELDS = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
 
 
 def parse_args(argv=None):
@@ -902,13 +519,11 @@ def parse_args(argv=None):
     g.add_argument("--milestones", type=number(high=1), nargs="+", default=[0.775, 0.85, 0.925],
                    help="lr x gamma at these fractions of the epochs")
     g.add_argument("--gamma", type=number(above=True), default=0.1)
-    g = p.add_argument_group("loss (Wang & Isola's names; the old names still work)")
-    g.add_argument("--align-alpha", "--alpha", type=number(above=True), default=2.0, help="alignment exponent")
-    g.add_argument("--unif-t", "--t", type=number(above=True), default=2.0, help="uniformity temperature")
-    g.add_argument("--align-w", "--lam-align", type=number(low=-math.inf), default=1.0,
-                   help="weight of the alignment term")
-    g.add_argument("--unif-w", "--lam-unif", type=number(low=-math.inf), default=1.0,
-                   help="weight of the uniformity term")
+    g = p.add_argument_group("loss (Wang & Isola's names)")
+    g.add_argument("--align-alpha", type=number(above=True), default=2.0, help="alignment exponent")
+    g.add_argument("--unif-t", type=number(above=True), default=2.0, help="uniformity temperature")
+    g.add_argument("--align-w", type=number(low=-math.inf), default=1.0, help="weight of the alignment term")
+    g.add_argument("--unif-w", type=number(low=-math.inf), default=1.0, help="weight of the uniformity term")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
@@ -922,7 +537,8 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=number(int), default=None, help="stop after this many steps (checkpoint kept)")
     g.add_argument("--readout", default="pool", choices=["pool", "fc"], help="what encoder.pt outputs: the 512-d "
                    "pooled layer (probes better, as a layer below a projection head does) or the fc head of the loss")
-    g.add_argument("--benchmark", action="store_true", help="sounds/s per precision, pre-generated vs on-the-fly, and the perfect-overlap bound")
+    g.add_argument("--benchmark", action="store_true",
+                   help="sounds/s per precision, pre-generated vs on-the-fly, and the perfect-overlap bound")
     g.add_argument("--benchmark-steps", type=number(int, 1), default=10)
     args = p.parse_args(argv)
     for a in p._actions:  # a second pass with no defaults tells which flags were given
@@ -930,8 +546,428 @@ def parse_args(argv=None):
     return args, set(vars(p.parse_args(argv)))
 
 
+class RunFolder:
+    """What this process owns, made by main() and passed down: rank 0's lock on the run folder (for the run's life)
+    and, for a new run, what it created, removed again if the run fails before its first checkpoint, so it blocks
+    no retry."""
+
+    def __init__(self):
+        self.path, self.new, self.lock, self.created = None, False, None, []
+
+    def own(self, folder, create):
+        """Own the run folder (created if asked), or ValueError naming the process that owns it."""
+        check_path(folder, "--out" if create else "--resume", "run folder")
+        if not create and not os.path.isdir(folder):
+            raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
+        self.path, self.new = folder, create
+        if create and not os.path.isdir(folder):
+            try:
+                os.makedirs(folder)
+            except OSError as e:
+                raise ValueError(f"cannot create --out {folder}: {e.strerror}") from None
+            self.created.append(folder)
+        self.lock = FolderLock(folder)
+
+    def abandon(self):
+        """A new run failed before its first checkpoint: its files go, then its lock, then the folder made for it."""
+        if self.created and not os.path.exists(os.path.join(self.path, "checkpoint.pt")):
+            for path in reversed(self.created):
+                if os.path.isdir(path):
+                    self.release()
+                with contextlib.suppress(OSError):
+                    os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.release()
+
+
+def check_args(args, given, run):
+    """Own the run folder (rank 0), read a resumed run's checkpoint and config, and check what argparse cannot,
+    before anything is created -> (args, ckpt). Every rank checks, so none waits for another."""
+    from generate import SYNTHS
+    first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
+    if args.resume and first:  # owned before it is read: no other process writes it meanwhile
+        run.own(args.resume, create=False)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt:
+        args = resumed_args(args, given, ckpt["config"])
+    if args.data is None and args.synth not in SYNTHS:
+        raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(SYNTHS)})")
+    if args.data is not None:
+        check_path(args.data, "--data", must_exist=True)
+        if args.delta_group or args.keep or args.delta_schedule is not None:
+            raise ValueError("--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data")
+    if args.delta_schedule is not None and not args.delta > 0:
+        raise ValueError("--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no GPU")
+    check_path(args.out, "--resume" if args.resume else "--out", "run folder")
+    check_new_run(args)
+    if not args.resume and not args.benchmark and first:
+        run.own(args.out, create=True)
+        check_new_run(args)  # again, now that the folder is ours: another run may have finished here meanwhile
+    return args, ckpt
+
+
+def check_new_run(args):
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if not args.resume and held and not args.benchmark:  # a run folder is never overwritten, whatever is left of it
+        raise ValueError(f"{args.out} already holds a run ({', '.join(held)}); continue it with --resume {args.out} "
+                         f"or pick another --out")
+
+
+def load_checkpoint(run):
+    """The checkpoint, loaded with weights_only=True: tensors, numbers, strings, lists, dicts; no code runs."""
+    path = os.path.join(run, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint to resume at {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "looks like a TorchScript archive": the line below says it
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = []
+        with contextlib.suppress(Exception):  # what loading it would call: named from its opcodes, never imported
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
+        if unsafe:
+            raise ValueError(f"{path} is refused: loading it would call {', '.join(unsafe[:3])}"
+                             f"{' ...' if len(unsafe) > 3 else ''}, and train.py never runs code from a checkpoint "
+                             f"(its own hold only tensors, numbers and strings)") from None
+        raise ValueError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
+    keys = {"model", "optimizer", "step", "val_epochs", "last", "config", "rng"}
+    if not isinstance(ckpt, dict) or not keys <= ckpt.keys() or not isinstance(ckpt["config"], dict) \
+            or not isinstance(ckpt["step"], int):
+        raise ValueError(f"{path} is not a train.py checkpoint (no {', '.join(sorted(keys))})")
+    return ckpt
+
+
+def resumed_args(args, given, config):
+    """The run's own config wins; only these may change when it is continued, and the device is this machine's."""
+    if missing := sorted(set(vars(args)) - config.keys()):  # an earlier train.py's: today's flags would fill gaps
+        raise ValueError(f"{args.resume} is a run of an earlier train.py (its config has no {', '.join(missing)})")
+    may_change = {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"}
+    saved = {k: v for k, v in config.items() if k in vars(args) and k not in given & may_change}
+    return argparse.Namespace(**{**vars(args), **saved, "out": args.resume, "resume": args.resume,
+                                 "device": args.device})
+
+
+def setup_ddp(device_name):
+    """DDP from torchrun's environment; a plain `python train.py` is a world of one."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ.get(k, d))
+                               for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    if device_name.startswith("cuda"):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one voice in the console
+    return ddp, rank, world, device
+
+
+def open_run(out, config, step, val_epochs, run):
+    """Create or reopen the run folder: config.json, and log.csv cut back to what the checkpoint
+    holds (a validation row counts only if the checkpoint says that epoch was validated)."""
+    if run.new:  # the folder is empty of run files (check_args): what is written here is this run's
+        run.created += [os.path.join(out, f) for f in ("config.json", "log.csv")]
+    for stale in glob.glob(os.path.join(glob.escape(out), ".*.tmp[0-9]*")):  # atomic_write's, left by a kill -9
+        os.remove(stale)
+    atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
+    log_path, rows = os.path.join(out, "log.csv"), []
+    if step and os.path.exists(log_path):
+        with open(log_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step
+                    and (r["val_align"] == "" or int(r["epoch"]) < val_epochs)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(log_path, buf.getvalue().encode())
+    return log_path
+
+
+def log(path, step, epoch, lr, last, rate, val=None):
+    """One row of log.csv (path: rank 0's log, else None) and its line on the console."""
+    if path:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=LOG_FIELDS).writerow(dict(
+            step=step, epoch=epoch, lr=lr, loss=last[0], align=last[1], unif=last[2], val_align=val[0] if val else "",
+            val_unif=val[1] if val else "", sounds_per_s=f"{rate:.1f}"))
+        data = memoryview(buf.getvalue().encode())
+        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is known here, not at close
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[f.write(data):]
+            except OSError as e:  # e.g. a full disk: no half row is left for the next --resume to read
+                f.truncate(end)
+                raise OSError(e.errno, e.strerror, str(path)) from None
+    head = f"epoch {epoch} done: loss {last[0]:.4f} val align {val[0]:.4f} val unif {val[1]:.4f}" if val \
+        else f"step {step} epoch {epoch} loss {last[0]:.4f} align {last[1]:.4f} unif {last[2]:.4f}"
+    print(f"{head} {rate:.0f} sounds/s")
+
+
+def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
+    """Where the run is, exactly: weights, optimizer, step, validated epochs, the last step's losses."""
+    name, key, *rest = np.random.get_state()  # its key as a tensor: the checkpoint loads with weights_only=True
+    rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
+           "python": random.getstate()}
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "val_epochs": val_epochs, "last": last, "config": config, "rng": rng}, buf)
+    atomic_write(os.path.join(out, "checkpoint.pt"), buf.getvalue())
+
+
+def restore(run, ckpt, model, optimizer):
+    """Weights, optimizer and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        name, key, *rest = ckpt["rng"]["numpy"]
+        np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+        random.setstate(ckpt["rng"]["python"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{run}/checkpoint.pt does not fit this model ({first_line(e)})") from None
+    return ckpt["step"], ckpt["val_epochs"], ckpt["last"]
+
+
+def train(args, given, run):
+    """The whole run, from the command line to encoder.pt."""
+    args, ckpt = check_args(args, given, run)
+    ddp, rank, world, device = setup_ddp(args.device)
+    master = rank == 0
+    amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
+    global_batch = args.batch_size * world
+    args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
+    steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
+    val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
+    stop_at = steps_per_epoch * args.epochs if args.max_steps is None \
+        else min(steps_per_epoch * args.epochs, args.max_steps)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    source, augment, schedule = make_source(args, ckpt, steps_per_epoch)
+
+    # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)
+    model = Encoder(init=args.init).to(device, memory_format=torch.channels_last)
+    if ddp and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    step, val_epochs, last = restore(args.resume, ckpt, model, optimizer) if ckpt else (0, 0, None)
+    # DDP wraps the ResNet only: the frontend has no weights, and keeping it outside autocast
+    # computes the log of small mel energies in float32
+    ids = [device.index] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model.net, device_ids=ids) if ddp else model.net
+
+    def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
+        spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            e = net(spec.contiguous(memory_format=torch.channels_last))
+        return e[: len(a)], e[len(a):]
+
+    if args.benchmark:
+        return benchmark(args, source, embed_pair, optimizer, rank, augment, amp)
+    config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+              "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
+              "delta_schedule_steps": schedule[1] if schedule else None, "precision": "bf16" if amp else "fp32"}
+    log_path = open_run(args.out, config, step, val_epochs, run) if master else None
+    if ddp:
+        print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
+    print(f"training {args.synth if args.data is None else args.data} on {device} x {world}: global batch "
+          f"{global_batch}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {args.epochs} epochs, from step {step}, "
+          f"{config['precision']}")
+    t0, step0 = time.time(), step
+
+    def log_row(step, epoch, last, val=None):  # at the sounds/s this process has trained so far
+        rate = 2 * global_batch * (step - step0) / (time.time() - t0)
+        log(log_path, step, epoch, learning_rate(epoch, args), last, rate, val)
+
+    def save(step, val_epochs, last):  # the one place the checkpoint is written
+        if master:
+            save_checkpoint(args.out, model, optimizer, step, val_epochs, last, config)
+
+    # from the first epoch not validated; one trained before a kill is validated even if --epochs shrank below it
+    for epoch in range(val_epochs, max(args.epochs, step // steps_per_epoch)):
+        for group in optimizer.param_groups:  # the lr is a function of the epoch: no scheduler state to lose
+            group["lr"] = learning_rate(epoch, args)
+        steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
+        if steps:
+            batches = Prefetcher(source, steps, rank, TRAIN, augment)
+            step, last = train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args,
+                                         log_row, save)
+        if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch
+            break
+        log_row(step, epoch, last, validate(model, embed_pair, source, val_steps, rank, augment, args))
+        save(step, epoch + 1, last)
+    if not ckpt and step == 0:  # --epochs 0: the random initialisation is the run
+        save(step, val_epochs, last)
+    if master:
+        export_encoder(model.state_dict(), os.path.join(args.out, "encoder.pt"), config)
+        print(f"wrote {os.path.join(args.out, 'encoder.pt')} (step {step}); peak memory {peak_memory_mb():.0f} MB")
+    if ddp:
+        del net  # free DDP's reducer (and its hold on the process group) while every rank is still here
+        dist.all_reduce(torch.zeros(1, device=device))  # leave together: no rank tears down while another exports
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    run = RunFolder()
+    try:
+        train(*parse_args(argv), run)
+    except (KeyboardInterrupt, FloatingPointError, ValueError, OSError) as e:
+        run.abandon()  # a new run that has no checkpoint yet is removed, so it blocks no retry
+        if isinstance(e, KeyboardInterrupt):
+            exit_interrupted(e, "what was written is whole (continue a run with --resume RUN)")
+        if isinstance(e, OSError):  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
+            fail(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))
+        fail(e, 1 if isinstance(e, FloatingPointError) else 2)  # 1: a non-finite loss
+    finally:
+        run.release()
+
+
+# --- shared helpers: the same in every script that has them ---
+# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
+# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+
+def first_line(e):
+    """An error as one line: the first line of its message (its type's name if it has none), never cut."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def fail(msg, code=2):
+    """The one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr."""
+    print(f"{os.path.basename(__file__)}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
 def interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
+    """SIGTERM ends a run as Ctrl-C does: a KeyboardInterrupt, so every file on disk is left whole."""
+    raise KeyboardInterrupt(signum)
+
+
+def exit_interrupted(e, note=""):
+    """The exit on Ctrl-C (130) or SIGTERM (143): 128 + the signal's number, as a shell reports it."""
+    print(f"{os.path.basename(__file__)}: interrupted{'; ' + note if note else ''}", file=sys.stderr)
+    sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+
+
+def number(kind=float, low=0, high=math.inf, above=False, below=False):
+    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
+    def check(text):
+        x = kind(text)
+        if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
+                                             f"{high}{')' if below or high == math.inf else ']'}")
+        return x
+    check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+    return check
+
+
+def check_path(path, flag, kind="folder", must_exist=False):
+    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
+    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
+    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
+        if must_exist:
+            raise ValueError(f"{flag} {path} does not exist (not a {kind})") from None
+        return
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                         else f"{flag} {path}: {e.strerror}") from None
+    if is_dir != (kind != "file"):
+        raise ValueError(f"{flag} {path} is a {'folder' if is_dir else 'file'}, not a {kind}")
+
+
+def atomic_write(path, data):
+    """data (bytes) to path through a temporary twin and a rename: path is never half-written, and on any failure
+    (a full disk, SIGTERM) neither the twin nor a folder made for it is left. OSError names path, not the twin."""
+    path = Path(path)
+    made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        made = []
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        with contextlib.suppress(OSError):
+            for d in made:
+                d.rmdir()
+
+
+def read_audio(path, start=0, frames=-1):
+    """An audio file (any rate, any channel count; frames from start, all by default) as float32 mono at 16 kHz,
+    (T,). ValueError naming the file when it cannot be decoded, is empty or holds a non-finite sample (one NaN would
+    poison an embedding, a feature or every later training step): the caller refuses or skips it."""
+    try:
+        x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
+    if len(x) == 0:
+        raise ValueError(f"{path} holds no samples")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
+    x = x.mean(axis=1)
+    if sr != SAMPLE_RATE:
+        import torch
+        import torchaudio
+        x = torchaudio.functional.resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
+    return x
+
+
+class FolderLock:
+    """One job owns a folder while it writes there: an flock on FOLDER/.lock that holds the owner's pid. The OS drops
+    an flock when its process dies, so even a kill -9 never blocks the next job. A second job gets a ValueError
+    naming the live one's pid."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ValueError(f"cannot write to {folder}: {e.strerror}") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self.fd, 32).decode(errors="replace").strip()
+                os.close(self.fd)
+                raise ValueError(f"{folder} is in use by another {os.path.basename(__file__)} (pid "
+                                 f"{owner or 'unknown'}); wait for it to end, or stop it first") from None
+            with contextlib.suppress(OSError):  # the owner before us removed the file as we opened it: take the new one
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    break
+            os.close(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self):
+        """Remove the lock file (while still holding it, so no one takes a file about to vanish) and let go."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+# --- end of shared helpers ---
 
 
 if __name__ == "__main__":

@@ -322,9 +322,7 @@ def download_esc50(data_dir):
                 z.extractall(Path(tmp) / "unpacked")
         except zipfile.BadZipFile as e:
             raise ValueError(f"downloaded ESC-50 archive is not usable ({first_line(e)}); {fix}")
-        if data_dir.exists():
-            data_dir.rmdir()  # only ever an empty folder here
-        os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)
+        os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)  # onto a missing or an empty folder only
 
 
 def load_us8k(data_dir):
@@ -342,9 +340,7 @@ def load_hear(data_dir):
     """HEAR scene task: task_metadata.json, labelvocabulary.csv (idx,label), <split>.json
     ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
     data_dir = Path(data_dir)
-    if not (data_dir / "task_metadata.json").is_file():
-        raise ValueError(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
-    meta = read_json(data_dir / "task_metadata.json", "HEAR task metadata file")
+    meta = read_json(data_dir / "task_metadata.json", "HEAR task's metadata")  # missing: not a HEAR task folder
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
         raise ValueError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks are not probed, only scene tasks")
@@ -453,9 +449,8 @@ def runner_embeddings(folder, task):
     return ok, np.stack(emb), missing
 
 
-# ----- HEAR 2021 API
-# probe.py is also a HEAR module: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt`
-# loads it with load_model and calls the two functions below, as hearvalidator checks.
+# HEAR 2021 API: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt` loads probe.py with
+# load_model and calls the two functions below, as hearvalidator checks.
 
 
 class HearModel(torch.nn.Module):
@@ -523,8 +518,6 @@ def get_timestamp_embeddings(audio, model):
 
 def read_encoder(path):
     """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
-    if not Path(path).is_file():
-        raise ValueError(f"no encoder file {path}")
     try:
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
@@ -644,26 +637,19 @@ def encoder_paths(args, runs):
 
 
 def merge_results(path, rows, summary, skipped):
-    """results.json with rows and summary in place of those of the same encoder and task. Other probes may have
-    written since: under the lock it is re-read, merged and replaced."""
+    """results.json with rows and summary in place of those of the same encoder and task, merged under an exclusive
+    flock on .results.json.lock: other probes may have written since, so it is re-read, merged and replaced, and no
+    run's rows replace another's. A local lock, not the shared FolderLock, which refuses a second job: here it waits."""
     same = lambda r: (r["encoder"], r["task"]) == (summary["encoder"], summary["task"])
-    with locked(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
         results = read_results(path)
         results["rows"] = [r for r in results["rows"] if not same(r)] + rows
         results["summary"] = [s for s in results["summary"] if not same(s)] + [summary]
         results["skipped_files"].update(skipped)
         atomic_write(path, json.dumps(results, indent=1).encode())
     return results
-
-
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive flock on .NAME.lock beside path while the block runs: several runs update one
-    results.json, each re-reading and merging under the lock, so no run's rows replace another's."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
-        yield
 
 
 def table(summary):
@@ -706,19 +692,19 @@ def parse_args(argv=None):
 
 def check_args(args):
     """What argparse cannot check, before anything is read or written: a broken or looping link, a file where a folder
-    belongs (or the reverse), an --out this user cannot write, a missing csv or hear --data-dir. Other paths may be
-    missing yet (esc50's --data-dir is downloaded into; the rest are named where they are read)."""
+    belongs (or the reverse), an --out this user cannot write, a missing input (esc50's --data-dir is downloaded into
+    and us8k's says where to get it, so only a csv or hear --data-dir must exist)."""
     if args.task == "csv" and not args.label:
         raise ValueError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:
         raise ValueError(f"--task {args.task} needs --data-dir")
     if args.embeddings and args.task != "hear":
         raise ValueError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
-    for flag, paths in [("--out", [args.out]), ("--cache-dir", [args.cache_dir]), ("--data-dir", [args.data_dir]),
-                        ("--embeddings", args.embeddings), ("--encoder", args.encoder or [])]:
+    for flag, paths, must_exist in [("--out", [args.out], False), ("--cache-dir", [args.cache_dir], False),
+                                    ("--data-dir", [args.data_dir], args.task in ("csv", "hear")),
+                                    ("--embeddings", args.embeddings, True), ("--encoder", args.encoder or [], True)]:
         for path in filter(None, paths):
-            check_path(path, flag, "file" if flag == "--encoder" else "folder",
-                       must_exist=flag == "--data-dir" and args.task in ("csv", "hear"))
+            check_path(path, flag, "file" if flag == "--encoder" else "folder", must_exist)
             if flag in ("--out", "--cache-dir"):
                 check_writable(path, flag)  # found now, not after the embedding
     if args.device.startswith("cuda") and not torch.cuda.is_available():

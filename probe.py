@@ -10,15 +10,12 @@ accuracy (multiclass) or mAP (multilabel), in percent.
   python probe.py --task esc50 --data-dir data/ESC-50 --encoder runs/voice/encoder.pt --out probes/
   # UrbanSound8K, official 10 folds
   python probe.py --task us8k --data-dir data/UrbanSound8K --encoder runs/voice/encoder.pt --out probes/
-  # any folder with meta.csv (`file` relative to the folder, label columns, optional `fold` column)
-  python probe.py --task csv --data-dir ../shared/data/gm_notes --label pitch --encoder runs/voice/encoder.pt --out probes/
-  # two encoders side by side (e.g. trained vs random init): one table row each
-  python probe.py --task csv --data-dir ../shared/data/fsdd --label digit \\
+  # any folder with meta.csv (`file` relative to the folder, label columns, optional `fold` column); two encoders
+  # side by side (e.g. trained vs random init) give one table row each; --max-per-class 20: a quick look
+  python probe.py --task csv --data-dir ../shared/data/fsdd --label digit --max-per-class 20 \\
       --encoder runs/voice/encoder.pt runs/random/encoder.pt --out probes/
   # a HEAR-preprocessed scene task (k folds, or train/valid/test), e.g. FSD50K is scored by mAP
   python probe.py --task hear --data-dir tasks/esc50-v2.0.0-full --encoder runs/voice/encoder.pt --out probes/
-  # quick look: at most 20 clips per class (stratified, deterministic)
-  python probe.py --task csv --data-dir ../shared/data/fsdd --label digit --max-per-class 20 --encoder runs/voice/encoder.pt
   # no --encoder: every runs/*/encoder.pt, one row each
   python probe.py --task esc50
 
@@ -35,9 +32,11 @@ Runs with the same --out add to one results.json (rows of the same encoder and t
 table gathers every encoder x task probed into that folder; runs at the same time merge under a lock.
 """
 
+import argparse
 import contextlib
 import csv
 import errno
+import fcntl
 import hashlib
 import io
 import itertools
@@ -54,10 +53,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 from sklearn.metrics import average_precision_score
 
-SR = 16000  # encoder contract: 16 kHz mono, 1-s windows
+SAMPLE_RATE = 16000  # encoder contract: 16 kHz mono, 1-s windows
 DATA = Path(__file__).resolve().parent / "data"  # default home of downloaded benchmarks (git-ignored)
 ESC50_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
 US8K_URL = "https://urbansounddataset.weebly.com/urbansound8k.html"
@@ -65,10 +63,47 @@ HEAR_HOP_MS = 50.0  # HEAR asks for a timestamp hop of at most 50 ms
 WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory stays bounded whatever the clip length
 
 
-# ----------------------------------------------------------------------------- the probe
+# === 1. the paper ===
 # A task is a dict: name, root (folder the files are relative to), files, labels ((N,) class index
 # or (N, C) multi-hot), folds ((N,) int), classes, multilabel, test_folds (folds left out in turn)
 # and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
+
+
+def embed(encoder, root, files, batch_size, device, desc):
+    """Embeddings of the clips that decode, each whole, in one read pass -> (embeddings, their clip indices, the clips
+    skipped with the reason). Clips up to 1 s are zero-padded to 1 s (as the encoder does) so they batch together;
+    a longer clip waits for batch_size - 1 others of its length (or the end)."""
+    from tqdm import tqdm
+    out, bad, waiting = {}, [], {}
+
+    def run(batch):
+        y = encoder(torch.stack([x for _, x in batch]).to(device))
+        if y.dim() != 2 or y.shape[0] != len(batch):
+            raise ValueError(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(batch)} clips")
+        out.update(zip([i for i, _ in batch], y.float().cpu().numpy()))
+
+    with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
+        for i, f in enumerate(files):
+            bar.update()
+            try:
+                x = torch.from_numpy(read_audio(root / f))
+            except ValueError as e:  # read_audio's one error for a clip that cannot be used: skipped and counted
+                bad.append(f"{f} ({first_line(e)})")
+                continue
+            x = torch.nn.functional.pad(x, (0, max(0, SAMPLE_RATE - len(x))))
+            waiting.setdefault(len(x), []).append((i, x))
+            if len(waiting[len(x)]) == batch_size:
+                run(waiting.pop(len(x)))
+        for group in waiting.values():
+            run(group)
+    if not out:
+        raise ValueError(f"none of the {len(files)} clips under {root} decodes (first: {bad[0]})")
+    ok = sorted(out)
+    emb = np.stack([out[i] for i in ok]).astype(np.float32)
+    if not np.isfinite(emb).all():
+        raise ValueError(f"{desc}: the encoder gives {(~np.isfinite(emb).all(1)).sum()} clips non-finite embeddings")
+    return emb, ok, bad
+
 
 def score(y_true, logits, multilabel):
     """Accuracy, or macro average precision over the classes with a positive clip (NaN if none has)."""
@@ -156,19 +191,12 @@ def probe(args):
     task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
     task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
     runs = ([args.data_dir] if task.get("runner") else []) + args.embeddings  # heareval runner outputs
-    paths = args.encoder or []
-    if args.encoder is None and not runs:  # no flag: every trained run here
-        paths = sorted(map(str, Path("runs").glob("*/encoder.pt")))
-        if not paths:
-            raise ValueError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
-                             "with python train.py --epochs 0 --out runs/random")
-        print(f"probing every runs/*/encoder.pt: {', '.join(paths)}")
-    encoders = {path: load_encoder(path, args.device) for path in dict.fromkeys(paths)}  # bad ones fail in seconds
+    encoders = {path: load_encoder(path, args.device) for path in encoder_paths(args, runs)}  # bad ones fail now
     metric = "mAP" if task["multilabel"] else "accuracy"
     print(f"{task['name']}: {len(task['files'])} clips, {len(task['classes'])} classes, "
           f"{len(task['test_folds'])} test folds, {metric}")
     out_path = args.out / "results.json"
-    results = read_results(out_path)  # a foreign results.json stops the run before the long part
+    read_results(out_path)  # a foreign results.json stops the run before the long part
 
     # every source is probed on the clips that all of them embed
     got = {path: task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings", args.batch_size,
@@ -187,29 +215,15 @@ def probe(args):
             print(f"{path} {task['name']} fold {r['fold']}: {metric} {100 * r['score']:.1f} "
                   f"(epoch {r['epochs']}, {r['n_train']} train / {r['n_test']} test, {r['seconds']:.1f} s)")
         scores = np.array([r["score"] for r in rows])
-        same = lambda r: r["encoder"] == path and r["task"] == task["name"]
-        with locked(out_path):  # other probes may have written since: re-read, merge, replace
-            results = read_results(out_path)
-            results["rows"] = [r for r in results["rows"] if not same(r)] + rows
-            results["summary"] = [s for s in results["summary"] if not same(s)] + [dict(
-                encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
-                std=float(np.nanstd(scores)), folds=len(rows))]
-            results["skipped_files"][task["name"]] = sorted(skipped)
-            atomic_write(out_path, json.dumps(results, indent=1).encode())  # nothing finished is lost
+        summary = dict(encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
+                       std=float(np.nanstd(scores)), folds=len(rows))
+        results = merge_results(out_path, rows, summary, {task["name"]: skipped})  # nothing finished is lost
     print(f"\nresults: {out_path}\n")
     print(table(results["summary"]))
 
 
-def table(summary):
-    encoders = list(dict.fromkeys(s["encoder"] for s in summary))
-    tasks = list(dict.fromkeys(s["task"] for s in summary))
-    cell = {(s["encoder"], s["task"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in summary}
-    lines = ["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    lines += [f"| {e} | " + " | ".join(cell.get((e, t), "-") for t in tasks) + " |" for e in encoders]
-    return "\n".join(lines)
+# === 2. beyond the paper ===
 
-
-# ----------------------------------------------------------------------------- tasks
 
 def load_task(args):
     if args.task == "esc50":
@@ -246,17 +260,6 @@ def read_table(path, columns):
     return rows
 
 
-def read_json(path):
-    """A JSON object (dict) from path."""
-    try:
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{path} is not readable JSON ({first_line(e)})")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
-    return obj
-
-
 def to_int(value, where, what="fold"):
     try:
         return int(value)
@@ -285,7 +288,7 @@ def load_esc50(data_dir, download=True):
         if data_dir.exists() and any(data_dir.iterdir()):
             raise ValueError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
         if not download:
-            raise ValueError(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/esc50.csv, audio/) or allow the download")
+            raise ValueError(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/, audio/) or allow the download")
         download_esc50(data_dir)
     path = data_dir / "meta" / "esc50.csv"
     rows = read_table(path, ["filename", "fold", "category"])
@@ -319,9 +322,7 @@ def download_esc50(data_dir):
                 z.extractall(Path(tmp) / "unpacked")
         except zipfile.BadZipFile as e:
             raise ValueError(f"downloaded ESC-50 archive is not usable ({first_line(e)}); {fix}")
-        if data_dir.exists():
-            data_dir.rmdir()  # only ever an empty folder here
-        os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)
+        os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)  # onto a missing or an empty folder only
 
 
 def load_us8k(data_dir):
@@ -329,7 +330,7 @@ def load_us8k(data_dir):
     data_dir = Path(data_dir)
     path = data_dir / "metadata" / "UrbanSound8K.csv"
     if not path.is_file():
-        raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); download it from {US8K_URL} and unpack it there")
+        raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); unpack it there from {US8K_URL}")
     rows = read_table(path, ["slice_file_name", "fold", "class"])
     return multiclass_task("us8k", data_dir, [f"audio/fold{r['fold']}/{r['slice_file_name']}" for r in rows],
                            [r["class"] for r in rows], [to_int(r["fold"], path) for r in rows])
@@ -339,16 +340,14 @@ def load_hear(data_dir):
     """HEAR scene task: task_metadata.json, labelvocabulary.csv (idx,label), <split>.json
     ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
     data_dir = Path(data_dir)
-    if not (data_dir / "task_metadata.json").is_file():
-        raise ValueError(f"no task_metadata.json in {data_dir} (not a HEAR task folder)")
-    meta = read_json(data_dir / "task_metadata.json")
+    meta = read_json(data_dir / "task_metadata.json", "HEAR task's metadata")  # missing: not a HEAR task folder
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
-        raise ValueError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks need timestamp embeddings; only scene tasks are probed")
+        raise ValueError(f"{data_dir}: HEAR {meta.get('embedding_type')} tasks are not probed, only scene tasks")
     if kind not in ("multiclass", "multilabel"):
         raise ValueError(f"{data_dir}: prediction_type {kind!r} is neither multiclass nor multilabel")
-    vocab = read_table(data_dir / "labelvocabulary.csv", ["idx", "label"])
-    classes = [r["label"] for r in sorted(vocab, key=lambda r: to_int(r["idx"], data_dir / "labelvocabulary.csv", "idx"))]
+    vocab = read_table(vocab_path := data_dir / "labelvocabulary.csv", ["idx", "label"])
+    classes = [r["label"] for r in sorted(vocab, key=lambda r: to_int(r["idx"], vocab_path, "idx"))]
     index = {c: i for i, c in enumerate(classes)}
 
     # k-fold tasks name their folds (fold00, fold01, ...); otherwise one split, reported as fold 0
@@ -367,11 +366,11 @@ def load_hear(data_dir):
     runner = not rates and any(data_dir.glob("*/*.embedding.npy"))  # what heareval's runner writes: no audio
     if not rates and not runner:
         raise ValueError(f"{data_dir}: no audio folder such as 16000/, nor the runner's <split>/*.embedding.npy")
-    prefix = "" if runner else ("16000/" if SR in rates else f"{rates[-1]}/")
+    prefix = "" if runner else ("16000/" if SAMPLE_RATE in rates else f"{rates[-1]}/")
 
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
-        entries = read_json(path := data_dir / f"{split}.json")
+        entries = read_json(path := data_dir / f"{split}.json", "HEAR split file")
         for name in sorted(entries):
             if not isinstance(entries[name], list):
                 raise ValueError(f"{path}: the labels of {name} are not a list")
@@ -393,8 +392,6 @@ def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
     """Any folder with meta.csv: `file` (relative to the folder), the --label column, optional fold column
     (default `fold`; without one, a seeded stratified n_folds split)."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ValueError(f"no data folder {data_dir}")
     path = data_dir / "meta.csv"
     rows = read_table(path, ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
@@ -432,151 +429,6 @@ def subsample(task, max_per_class, seed):
     return select(task, np.sort(keep))
 
 
-def check_classes(task, drop_rare=False):
-    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it cannot be both
-    trained on and tested; dropped if asked), a left-out fold that leaves too few training clips or shares no class
-    with them. Returns the task and the indices of the clips kept."""
-    y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
-    counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
-    rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
-    if rare and not drop_rare:
-        raise ValueError(f"{name}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
-                         f"per class ({len(rare)} such classes; --drop-rare leaves them out)")
-    if rare:
-        warn(f"{name}: left out {len(rare)} classes with a single clip ({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''})")
-        keep = np.flatnonzero(counts[y] >= 2)
-        task = dict(select(task, keep), classes=[c for c, n in zip(task["classes"], counts) if n >= 2])
-        y = task["labels"] = (np.cumsum(counts >= 2) - 1)[task["labels"]]  # old class index -> new one
-        counts = counts[counts >= 2]
-    present = [c for c, n in zip(task["classes"], counts) if n > 0]
-    if len(present) < 2:
-        raise ValueError(f"{name}: {len(present)} class ({', '.join(present)}) among {len(y)} clips; "
-                         f"a probe needs at least 2 classes")
-    folds = task["folds"]
-    for k in task["test_folds"]:
-        train = (folds != k) & (folds != task["valid_fold"])
-        if train.sum() < (1 if task["valid_fold"] is not None else 2):  # 2: one to train on, one to stop on
-            raise ValueError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
-                             f"(folds: {', '.join(map(str, sorted(set(folds.tolist()))))}); it needs at least 2 folds")
-        if not task["multilabel"] and not np.isin(y[folds == k], y[train]).any():
-            raise ValueError(f"{name}: fold {k} holds only classes that no training fold has, so its score would mean nothing")
-    return task, keep
-
-
-# ----------------------------------------------------------------------------- audio and embeddings
-
-def read_audio(path):
-    """Any rate, any channel count -> float32 mono 16 kHz tensor (T,)."""
-    x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    if len(x) == 0 or not np.isfinite(x).all():
-        raise ValueError("no samples" if len(x) == 0 else "non-finite samples")
-    x = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1)))
-    return x if sr == SR else torchaudio.functional.resample(x, sr, SR)
-
-
-def read_encoder(path):
-    """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
-    if not Path(path).is_file():
-        raise ValueError(f"no encoder file {path}")
-    try:
-        encoder = torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as e:
-        raise ValueError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
-    dims = []
-    for b, t in [(2, SR), (1, SR // 2)]:
-        try:
-            with torch.no_grad():
-                y = encoder(torch.zeros(b, t))
-        except Exception as e:
-            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or y.shape[1] != (dims or [y.shape[1]])[0]:
-            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
-        dims.append(y.shape[1])
-    return encoder, dims[0]
-
-
-def load_encoder(path, device):
-    encoder = read_encoder(path)[0].to(device)
-    if device == "cpu":  # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster
-        with contextlib.suppress(Exception):  # some scripted modules do not freeze; the plain one computes the same
-            encoder = torch.jit.optimize_for_inference(torch.jit.freeze(encoder))
-    return encoder
-
-
-def embed(encoder, root, files, batch_size, device, desc):
-    """Embeddings of the clips that decode, each whole, in one read pass -> (embeddings, their clip indices, the clips
-    skipped with the reason). Clips up to 1 s are zero-padded to 1 s (as the encoder does) so they batch together;
-    a longer clip waits for batch_size - 1 others of its length (or the end)."""
-    from tqdm import tqdm
-    out, bad, waiting = {}, [], {}
-
-    def run(batch):
-        y = encoder(torch.stack([x for _, x in batch]).to(device))
-        if y.dim() != 2 or y.shape[0] != len(batch):
-            raise ValueError(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(batch)} clips")
-        out.update(zip([i for i, _ in batch], y.float().cpu().numpy()))
-
-    with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
-        for i, f in enumerate(files):
-            bar.update()
-            try:
-                x = read_audio(root / f)
-            except Exception as e:  # any reason a file cannot be read counts as "does not decode"
-                bad.append(f"{f} ({first_line(e)})")
-                continue
-            x = torch.nn.functional.pad(x, (0, max(0, SR - len(x))))
-            waiting.setdefault(len(x), []).append((i, x))
-            if len(waiting[len(x)]) == batch_size:
-                run(waiting.pop(len(x)))
-        for group in waiting.values():
-            run(group)
-    if not out:
-        raise ValueError(f"none of the {len(files)} clips under {root} decodes (first: {bad[0]})")
-    ok = sorted(out)
-    emb = np.stack([out[i] for i in ok]).astype(np.float32)
-    if not np.isfinite(emb).all():
-        raise ValueError(f"{desc}: the encoder gives non-finite embeddings for {int((~np.isfinite(emb).all(1)).sum())} clips")
-    return emb, ok, bad
-
-
-def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
-    """(indices of the clips that decode, their embeddings, the clips that do not), from the cache when encoder and
-    clips are unchanged: one file per (encoder, clip list), so every label of a folder reuses it."""
-    p, root = Path(encoder_path).resolve(), task["root"].resolve()
-    where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
-    clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
-    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{p.parent.name}_{p.stem}-{where}__{root.name}-{clips}").strip("_")
-    path, h = Path(cache_dir) / f"{name}.npz", hashlib.sha256(str(root).encode())
-    for f in task["files"]:  # the data hash changes with any clip's size or mtime
-        st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
-        h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
-    data_hash = h.hexdigest()
-    with open(encoder_path, "rb") as f:
-        encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
-                index = {f: i for i, f in enumerate(task["files"])}
-                ok, emb = [index[f] for f in z["files"].tolist()], z["embeddings"]
-                if emb.ndim == 2 and len(emb) == len(ok) and np.isfinite(emb).all():
-                    print(f"{task['name']}: cached embeddings {path}")
-                    return ok, emb, z["skipped"].tolist()
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # a damaged cache costs one more embedding pass, never the run
-        warn(f"{path} is not a readable embedding cache ({first_line(e)}); embedding again")
-    t0 = time.time()
-    emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, desc=f"{task['name']} {encoder_path}")
-    seconds = time.time() - t0
-    print(f"{task['name']}: embedded {len(task['files'])} clips in {seconds:.1f} s ({len(task['files']) / seconds:.0f} clips/s)")
-    buf = io.BytesIO()
-    np.savez(buf, embeddings=emb, files=np.array([task["files"][i] for i in ok]), skipped=np.array(bad, dtype=str),
-             encoder_hash=encoder_hash, data_hash=data_hash)
-    atomic_write(path, buf.getvalue())
-    return ok, emb, bad
-
-
 def runner_embeddings(folder, task):
     """The scene embeddings heareval's runner wrote (<folder>/<split>/<file>.embedding.npy), as task_embeddings."""
     ok, emb, missing = [], [], []
@@ -597,16 +449,16 @@ def runner_embeddings(folder, task):
     return ok, np.stack(emb), missing
 
 
-# ----------------------------------------------------------------------------- HEAR 2021 API
-# probe.py is also a HEAR module: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt`
-# loads it with load_model and calls the two functions below, as hearvalidator checks.
+# HEAR 2021 API: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt` loads probe.py with
+# load_model and calls the two functions below, as hearvalidator checks.
+
 
 class HearModel(torch.nn.Module):
     """An exported encoder with the attributes of the HEAR API; .to(device) moves its weights."""
 
     def __init__(self, encoder, dim, hop_ms):
         super().__init__()
-        self.encoder, self.hop_ms, self.sample_rate = encoder, float(hop_ms), SR
+        self.encoder, self.hop_ms, self.sample_rate = encoder, float(hop_ms), SAMPLE_RATE
         self.scene_embedding_size = self.timestamp_embedding_size = int(dim)
 
     def train(self, mode=True):  # the encoder's BatchNorm stays in eval mode: no embedding depends on its batch
@@ -638,7 +490,7 @@ def hear_audio(audio, model):
 def get_scene_embeddings(audio, model):
     """HEAR: (n_sounds, n_samples) -> (n_sounds, D), the encoder's own embedding of each whole clip (as probed)."""
     audio = hear_audio(audio, model)
-    per_call = max(1, WINDOWS_PER_CALL // max(1, round(audio.shape[1] / SR)))
+    per_call = max(1, WINDOWS_PER_CALL // max(1, round(audio.shape[1] / SAMPLE_RATE)))
     return torch.cat([model.encoder(a) for a in audio.split(per_call)]).float()
 
 
@@ -649,23 +501,300 @@ def get_timestamp_embeddings(audio, model):
     half a window at both ends, for every k * hop_ms within the clip: a 0.3-s clip gets 7 frames."""
     audio = hear_audio(audio, model)
     n_sounds, n_samples = audio.shape
-    hop = model.hop_ms * SR / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift
+    hop = model.hop_ms * SAMPLE_RATE / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift
     n_frames = int(n_samples / hop + 1e-9) + 1
     starts = (torch.arange(n_frames, dtype=torch.float64) * hop).round().long().to(audio.device)
-    window = torch.arange(SR, device=audio.device)
-    padded = torch.nn.functional.pad(audio, (SR // 2, SR - SR // 2))
+    window = torch.arange(SAMPLE_RATE, device=audio.device)
+    padded = torch.nn.functional.pad(audio, (SAMPLE_RATE // 2, SAMPLE_RATE - SAMPLE_RATE // 2))
     per_call = max(1, WINDOWS_PER_CALL // n_sounds)
-    embeddings = torch.cat([model.encoder(padded[:, s[:, None] + window].reshape(-1, SR)).reshape(n_sounds, len(s), -1)
-                            for s in starts.split(per_call)], dim=1)
+    embeddings = torch.cat([model.encoder(padded[:, s[:, None] + window].reshape(-1, SAMPLE_RATE))
+                            .reshape(n_sounds, len(s), -1) for s in starts.split(per_call)], dim=1)
     timestamps = (torch.arange(n_frames, dtype=torch.float64) * model.hop_ms).float().to(audio.device)
     return embeddings.float(), timestamps.expand(n_sounds, -1).contiguous()
 
 
-# ----------------------------------------------------------------------------- results on disk
+# === 3. plumbing ===
+
+
+def read_encoder(path):
+    """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
+    try:
+        encoder = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:
+        raise ValueError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
+    dim = None
+    for b, t in [(2, SAMPLE_RATE), (1, SAMPLE_RATE // 2)]:
+        try:
+            with torch.no_grad():
+                y = encoder(torch.zeros(b, t))
+        except Exception as e:
+            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or dim not in (None, y.shape[1]):
+            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
+        dim = y.shape[1]
+    return encoder, dim
+
+
+def load_encoder(path, device):
+    encoder = read_encoder(path)[0].to(device)
+    if device == "cpu":  # batch norms folded into convolutions, MKLDNN kernels: a ResNet18 embeds ~1.7x faster
+        with contextlib.suppress(Exception):  # some scripted modules do not freeze; the plain one computes the same
+            encoder = torch.jit.optimize_for_inference(torch.jit.freeze(encoder))
+    return encoder
+
+
+def check_classes(task, drop_rare=False):
+    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it cannot be both
+    trained on and tested; dropped if asked), a left-out fold that leaves too few training clips or shares no class
+    with them. Returns the task and the indices of the clips kept."""
+    y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
+    counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
+    rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
+    if rare and not drop_rare:
+        raise ValueError(f"{name}: class {rare[0]!r} has a single clip; cross-validation needs at least 2 "
+                         f"per class ({len(rare)} such classes; --drop-rare leaves them out)")
+    if rare:
+        warn(f"{name}: left out {len(rare)} single-clip classes ({', '.join(rare[:5])}{' ...' * (len(rare) > 5)})")
+        keep = np.flatnonzero(counts[y] >= 2)
+        task = dict(select(task, keep), classes=[c for c, n in zip(task["classes"], counts) if n >= 2])
+        y = task["labels"] = (np.cumsum(counts >= 2) - 1)[task["labels"]]  # old class index -> new one
+        counts = counts[counts >= 2]
+    present = [c for c, n in zip(task["classes"], counts) if n > 0]
+    if len(present) < 2:
+        raise ValueError(f"{name}: {len(present)} class ({', '.join(present)}) among {len(y)} clips; "
+                         f"a probe needs at least 2 classes")
+    folds = task["folds"]
+    for k in task["test_folds"]:
+        train = (folds != k) & (folds != task["valid_fold"])
+        if train.sum() < (1 if task["valid_fold"] is not None else 2):  # 2: one to train on, one to stop on
+            raise ValueError(f"{name}: leaving fold {k} out leaves {train.sum()} clips to train on "
+                             f"(folds: {', '.join(map(str, sorted(set(folds.tolist()))))}); it needs at least 2 folds")
+        if not task["multilabel"] and not np.isin(y[folds == k], y[train]).any():
+            raise ValueError(f"{name}: fold {k} holds only classes that no training fold has; its score means nothing")
+    return task, keep
+
+
+def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
+    """(indices of the clips that decode, their embeddings, the clips that do not), from the cache when encoder and
+    clips are unchanged: one file per (encoder, clip list), so every label of a folder reuses it."""
+    p, root = Path(encoder_path).resolve(), task["root"].resolve()
+    where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
+    clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{p.parent.name}_{p.stem}-{where}__{root.name}-{clips}").strip("_")
+    path, h = Path(cache_dir) / f"{name}.npz", hashlib.sha256(str(root).encode())
+    for f in task["files"]:  # the data hash changes with any clip's size or mtime
+        st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
+        h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
+    data_hash = h.hexdigest()
+    with open(encoder_path, "rb") as f:
+        encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
+                index = {f: i for i, f in enumerate(task["files"])}
+                ok, emb = [index[f] for f in z["files"].tolist()], z["embeddings"]
+                if emb.ndim == 2 and len(emb) == len(ok) and np.isfinite(emb).all():
+                    print(f"{task['name']}: cached embeddings {path}")
+                    return ok, emb, z["skipped"].tolist()
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a damaged cache costs one more embedding pass, never the run
+        warn(f"{path} is not a readable embedding cache ({first_line(e)}); embedding again")
+    t0 = time.time()
+    emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, f"{task['name']} {encoder_path}")
+    n, seconds = len(task["files"]), time.time() - t0
+    print(f"{task['name']}: embedded {n} clips in {seconds:.1f} s ({n / seconds:.0f} clips/s)")
+    buf = io.BytesIO()
+    np.savez(buf, embeddings=emb, files=np.array([task["files"][i] for i in ok]), skipped=np.array(bad, dtype=str),
+             encoder_hash=encoder_hash, data_hash=data_hash)
+    atomic_write(path, buf.getvalue())
+    return ok, emb, bad
+
+
+def read_results(path):
+    """The results.json that this run adds to, checked before anything is embedded."""
+    empty = dict(rows=[], summary=[], skipped_files={})
+    results = dict(empty, **read_json(path, "probe.py results.json")) if path.exists() else empty
+    rows_of = lambda x, *keys: isinstance(x, list) and all(isinstance(r, dict) and {*keys} <= r.keys() for r in x)
+    if not (isinstance(results["skipped_files"], dict) and rows_of(results["rows"], "encoder", "task")
+            and rows_of(results["summary"], "encoder", "task", "mean", "std")
+            and all(isinstance(s[k], (int, float)) for s in results["summary"] for k in ("mean", "std"))):
+        raise ValueError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away first")
+    return results
+
+
+def encoder_paths(args, runs):
+    """--encoder's paths, each once; with no --encoder and no runner embeddings, every trained run here."""
+    if args.encoder is not None or runs:
+        return list(dict.fromkeys(args.encoder or []))
+    paths = sorted(map(str, Path("runs").glob("*/encoder.pt")))
+    if not paths:
+        raise ValueError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
+                         "with python train.py --epochs 0 --out runs/random")
+    print(f"probing every runs/*/encoder.pt: {', '.join(paths)}")
+    return paths
+
+
+def merge_results(path, rows, summary, skipped):
+    """results.json with rows and summary in place of those of the same encoder and task, merged under an exclusive
+    flock on .results.json.lock: other probes may have written since, so it is re-read, merged and replaced, and no
+    run's rows replace another's. A local lock, not the shared FolderLock, which refuses a second job: here it waits."""
+    same = lambda r: (r["encoder"], r["task"]) == (summary["encoder"], summary["task"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
+        results = read_results(path)
+        results["rows"] = [r for r in results["rows"] if not same(r)] + rows
+        results["summary"] = [s for s in results["summary"] if not same(s)] + [summary]
+        results["skipped_files"].update(skipped)
+        atomic_write(path, json.dumps(results, indent=1).encode())
+    return results
+
+
+def table(summary):
+    encoders = list(dict.fromkeys(s["encoder"] for s in summary))
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    cell = {(s["encoder"], s["task"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in summary}
+    lines = ["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {e} | " + " | ".join(cell.get((e, t), "-") for t in tasks) + " |" for e in encoders]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail  # one line on stderr, exit 2, as for every other bad input
+    p.add_argument("--encoder", nargs="+", metavar="PATH", help="exported encoders (TorchScript runs/NAME/encoder.pt), "
+                   "one table row each (default: every runs/*/encoder.pt)")
+    p.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR", help="hear: the embeddings that "
+                   "heareval's runner wrote for this task (embeddings/MODULE/TASK), one row each beside the encoders")
+    p.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
+    p.add_argument("--data-dir", type=Path,
+                   help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
+    p.add_argument("--label", help="csv: label column of meta.csv")
+    p.add_argument("--fold-column", help="csv: fold column (default: fold if present, else seeded stratified 5 folds)")
+    p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
+    p.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
+    p.add_argument("--batch-size", type=number(int, 1), default=32, help="clips per encoder call")
+    p.add_argument("--seed", type=number(int), default=0, help="seeds probe init, data order, validation, subsets")
+    p.add_argument("--epochs", type=number(int, 1), default=100, help="max probe epochs per fold")
+    p.add_argument("--patience", type=number(int), default=10, help="epochs without validation gain before stopping")
+    p.add_argument("--lr", type=number(above=True), default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--probe-batch-size", type=number(int, 1), default=32, help="probe batch size (paper: 32)")
+    p.add_argument("--valid-frac", type=number(high=1, below=True), default=0.1,
+                   help="share of the training folds for early stopping")
+    p.add_argument("--max-per-class", type=number(int, 2), help="at most N clips per class (stratified over folds)")
+    p.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
+    p.add_argument("--no-download", action="store_true", help="never download a dataset (or PROBE_NO_DOWNLOAD=1)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """What argparse cannot check, before anything is read or written: a broken or looping link, a file where a folder
+    belongs (or the reverse), an --out this user cannot write, a missing input (esc50's --data-dir is downloaded into
+    and us8k's says where to get it, so only a csv or hear --data-dir must exist)."""
+    if args.task == "csv" and not args.label:
+        raise ValueError("--task csv needs --label COLUMN")
+    if args.task in ("hear", "csv") and args.data_dir is None:
+        raise ValueError(f"--task {args.task} needs --data-dir")
+    if args.embeddings and args.task != "hear":
+        raise ValueError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
+    for flag, paths, must_exist in [("--out", [args.out], False), ("--cache-dir", [args.cache_dir], False),
+                                    ("--data-dir", [args.data_dir], args.task in ("csv", "hear")),
+                                    ("--embeddings", args.embeddings, True), ("--encoder", args.encoder or [], True)]:
+        for path in filter(None, paths):
+            check_path(path, flag, "file" if flag == "--encoder" else "folder", must_exist)
+            if flag in ("--out", "--cache-dir"):
+                check_writable(path, flag)  # found now, not after the embedding
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but CUDA is not available")
+
+
+def warn(msg):
+    print(f"probe.py: warning: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        probe(args)
+    except KeyboardInterrupt as e:
+        exit_interrupted(e)
+    except (ValueError, OSError) as e:  # the only place an error becomes one line on stderr
+        fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e)
+
+
+# --- shared helpers: the same in every script that has them ---
+# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
+# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+
+def first_line(e):
+    """An error as one line: the first line of its message (its type's name if it has none), never cut."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def fail(msg, code=2):
+    """The one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr."""
+    print(f"{os.path.basename(__file__)}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def interrupted(signum, frame):
+    """SIGTERM ends a run as Ctrl-C does: a KeyboardInterrupt, so every file on disk is left whole."""
+    raise KeyboardInterrupt(signum)
+
+
+def exit_interrupted(e, note=""):
+    """The exit on Ctrl-C (130) or SIGTERM (143): 128 + the signal's number, as a shell reports it."""
+    print(f"{os.path.basename(__file__)}: interrupted{'; ' + note if note else ''}", file=sys.stderr)
+    sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+
+
+def number(kind=float, low=0, high=math.inf, above=False, below=False):
+    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
+    def check(text):
+        x = kind(text)
+        if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
+                                             f"{high}{')' if below or high == math.inf else ']'}")
+        return x
+    check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+    return check
+
+
+def check_path(path, flag, kind="folder", must_exist=False):
+    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
+    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
+    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
+        if must_exist:
+            raise ValueError(f"{flag} {path} does not exist (not a {kind})") from None
+        return
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                         else f"{flag} {path}: {e.strerror}") from None
+    if is_dir != (kind != "file"):
+        raise ValueError(f"{flag} {path} is a {'folder' if is_dir else 'file'}, not a {kind}")
+
+
+def check_writable(path, flag):
+    """An output path this user can create or replace: its nearest existing ancestor must be writable (found now,
+    not after the work)."""
+    ancestor = next(d for d in [Path(path).absolute(), *Path(path).absolute().parents] if d.exists())
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
+
 
 def atomic_write(path, data):
-    """data to path through a temporary file and a rename: path is never half-written; on any failure
-    (a full disk, SIGTERM) the temporary file and any folder made for it are removed."""
+    """data (bytes) to path through a temporary twin and a rename: path is never half-written, and on any failure
+    (a full disk, SIGTERM) neither the twin nor a folder made for it is left. OSError names path, not the twin."""
+    path = Path(path)
     made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -674,7 +803,7 @@ def atomic_write(path, data):
             f.write(data)
         os.replace(tmp, path)
         made = []
-    except OSError as e:  # e.g. a full disk: the error names the file the user knows, not its temporary twin
+    except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):
@@ -684,138 +813,37 @@ def atomic_write(path, data):
                 d.rmdir()
 
 
-@contextlib.contextmanager
-def locked(path):
-    """An exclusive flock on .NAME.lock beside path while the block runs: several runs update one
-    results.json, each re-reading and merging under the lock, so no run's rows replace another's."""
-    import fcntl
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # another run holds it for the milliseconds of its merge
-        yield
-
-
-def read_results(path):
-    """The results.json that this run adds to, checked before anything is embedded."""
-    empty = dict(rows=[], summary=[], skipped_files={})
-    results = dict(empty, **read_json(path)) if path.exists() else empty
-    rows_of = lambda rows, keys: isinstance(rows, list) and all(isinstance(r, dict) and keys <= r.keys() for r in rows)
-    if not (rows_of(results["rows"], {"encoder", "task"}) and rows_of(results["summary"], {"encoder", "task", "mean", "std"})
-            and all(isinstance(s[k], (int, float)) for s in results["summary"] for k in ("mean", "std"))
-            and isinstance(results["skipped_files"], dict)):
-        raise ValueError(f"{path} is not a probe.py results.json (rows, summary, skipped_files); move it away to start a new one")
-    return results
-
-
-# ----------------------------------------------------------------------------- command line
-
-def parse_args(argv=None):
-    import argparse
-
-    def number(kind=float, low=0, high=math.inf, above=False, below=False):
-        """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
-        def check(text):
-            x = kind(text)
-            if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
-                raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
-                                                 f"{high}{')' if below or high == math.inf else ']'}")
-            return x
-        check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
-        return check
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail  # one line on stderr, exit 2, as for every other bad input
-    p.add_argument("--encoder", nargs="+", metavar="PATH",
-                   help="exported encoders (TorchScript runs/NAME/encoder.pt); several give one table row each "
-                        "(default: every runs/*/encoder.pt)")
-    p.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR",
-                   help="hear: embeddings that heareval's runner wrote for this task (embeddings/MODULE/TASK), "
-                        "probed beside the encoders, one row each")
-    p.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
-    p.add_argument("--data-dir", type=Path,
-                   help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
-    p.add_argument("--label", help="csv: label column of meta.csv")
-    p.add_argument("--fold-column",
-                   help="csv: fold column (default: fold if present, else a seeded stratified 5-fold split)")
-    p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
-    p.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
-    p.add_argument("--batch-size", type=number(int, 1), default=32, help="clips per encoder call")
-    p.add_argument("--seed", type=number(int), default=0,
-                   help="seeds probe init, data order, validation split, subsampling")
-    p.add_argument("--epochs", type=number(int, 1), default=100, help="max probe epochs per fold")
-    p.add_argument("--patience", type=number(int), default=10,
-                   help="epochs without validation improvement before stopping")
-    p.add_argument("--lr", type=number(above=True), default=1e-3,
-                   help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--probe-batch-size", type=number(int, 1), default=32, help="probe batch size (paper: 32)")
-    p.add_argument("--valid-frac", type=number(high=1, below=True), default=0.1,
-                   help="share of the training folds for early stopping")
-    p.add_argument("--max-per-class", type=number(int, 2),
-                   help="keep at most N clips per class (stratified over folds, seeded)")
-    p.add_argument("--drop-rare", action="store_true", help="leave out classes with a single clip instead of stopping")
-    p.add_argument("--no-download", action="store_true",
-                   help="never download a missing dataset (also: environment PROBE_NO_DOWNLOAD=1)")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """What argparse cannot check, before anything is read or written. A path may not exist yet (a missing --data-dir
-    of esc50 is downloaded into; the others are named where they are read), but a broken or looping link, a file
-    where a folder belongs (or the reverse) and an --out this user cannot write are named here."""
-    if args.task == "csv" and not args.label:
-        raise ValueError("--task csv needs --label COLUMN")
-    if args.task in ("hear", "csv") and args.data_dir is None:
-        raise ValueError(f"--task {args.task} needs --data-dir")
-    if args.embeddings and args.task != "hear":
-        raise ValueError("--embeddings goes with --task hear (the runner's folders follow a HEAR task's splits)")
-    paths = [("--out", args.out), ("--cache-dir", args.cache_dir), ("--data-dir", args.data_dir)]
-    paths += [("--embeddings", p) for p in args.embeddings] + [("--encoder", Path(p)) for p in args.encoder or []]
-    for flag, path in paths:
-        kind = "file" if flag == "--encoder" else "folder"
-        try:
-            if path is not None and stat.S_ISDIR(path.stat().st_mode) != (kind == "folder"):  # a link is followed
-                raise ValueError(f"{flag} {path} is a {'file' if kind == 'folder' else 'folder'}, not a {kind}")
-        except FileNotFoundError:
-            if path.is_symlink():
-                raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
-        except OSError as e:
-            raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP else f"{flag} {path}: {e.strerror}")
-        if flag in ("--out", "--cache-dir") and path is not None:
-            ancestor = next(d for d in [path, *path.parents] if d.exists())  # where the first folder or file is made
-            if not os.access(ancestor, os.W_OK | os.X_OK):  # found now, not after the embedding
-                raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} but CUDA is not available")
-
-
-def warn(msg):
-    print(f"probe.py: warning: {' '.join(str(msg).split())}", file=sys.stderr)
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def fail(msg):  # the exit of main (and of argparse, for a bad flag): one line on stderr, exit 2
-    print(f"probe.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-def interrupted(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM ends the run as Ctrl-C does: atomic_write removes its temp file
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def read_json(path, what):
+    """A JSON object (dict) from a file the project wrote, a UTF-8 BOM allowed, or one ValueError naming it."""
     try:
-        check_args(args)
-        probe(args)
-    except KeyboardInterrupt as e:
-        print("probe.py: interrupted", file=sys.stderr)
-        sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
-    except (ValueError, OSError) as e:  # the only place an error becomes one line on stderr
-        fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e)
+        obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path} is not a readable {what} ({first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not a {what} (a JSON object)")
+    return obj
+
+
+def read_audio(path, start=0, frames=-1):
+    """An audio file (any rate, any channel count; frames from start, all by default) as float32 mono at 16 kHz,
+    (T,). ValueError naming the file when it cannot be decoded, is empty or holds a non-finite sample (one NaN would
+    poison an embedding, a feature or every later training step): the caller refuses or skips it."""
+    try:
+        x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
+    if len(x) == 0:
+        raise ValueError(f"{path} holds no samples")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
+    x = x.mean(axis=1)
+    if sr != SAMPLE_RATE:
+        import torch
+        import torchaudio
+        x = torchaudio.functional.resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
+    return x
+
+# --- end of shared helpers ---
 
 
 if __name__ == "__main__":

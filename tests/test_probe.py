@@ -241,11 +241,11 @@ def test_read_audio_downmixes_and_resamples(tmp_path):
     x = 0.3 * np.sin(2 * np.pi * 440 * t)
     sf.write(tmp_path / "same.wav", np.stack([x, x], 1), 44100)
     sf.write(tmp_path / "opposite.wav", np.stack([x, -x], 1), 44100)
-    y = probe.read_audio(tmp_path / "same.wav")
-    assert y.dtype == torch.float32 and y.shape == (16000,)
-    assert np.argmax(np.abs(np.fft.rfft(y.numpy()))) == 440  # 1-s clip: bin = Hz
-    assert abs(y.abs().max().item() - 0.3) < 0.02
-    assert probe.read_audio(tmp_path / "opposite.wav").abs().max() < 1e-3  # channels averaged
+    y = probe.read_audio(tmp_path / "same.wav")  # the shared helper: a numpy array, as in every script
+    assert y.dtype == np.float32 and y.shape == (16000,)
+    assert np.argmax(np.abs(np.fft.rfft(y))) == 440  # 1-s clip: bin = Hz
+    assert abs(np.abs(y).max() - 0.3) < 0.02
+    assert np.abs(probe.read_audio(tmp_path / "opposite.wav")).max() < 1e-3  # channels averaged
 
 
 def test_map_score_leaves_out_classes_without_positives():

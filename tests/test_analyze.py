@@ -43,7 +43,7 @@ def pngs_ok(out, names):
     for n in names:
         b = (Path(out) / n).read_bytes()
         assert b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 2000, n
-    assert not list(Path(out).glob(".*.tmp")), "temp files left behind"
+    assert not list(Path(out).glob(".*.tmp*")), "temp files left behind"
 
 
 # -----------------------------------------------------------------------------

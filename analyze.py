@@ -49,10 +49,8 @@ from tqdm import tqdm
 # torch, torchaudio, essentia, transformers: imported where used, as each takes seconds and bad input fails at once
 
 # === 1. the paper ===
-# Fig. 1: positive pairs drift apart as δ grows; Fig. 2A and 2B: how synthetic sounds differ from real ones in
-# spectral features and in a classifier's uncertainty; Table 2: the Fréchet Audio Distance between sets.
-# Sets are read in part 3, the CLAP and AST weights loaded in part 2.
-
+# Fig. 1: pairs drift apart as δ grows; Fig. 2A, 2B: spectral features and a classifier's uncertainty of synthetic
+# and real sets; Table 2: FAD. Part 3 reads the sets and draws the figures; part 2 loads the CLAP and AST weights.
 SAMPLE_RATE = 16000
 FRAME, HOP = 2048, 512  # spectral features: 128 ms frames at 16 kHz
 SILENCE = 1e-8          # frame mean power below this (after level normalization) is skipped
@@ -115,7 +113,6 @@ def embed(waves, fn, batch_size, desc="embed"):
 
 
 # pairs (Fig. 1)
-
 def pair_similarity(groups, fn, embedder, batch_size):
     """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
     unit-norm embeddings a, b."""
@@ -164,7 +161,6 @@ def plot_pair_pca(groups, pca_pairs):
 
 
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
-
 def make_essentia():
     import essentia
     essentia.log.infoActive = False  # keeps its import-time INFO line off stdout
@@ -218,7 +214,6 @@ def clip_features(x, E):
 
 
 # uncertainty (Fig. 2B)
-
 def uncertainty_proxies(p):
     """Causal-uncertainty proxies of class probabilities p (N, C), rows normalized to sum 1:
     H_cu = max probability, H_p = entropy / log C, S_conf = top-1 minus top-2 probability."""
@@ -251,7 +246,6 @@ def classify(sets, fe, model, sigmoid, batch_size):
 
 
 # fad (Table 2)
-
 def fad(e1, e2, eps=1e-6):
     """Frechet distance of two embedding sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the
     standard FAD/FID code computes it."""
@@ -268,9 +262,7 @@ def fad(e1, e2, eps=1e-6):
 
 
 # === 2. beyond the paper ===
-# Local CLAP and AST weights, the Mix sets, what an encoder ignores (one factor at a time), the training figures
-# from run folders (Fig. 3, Fig. 5), and one report of all of it.
-
+# Local CLAP and AST weights, Mix sets, invariance (one factor at a time), training figures (Fig. 3, 5), the report.
 def load_clap(args):
     """LAION-CLAP from local weights, as an embedder (see get_embedder); nothing downloads."""
     import torchaudio
@@ -312,8 +304,7 @@ def load_ast(args):
 def mix(waves, k):
     """The Mix sets: each clip the sum of k random 1-s segments of one file, layered (circularly for short files),
     at that file's loudness."""
-    rng = np.random.default_rng(0)
-    out = []
+    rng, out = np.random.default_rng(0), []
     for x in waves:
         x = np.pad(x, (0, max(0, SAMPLE_RATE - len(x))))
         m = np.sum([np.take(x, o + np.arange(SAMPLE_RATE), mode="wrap") for o in rng.integers(0, len(x), k)], 0)
@@ -322,7 +313,6 @@ def mix(waves, k):
 
 
 # invariance: what an encoder has learned to ignore
-
 def cmd_invariance(args, run):
     """What an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
     gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
@@ -374,7 +364,6 @@ def cmd_invariance(args, run):
 
 
 # training (Fig. 5, Fig. 3)
-
 def recipe(cfg, path):
     """How a run drew its pairs besides one delta (train.py --keep, --delta-group, --delta-schedule), e.g.
     'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler and for runs from before these flags."""
@@ -391,8 +380,6 @@ def recipe(cfg, path):
 def read_run(d):
     """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of its end."""
     d = Path(d)
-    if not d.is_dir():
-        raise ValueError(f"no such run folder: {d}")
     if not (d / "config.json").is_file():
         raise ValueError(f"{d} is not a train.py run folder (no readable config.json)")
     cfg = read_json(d / "config.json", "train.py config")
@@ -419,10 +406,8 @@ def read_run(d):
         val = [r for r in log if (r.get("val_align") or "").strip()]
         if val:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
-    except (KeyError, TypeError, ValueError, csv.Error) as e:
-        raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})")
+    except (KeyError, TypeError, ValueError, csv.Error) as e:  # a UnicodeDecodeError too: save it as UTF-8 CSV
+        raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})") from None
     return row
 
 
@@ -545,7 +530,6 @@ def cmd_training(args, run):
 
 
 # report
-
 def markdown(s):
     """A Section as report.md lines: its figures, then its tables with numbers to 4 digits. A subcommand run on its
     own prints these lines as its summary."""
@@ -582,16 +566,13 @@ def cmd_report(args, run):
 
 
 # === 3. plumbing ===
-# This run's outputs, the figures and tables of part 1's subcommands, reading sets and pair folders, the command
-# line, the helpers shared with the other scripts, and main().
-
+# Run state, part 1's subcommands, reading sets, the helpers shared with the other scripts, the command line, main().
 Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
 
 
 class Run:
-    """One run's state, owned by main(): its --out, the folders it created there and the files it wrote (removed
-    again if it fails in an --out it created, so no partial set is left), and the sets it has read (report reads
-    each once for all its sections; callers never mutate them)."""
+    """One run's state, owned by main(): the files it wrote and the folders it created (removed again if it fails in
+    an --out it created, so no partial set is left), and the sets it read (report reads each once; never mutated)."""
 
     def __init__(self, out):
         self.out, self.written, self.load_set = out, [], functools.lru_cache(maxsize=None)(load_set)
@@ -637,25 +618,30 @@ def delta_axis(ax, deltas):
     ax.set_xlabel("δ")
 
 
-def violins(ax, rows, key, names, title, log=False):
-    """One violin of rows[key] per set; log: log10, floored at 1e-6 (S_conf spans decades and can be 0)."""
-    for i, n in enumerate(names):
-        v = np.array([r[key] for r in rows if r["set"] == n], float)
-        v = v[np.isfinite(v)]
-        if log:
-            v = np.log10(np.maximum(v, 1e-6))
-        if len(np.unique(v)) >= 2:
-            p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
-            for b in p["bodies"]:
-                b.set_color(f"C{i}")
-        elif len(v):
-            ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
-    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-    ax.set_title(title + (" (log10)" if log else ""), fontsize=9)
+def violins(run, name, rows, names, titles, log, shape, size, title):
+    """A panel per key of titles, one violin of rows[key] per set in it; the log key in log10, floored at 1e-6
+    (S_conf spans decades and can be 0) -> the figure's file name."""
+    fig, axes = plt.subplots(*shape, figsize=size)
+    for ax, (key, panel) in zip(axes.flat, titles.items()):
+        for i, n in enumerate(names):
+            v = np.array([r[key] for r in rows if r["set"] == n], float)
+            v = v[np.isfinite(v)]
+            if key == log:
+                v = np.log10(np.maximum(v, 1e-6))
+            if len(np.unique(v)) >= 2:
+                p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
+                for b in p["bodies"]:
+                    b.set_color(f"C{i}")
+            elif len(v):
+                ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_title(panel + (" (log10)" if key == log else ""), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_fig(run, fig, name)
 
 
 # the subcommands of part 1: read the sets, compute, write the CSV, the PNG and the report section
-
 def cmd_pairs(args, run):
     """Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the pairs
     per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the
@@ -703,12 +689,8 @@ def cmd_features(args, run):
             for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None)]
     write_csv(run, "features.csv", rows, ["set", "file"] + FEATURES)
     names = [s["name"] for s in sets]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
-    for ax, f in zip(axes.flat, FEATURES):
-        violins(ax, rows, f, names, f.replace("_", " "), log=f == "odd_even_ratio")
-    fig.suptitle("spectral features per clip (median over frames)")
-    fig.tight_layout()
-    figures = [save_fig(run, fig, "features.png")]
+    figures = [violins(run, "features.png", rows, names, {f: f.replace("_", " ") for f in FEATURES}, "odd_even_ratio",
+                       (2, 3), (12, 7), "spectral features per clip (median over frames)")]
     summary = []
     for n in names:
         v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
@@ -736,13 +718,9 @@ def cmd_uncertainty(args, run):
                  for i, f in enumerate(s["files"])]
     write_csv(run, "uncertainty.csv", rows, ["set", "file", "top_class"] + PROXIES)
     names = [s["name"] for s in sets]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
-    for ax, k in zip(axes, PROXIES):
-        violins(ax, rows, k, names, titles[k], log=k == "S_conf")
-    fig.suptitle(f"causal-uncertainty proxies ({len(labels)} classes, {how})")
-    fig.tight_layout()
-    figures = [save_fig(run, fig, "uncertainty.png")]
+    figures = [violins(run, "uncertainty.png", rows, names, titles, "S_conf", (1, 3), (12, 3.8),
+                       f"causal-uncertainty proxies ({len(labels)} classes, {how})")]
     summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
                     **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
     return Section("Causal-uncertainty proxies (Fig. 2B)", figures,
@@ -790,15 +768,13 @@ def cmd_fad(args, run):
 
 
 # reading sets and pair folders
-
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 
 
 def read_clips(groups, what, unit="clip"):
-    """The audio of each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their
-    waves). A group with a file that read_audio refuses (undecodable, empty, non-finite) is skipped and counted in
-    one warning line, and none left is an error: one NaN would poison a set's statistics, one bad file in 1000
-    should not stop them."""
+    """The audio of each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves).
+    A group with a clip that read_audio refuses is skipped and counted, as one bad file in 1000 should not stop a
+    figure; none left is an error."""
     kept, waves, refused = [], [], []
     for i, files in enumerate(tqdm(groups, desc=f"read {what}", disable=None)):
         try:
@@ -836,8 +812,6 @@ def load_set(spec, max_files):
     """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
     name, path, k = parse_set(spec)
     if path.suffix == ".npz":
-        if not path.is_file():
-            raise ValueError(f"no such file: {path}")
         try:
             z = np.load(path, allow_pickle=False)
             emb = np.asarray(z["embeddings"], dtype=np.float64)
@@ -855,8 +829,6 @@ def load_set(spec, max_files):
             raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
-    if not path.is_dir():
-        raise ValueError(f"no such folder: {path}")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
     if not files:
         raise ValueError(f"no audio files under {path}")
@@ -882,8 +854,6 @@ def read_pairs(d, max_pairs=0):
 def read_sweep(root, max_pairs):
     """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
     root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"no such folder: {root}")
     dirs = sorted(p.parent for p in root.rglob("params.npz"))
     if not dirs:
         raise ValueError(f"no generate.py pair folders (params.npz) under {root}")
@@ -1020,7 +990,6 @@ def read_audio(path, start=0, frames=-1):
 
 
 # command line: every flag defined once; each subcommand's flags listed in SUBCOMMANDS
-
 FLAGS = {
     "--out": dict(type=Path, help="output folder for PNGs, CSVs (created if absent)"),
     "--batch-size": dict(type=number(int, 1), default=64, help="clips per embedding/classifier batch"),
@@ -1046,6 +1015,8 @@ FLAGS = {
     "--encoder": dict(nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)"),
 }
 EMBEDDER = ["--embedder", "--clap-checkpoint", "--clap-amodel"]
+PATHS = {"--out": "folder", "--classifier-path": "folder", "--clap-checkpoint": "file", "--pairs": "folder",
+         "--factors": "folder", "--runs": "folder", "--results": "file", "--encoder": "file"}  # checked by check_args
 SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help shows the function's docstring
     "pairs": (cmd_pairs, ["--pairs", "--out"], [*EMBEDDER, "--batch-size", "--max-pairs", "--pca-pairs"]),
     "features": (cmd_features, ["--set", "--out"], ["--max-files"]),
@@ -1086,22 +1057,15 @@ def check_args(args):
         raise ValueError("fad needs a --target or at least two --set")
     if args.cmd == "training" and not args.runs and not args.results:
         raise ValueError("training needs --runs DIR ... and/or --results results.json ...")
-    paths = [("--out", args.out, "folder"), ("--classifier-path", getattr(args, "classifier_path", None), "folder"),
-             ("--clap-checkpoint", getattr(args, "clap_checkpoint", None), "file"),
-             ("--pairs", getattr(args, "pairs", None), "folder"),
-             ("--factors", getattr(args, "factors", None), "folder")]
-    paths += [(f"--{flag}", p, kind) for flag, kind in [("runs", "folder"), ("results", "file"), ("encoder", "file")]
-              for p in getattr(args, flag, [])]
+    given = {flag: vars(args).get(flag[2:].replace("-", "_")) for flag in PATHS}  # what this subcommand has
+    paths = [(flag, p, PATHS[flag]) for flag, v in given.items() for p in (v if isinstance(v, list) else [v]) if p]
     paths += [("--set", p, "file" if p.suffix == ".npz" else "folder") for _, p, _ in sets]
-    for flag, path, kind in paths:  # a missing one is named where it is read, but for the classifier
-        if path is not None:
-            check_path(path, flag, kind, must_exist=flag == "--classifier-path")
+    for flag, path, kind in paths:  # every input must exist (the CLAP weights are named where read); --out is created
+        check_path(path, flag, kind, must_exist=flag not in ("--out", "--clap-checkpoint"))
     check_writable(args.out, "--out")  # found now, not after the embedding
 
 
 def main(argv=None):
-    """One subcommand into --out; any error is one line on stderr (exit 2), and a run that fails in an --out it
-    created removes what it wrote there."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads, ever (set before transformers is imported)
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     matplotlib.use("Agg")  # figures go to files only
@@ -1109,8 +1073,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        run = Run(args.out)
-        args.out.mkdir(parents=True, exist_ok=True)
+        run = Run(args.out)  # atomic_write creates --out with the first file
         section = args.run(args, run)
         if section:  # report's sections went to report.md
             print("\n".join(markdown(section)))

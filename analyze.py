@@ -366,14 +366,15 @@ def cmd_invariance(args, run):
 # training (Fig. 5, Fig. 3)
 def recipe(cfg, path):
     """How a run drew its pairs besides one delta (train.py --keep, --delta-group, --delta-schedule), e.g.
-    'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler and for runs from before these flags."""
-    keep, groups, start = cfg.get("keep") or [], cfg.get("delta_group") or [], cfg.get("delta_schedule")
+    'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler (all three null in config.json)."""
     try:
+        keep, groups, start = cfg["keep"] or [], cfg["delta_group"] or [], cfg["delta_schedule"]
         if not (isinstance(keep, list) and isinstance(groups, list)):
             raise TypeError
         ramp = [] if start is None else [f"ramp from {float(start):g}"]
-    except (TypeError, ValueError):
-        raise ValueError(f"{path} has a malformed keep, delta_group or delta_schedule") from None
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path} has a malformed keep, delta_group or delta_schedule, or lacks one "
+                         "(a config.json of train.py before --keep, --delta-group, --delta-schedule)") from None
     return ", ".join([f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
 
 
@@ -415,16 +416,9 @@ def read_results(path, runs):
     """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
     path = Path(path)
     res = read_json(path, "probe.py results.json")
-    try:
-        summary = res.get("summary")
-        if not summary:  # aggregate the per-fold rows
-            by = {}
-            for r in res.get("rows", []):
-                by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
-            summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
-                       for (e, t, m), v in by.items()]
+    try:  # probe.py's summary: one row per encoder and task
         summary = [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
-                        std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
+                        std=float(s["std"]), folds=s["folds"]) for s in res["summary"]]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
     out, skipped = [], set()

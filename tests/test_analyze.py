@@ -109,8 +109,8 @@ def runs(tmp_path_factory):
     for name, extra in [("random", dict(epochs=0)), ("real_mix5", dict(data="/audio", positives="mix5"))]:
         d = root / "runs" / name
         d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(dict(synth="voice", delta=0.25, data=None, epochs=2, **PAPER_SAMPLER,
-                                                       **extra)))
+        (d / "config.json").write_text(json.dumps({**dict(synth="voice", delta=0.25, data=None, epochs=2),
+                                                   **PAPER_SAMPLER, **extra}))
         log = "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
         (d / "log.csv").write_text(log + ("4,1,0.001,2.7,0.6,-1.6,0.4,-3.0,100\n" if name == "real_mix5" else ""))
     rows = [dict(encoder=f"runs/{n}/encoder.pt", task=t, metric="accuracy", fold=k, score=0.5 + 0.1 * k + (n == "voice_b") * 0.05,

@@ -36,23 +36,22 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads, ever
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import matplotlib
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 # torch, torchaudio, essentia, transformers: imported where used, as each takes seconds and bad input fails at once
 
-SR = 16000
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+# === 1. the paper ===
+# Fig. 1: pairs drift apart as δ grows; Fig. 2A, 2B: spectral features and a classifier's uncertainty of synthetic
+# and real sets; Table 2: FAD. Part 3 reads the sets and draws the figures; part 2 loads the CLAP and AST weights.
+SAMPLE_RATE = 16000
 FRAME, HOP = 2048, 512  # spectral features: 128 ms frames at 16 kHz
 SILENCE = 1e-8          # frame mean power below this (after level normalization) is skipped
 OE_CLIP = (1e-3, 1e3)   # odd/even ratio range: Essentia returns FLT_MAX when even harmonics vanish
@@ -60,148 +59,14 @@ FEATURES = ["inharmonicity", "odd_even_ratio", "pitch_salience", "flatness", "fl
 PROXIES = ["H_cu", "H_p", "S_conf"]
 
 
-Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
-WRITTEN = []  # this run's outputs: removed again if it fails in an --out it created, so no partial set is left
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def atomic_write(path, data):
-    """A reader never sees half a file, and a crash never truncates an old one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        WRITTEN.append(path)
-    except OSError as e:  # e.g. a full disk: named by the file the user asked for, not its temporary twin
-        raise OSError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_csv(path, rows, cols, caption=None):
-    """-> the same rows as a report.md table: (caption, cols, rows)."""
-    f = io.StringIO()
-    w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(map(fmt_row, rows))
-    atomic_write(path, f.getvalue().encode())
-    return caption or path.name, cols, rows
-
-
-def save_fig(fig, path):
-    f = io.BytesIO()
-    fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, f.getvalue())
-    return path.name
-
-
-def fmt_row(r, digits=6):
-    return {k: (f"{v:.{digits}g}" if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}
-
-
-def delta_axis(ax, deltas):
-    ax.set_xscale("symlog", linthresh=0.01)  # log-like, but keeps delta = 0
-    ax.set_xticks(deltas, [f"{d:g}" for d in deltas])
-    ax.set_xlabel("δ")
-
-
-# audio and sets
-
-def load_audio(path):
-    """-> mono float32 at 16 kHz, or None if the file holds NaN/inf samples (callers skip the clip and count it)."""
-    try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:
-        raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
-    if len(x) == 0:
-        raise ValueError(f"empty audio file {path}")
-    if not np.isfinite(x).all():
-        return None
-    x = x.mean(1)  # mono downmix
-    if sr != SR:
-        import torch
-        import torchaudio
-        x = torchaudio.functional.resample(torch.from_numpy(x), sr, SR).numpy()
-    return x
-
-
-def subset(n, max_files):
-    """A fixed seeded subset (in original order), so runs and sets are comparable."""
-    if not max_files or n <= max_files:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
-
-
-def parse_set(spec):
-    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
-    k, m = 0, re.fullmatch(r"mix(\d+):(.+)", path)
-    if m:
-        k, path = int(m.group(1)), m.group(2)
-        if k < 1:
-            raise ValueError(f"--set {spec}: mixK needs K >= 1")
-    if not path:
-        raise ValueError(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
-    return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
-
-
-@functools.lru_cache(maxsize=None)  # report reads each set once for all its sections; callers never mutate
-def load_set(spec, max_files):
-    """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
-    name, path, k = parse_set(spec)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise ValueError(f"no such file: {path}")
-        try:
-            z = np.load(path, allow_pickle=False)
-            emb = np.asarray(z["embeddings"], dtype=np.float64)
-        except Exception:
-            raise ValueError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)") from None
-        if emb.ndim != 2 or len(emb) == 0:
-            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings")
-        if not np.isfinite(emb).all():
-            raise ValueError(f"set {name}: {path} holds non-finite embeddings")
-        try:
-            files = [str(f) for f in z["files"]]
-        except Exception:  # file names are optional here
-            files = [str(i) for i in range(len(emb))]
-        if len(files) != len(emb):
-            raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
-        keep = subset(len(emb), max_files)
-        return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
-    if not path.is_dir():
-        raise ValueError(f"no such folder: {path}")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
-    if not files:
-        raise ValueError(f"no audio files under {path}")
-    files = [files[i] for i in subset(len(files), max_files)]
-    waves = [load_audio(f) for f in tqdm(files, desc=f"read {name}", disable=None)]
-    bad = sum(w is None for w in waves)
-    if bad == len(waves):
-        raise ValueError(f"set {name}: every clip under {path} has non-finite samples")
-    if bad:
-        print(f"analyze.py: set {name}: {bad} clip(s) with non-finite samples skipped", file=sys.stderr)
-    files, waves = [f for f, w in zip(files, waves) if w is not None], [w for w in waves if w is not None]
-    if k:  # the paper's Mix sets: K random 1-s segments of one file, layered (circularly for short files)
-        rng = np.random.default_rng(0)
-        for i, x in enumerate(waves):
-            x = np.pad(x, (0, max(0, SR - len(x))))
-            m = np.sum([np.take(x, o + np.arange(SR), mode="wrap") for o in rng.integers(0, len(x), k)], 0)
-            waves[i] = (m * np.sqrt(np.mean(x ** 2) / max(np.mean(m ** 2), 1e-12))).astype(np.float32)  # loudness kept
-    return dict(name=name, files=[str(f.relative_to(path)) for f in files], waves=waves)
-
-
-# embedders
-
 def get_embedder(spec, args):
     """A function from a float32 (B, T) 16 kHz batch to (B, D) embeddings; see the module docstring."""
     if spec not in ("mfcc", "clap") and not spec.startswith("encoder:"):
         raise ValueError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
     import torch
     import torchaudio
+    if spec == "clap":
+        return load_clap(args)
     if spec.startswith("encoder:"):  # an encoder.pt exported by train.py, checked on a dummy batch
         path = Path(spec[len("encoder:"):])
         if not path.is_file():
@@ -209,7 +74,7 @@ def get_embedder(spec, args):
         try:
             enc = torch.jit.load(str(path), map_location="cpu").eval()
             with torch.no_grad():
-                out = enc(torch.zeros(2, SR))
+                out = enc(torch.zeros(2, SAMPLE_RATE))
             if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2):
                 raise ValueError("not (B, D)")
         except Exception:
@@ -221,24 +86,7 @@ def get_embedder(spec, args):
                 raise ValueError(f"{path} gives non-finite embeddings")
             return e
         return encode
-    if spec == "clap":
-        missing = [] if importlib.util.find_spec("laion_clap") else ["the laion_clap package (pip install laion_clap)"]
-        if not args.clap_checkpoint:
-            missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
-        elif not Path(args.clap_checkpoint).is_file():
-            missing.append(f"the CLAP checkpoint {args.clap_checkpoint} (no such file)")
-        if missing:
-            raise ValueError("--embedder clap needs " + " and ".join(missing))
-        try:
-            import laion_clap
-            model = laion_clap.CLAP_Module(enable_fusion=False, amodel=args.clap_amodel, device="cpu")
-            model.load_ckpt(args.clap_checkpoint, verbose=False)
-            model.eval()
-        except Exception as e:
-            raise ValueError(f"cannot load LAION-CLAP from {args.clap_checkpoint}: {first_line(e)}") from None
-        return lambda x: model.get_audio_embedding_from_data(
-            x=torchaudio.functional.resample(x, SR, 48000), use_tensor=True).float()  # CLAP works at 48 kHz
-    mfcc = torchaudio.transforms.MFCC(SR, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
+    mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
 
     def fn(x):
         x = torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))  # very short clips
@@ -265,45 +113,6 @@ def embed(waves, fn, batch_size, desc="embed"):
 
 
 # pairs (Fig. 1)
-
-def read_pairs(d, max_pairs=0):
-    """The NNNNNN_a.wav / NNNNNN_b.wav pairs of a generate.py pair folder, at most max_pairs (0 = all), as two
-    lists of waves; a pair with a non-finite clip is skipped and counted."""
-    fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
-    fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
-    if not fa:
-        raise ValueError(f"no NNNNNN_a.wav files in {d}")
-    if not all(f.is_file() for f in fb):
-        raise ValueError(f"{d}: some _a.wav files have no matching _b.wav")
-    pairs = [(load_audio(a), load_audio(b)) for a, b in tqdm(list(zip(fa, fb)), desc=f"read {d}", disable=None)]
-    keep = [(a, b) for a, b in pairs if a is not None and b is not None]
-    if not keep:
-        raise ValueError(f"{d}: every pair has a clip with non-finite samples")
-    if len(keep) < len(pairs):
-        print(f"analyze.py: {d}: {len(pairs) - len(keep)} pair(s) with non-finite samples skipped", file=sys.stderr)
-    return [a for a, _ in keep], [b for _, b in keep]
-
-
-def read_sweep(root, max_pairs):
-    """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"no such folder: {root}")
-    dirs = sorted(p.parent for p in root.rglob("params.npz"))
-    if not dirs:
-        raise ValueError(f"no generate.py pair folders (params.npz) under {root}")
-    groups = []
-    for d in dirs:
-        try:
-            z = np.load(d / "params.npz", allow_pickle=False)
-            groups.append(dict(synth=str(z["synth"]), delta=float(z["delta"])))
-        except Exception:
-            raise ValueError(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)") from None
-    for g, d in zip(groups, dirs):  # every folder checked before any audio is read
-        g["wa"], g["wb"] = read_pairs(d, max_pairs)
-    return groups
-
-
 def pair_similarity(groups, fn, embedder, batch_size):
     """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
     unit-norm embeddings a, b."""
@@ -351,89 +160,7 @@ def plot_pair_pca(groups, pca_pairs):
     return fig
 
 
-def cmd_pairs(args):
-    """Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the pairs
-    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the
-    whole sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which
-    inflates every similarity.
-
-      python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
-      python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
-      python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
-    """
-    groups = read_sweep(args.pairs, args.max_pairs)
-    rows = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
-    table = write_csv(args.out / "pairs.csv", rows, ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
-        rs = [r for r in rows if r["synth"] == sy]
-        x = [r["delta"] for r in rs]
-        ax.errorbar(x, [r["pos_mean"] for r in rs], yerr=[r["pos_sd"] for r in rs], marker="o", capsize=3,
-                    color=f"C{i}", label=f"{sy} positives")
-        ax.plot(x, [r["neg_mean"] for r in rs], ls="--", color=f"C{i}", alpha=0.6, label=f"{sy} random negatives")
-    delta_axis(ax, sorted({r["delta"] for r in rows}))
-    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
-    ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figures = [save_fig(fig, args.out / "pairs_similarity.png"),
-               save_fig(plot_pair_pca(groups, args.pca_pairs), args.out / "pairs_pca.png")]
-    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [table])
-
-
-# invariance (beyond the paper): what an encoder has learned to ignore
-
-def cmd_invariance(args):
-    """What an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
-    gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
-    (s - s_neg) / (1 - s_neg) -> invariance.csv, invariance.png
-
-      python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
-      python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
-          --out figs/invariance
-    """
-    dirs = {}  # generate.py --factors output: {factor: pair folder}
-    for npz in sorted(Path(args.factors).glob("*/params.npz")):
-        try:
-            dirs[str(np.load(npz, allow_pickle=False)["factor"])] = npz.parent
-        except Exception:
-            raise ValueError(f"{npz} has no factor (not written by generate.py --factors)") from None
-    if "negative" not in dirs:
-        raise ValueError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
-    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
-    if len(set(labels)) < len(labels):
-        labels = [str(p) for p in args.encoder]
-    pairs = {name: read_pairs(d, args.max_pairs) for name, d in dirs.items()}  # read once for every encoder
-    rows = []
-    for path, label in zip(args.encoder, labels):
-        fn, sims = get_embedder(f"encoder:{path}", args), {}
-        for name, (wa, wb) in pairs.items():  # mean cosine between the two sides of each factor's pairs
-            e = embed(wa + wb, fn, args.batch_size, desc=f"embed {name}")
-            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-            sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
-        s_neg = sims["negative"].mean()  # invariance 1: the factor is ignored, 0: as different as a random negative
-        rows += [dict(encoder=label, factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
-                      invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
-    table = write_csv(args.out / "invariance.csv", rows, ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"])
-    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
-    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
-    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
-    fig, ax = plt.subplots(figsize=(6, 0.25 * len(factors) * len(encoders) + 1.5))
-    h = 0.8 / len(encoders)
-    for j, enc in enumerate(encoders):
-        inv = {r["factor"]: r["invariance"] for r in rows if r["encoder"] == enc}
-        ax.barh(np.arange(len(factors)) + j * h, [inv[f] for f in factors], height=h, color=f"C{j}", label=enc)
-    ax.set_yticks(np.arange(len(factors)) + h * (len(encoders) - 1) / 2, factors)
-    ax.invert_yaxis()
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
-    ax.set_title("what the encoder ignores: pairs that differ in one factor")
-    ax.legend(fontsize=7)
-    figures = [save_fig(fig, args.out / "invariance.png")]
-    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures, [table])
-
-
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
-
 def make_essentia():
     import essentia
     essentia.log.infoActive = False  # keeps its import-time INFO line off stdout
@@ -441,13 +168,13 @@ def make_essentia():
     import essentia.standard as es
     return dict(
         es=es, window=es.Windowing(type="hann", size=FRAME), spectrum=es.Spectrum(size=FRAME),
-        peaks=es.SpectralPeaks(sampleRate=SR, minFrequency=20, maxFrequency=SR / 2, maxPeaks=100,
+        peaks=es.SpectralPeaks(sampleRate=SAMPLE_RATE, minFrequency=20, maxFrequency=SAMPLE_RATE / 2, maxPeaks=100,
                                orderBy="frequency"),  # HarmonicPeaks needs ascending, > 0 Hz
-        pitch=es.PitchYinFFT(frameSize=FRAME, sampleRate=SR, minFrequency=40, maxFrequency=4000),
+        pitch=es.PitchYinFFT(frameSize=FRAME, sampleRate=SAMPLE_RATE, minFrequency=40, maxFrequency=4000),
         harmonics=es.HarmonicPeaks(maxHarmonics=20), inharmonicity=es.Inharmonicity(),
         odd_even=es.OddToEvenHarmonicEnergyRatio(), flatness=es.Flatness(), flux=es.Flux(),
-        salience=es.PitchSalience(sampleRate=SR, lowBoundary=100, highBoundary=5000),  # must be < Nyquist
-        complexity=es.SpectralComplexity(sampleRate=SR, magnitudeThreshold=0.005))
+        salience=es.PitchSalience(sampleRate=SAMPLE_RATE, lowBoundary=100, highBoundary=5000),  # must be < Nyquist
+        complexity=es.SpectralComplexity(sampleRate=SAMPLE_RATE, magnitudeThreshold=0.005))
 
 
 def clip_features(x, E):
@@ -486,58 +213,7 @@ def clip_features(x, E):
     return {f: float(np.median(v)) if v else float("nan") for f, v in vals.items()}
 
 
-def violins(ax, rows, key, names, title, log=False):
-    """One violin of rows[key] per set; log: log10, floored at 1e-6 (S_conf spans decades and can be 0)."""
-    for i, n in enumerate(names):
-        v = np.array([r[key] for r in rows if r["set"] == n], float)
-        v = v[np.isfinite(v)]
-        if log:
-            v = np.log10(np.maximum(v, 1e-6))
-        if len(np.unique(v)) >= 2:
-            p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
-            for b in p["bodies"]:
-                b.set_color(f"C{i}")
-        elif len(v):
-            ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
-    ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
-    ax.set_title(title + (" (log10)" if log else ""), fontsize=9)
-
-
-def cmd_features(args):
-    """Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and
-    complexity (median over a clip's non-silent frames, at a fixed RMS) of synthetic sets, real clips and K-segment
-    mixtures of real clips -> features.csv, features.png
-
-      python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
-          --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
-
-    odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3] and plotted in log10.
-    PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k
-    sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
-    """
-    sets = [load_set(s, args.max_files) for s in args.set]
-    E = make_essentia()
-    rows = [dict(set=s["name"], file=f, **clip_features(w, E)) for s in sets
-            for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None)]
-    write_csv(args.out / "features.csv", rows, ["set", "file"] + FEATURES)
-    names = [s["name"] for s in sets]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
-    for ax, f in zip(axes.flat, FEATURES):
-        violins(ax, rows, f, names, f.replace("_", " "), log=f == "odd_even_ratio")
-    fig.suptitle("spectral features per clip (median over frames)")
-    fig.tight_layout()
-    figures = [save_fig(fig, args.out / "features.png")]
-    summary = []
-    for n in names:
-        v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
-        summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
-                                                 else float("nan") for f, c in zip(FEATURES, v.T)}))
-    return Section("Spectral features (Fig. 2A)", figures,
-                   [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
-
-
 # uncertainty (Fig. 2B)
-
 def uncertainty_proxies(p):
     """Causal-uncertainty proxies of class probabilities p (N, C), rows normalized to sum 1:
     H_cu = max probability, H_p = entropy / log C, S_conf = top-1 minus top-2 probability."""
@@ -548,29 +224,17 @@ def uncertainty_proxies(p):
     return dict(H_cu=top[:, 0], H_p=h_p, S_conf=top[:, 0] - top[:, 1])
 
 
-def classify(sets, args):
-    """Class probabilities of every clip from an AST classifier with local weights
-    -> (class names, how logits became probabilities, [(N, C) probabilities per set])."""
+def classify(sets, fe, model, sigmoid, batch_size):
+    """Class probabilities of every clip from an AST classifier (part 2 loads it) -> [(N, C) per set]."""
     import torch
     import torchaudio
-    from transformers import ASTFeatureExtractor, ASTForAudioClassification, logging as hf_logging
-    hf_logging.set_verbosity_error()
-    d = Path(args.classifier_path)
-    try:
-        fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
-        model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
-    except Exception as e:
-        raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
-    cfg = model.config
-    # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
-    sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
-        cfg.problem_type == "multi_label_classification" or cfg.num_labels == 527))
     per_set = []
     for s in sets:
         waves = s["waves"]
-        if fe.sampling_rate != SR:
-            waves = [torchaudio.functional.resample(torch.from_numpy(w), SR, fe.sampling_rate).numpy() for w in waves]
-        probs, bs = [], min(args.batch_size, 8)  # AST attends over ~1200 patches: small batches
+        if fe.sampling_rate != SAMPLE_RATE:
+            waves = [torchaudio.functional.resample(torch.from_numpy(w), SAMPLE_RATE, fe.sampling_rate).numpy()
+                     for w in waves]
+        probs, bs = [], min(batch_size, 8)  # AST attends over ~1200 patches: small batches
         with torch.no_grad():
             for i in tqdm(range(0, len(waves), bs), desc=f"classify {s['name']}", disable=None):
                 inputs = fe(waves[i:i + bs], sampling_rate=fe.sampling_rate, return_tensors="pt")
@@ -578,42 +242,10 @@ def classify(sets, args):
                 p = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
                 probs.append((p / p.sum(-1, keepdim=True)).numpy())
         per_set.append(np.concatenate(probs))
-    labels = [cfg.id2label.get(i, str(i)) for i in range(cfg.num_labels)]
-    return labels, "sigmoid, normalized" if sigmoid else "softmax", per_set
-
-
-def cmd_uncertainty(args):
-    """Fig. 2B: causal-uncertainty proxies of an Audio Spectrogram Transformer's class probabilities per clip: H_cu
-    (max probability), H_p (entropy / log C), S_conf (top-1 minus top-2) -> uncertainty.csv, uncertainty.png
-
-      python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
-          --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
-    """
-    sets = [load_set(s, args.max_files) for s in args.set]
-    labels, how, probs = classify(sets, args)
-    rows = []
-    for s, p in zip(sets, probs):
-        u = uncertainty_proxies(p)
-        rows += [dict(set=s["name"], file=f, top_class=labels[int(p[i].argmax())], **{k: u[k][i] for k in PROXIES})
-                 for i, f in enumerate(s["files"])]
-    write_csv(args.out / "uncertainty.csv", rows, ["set", "file", "top_class"] + PROXIES)
-    names = [s["name"] for s in sets]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
-    for ax, k in zip(axes, PROXIES):
-        violins(ax, rows, k, names, titles[k], log=k == "S_conf")
-    fig.suptitle(f"causal-uncertainty proxies ({len(labels)} classes, {how})")
-    fig.tight_layout()
-    figures = [save_fig(fig, args.out / "uncertainty.png")]
-    summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
-                    **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
-    return Section("Causal-uncertainty proxies (Fig. 2B)", figures,
-                   [(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
-                     ["set", "n"] + PROXIES, summary)])
+    return per_set
 
 
 # fad (Table 2)
-
 def fad(e1, e2, eps=1e-6):
     """Frechet distance of two embedding sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the
     standard FAD/FID code computes it."""
@@ -629,78 +261,126 @@ def fad(e1, e2, eps=1e-6):
     return max(float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)), 0.0)
 
 
-def cmd_fad(args):
-    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
-    -> fad.csv, fad.png
+# === 2. beyond the paper ===
+# Local CLAP and AST weights, Mix sets, invariance (one factor at a time), training figures (Fig. 3, 5), the report.
+def load_clap(args):
+    """LAION-CLAP from local weights, as an embedder (see get_embedder); nothing downloads."""
+    import torchaudio
+    missing = [] if importlib.util.find_spec("laion_clap") else ["the laion_clap package (pip install laion_clap)"]
+    if not args.clap_checkpoint:
+        missing.append("--clap-checkpoint FILE (local LAION-CLAP weights, e.g. 630k-audioset-best.pt)")
+    elif not Path(args.clap_checkpoint).is_file():
+        missing.append(f"the CLAP checkpoint {args.clap_checkpoint} (no such file)")
+    if missing:
+        raise ValueError("--embedder clap needs " + " and ".join(missing))
+    try:
+        import laion_clap
+        model = laion_clap.CLAP_Module(enable_fusion=False, amodel=args.clap_amodel, device="cpu")
+        model.load_ckpt(args.clap_checkpoint, verbose=False)
+        model.eval()
+    except Exception as e:
+        raise ValueError(f"cannot load LAION-CLAP from {args.clap_checkpoint}: {first_line(e)}") from None
+    return lambda x: model.get_audio_embedding_from_data(
+        x=torchaudio.functional.resample(x, SAMPLE_RATE, 48000), use_tensor=True).float()  # CLAP works at 48 kHz
 
-      python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
-          --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
-      python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
+
+def load_ast(args):
+    """An AST classifier from local weights -> (feature extractor, model, whether its logits are sigmoids)."""
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification, logging as hf_logging
+    hf_logging.set_verbosity_error()
+    d = Path(args.classifier_path)
+    try:
+        fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True)
+        model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
+    except Exception as e:
+        raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
+    cfg = model.config
+    # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
+    sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
+        cfg.problem_type == "multi_label_classification" or cfg.num_labels == 527))
+    return fe, model, sigmoid
+
+
+def mix(waves, k):
+    """The Mix sets: each clip the sum of k random 1-s segments of one file, layered (circularly for short files),
+    at that file's loudness."""
+    rng, out = np.random.default_rng(0), []
+    for x in waves:
+        x = np.pad(x, (0, max(0, SAMPLE_RATE - len(x))))
+        m = np.sum([np.take(x, o + np.arange(SAMPLE_RATE), mode="wrap") for o in rng.integers(0, len(x), k)], 0)
+        out.append((m * np.sqrt(np.mean(x ** 2) / max(np.mean(m ** 2), 1e-12))).astype(np.float32))
+    return out
+
+
+# invariance: what an encoder has learned to ignore
+def cmd_invariance(args, run):
+    """What an encoder ignores: per --encoder, the mean cosine similarity of pairs that differ in one factor (noise,
+    gain, shift, each parameter group) beside doppelgänger pairs and random negatives, and the invariance
+    (s - s_neg) / (1 - s_neg) -> invariance.csv, invariance.png
+
+      python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
+      python analyze.py invariance --factors factors/ --encoder runs/voice/encoder.pt runs/random/encoder.pt \\
+          --out figs/invariance
     """
-    audio = any(parse_set(s)[1].suffix != ".npz" for s in args.set + args.target)
-    fn = get_embedder(args.embedder, args) if audio else None
-    sets = [load_set(s, args.max_files) for s in args.set + args.target]
-    for s in sets:
-        if len(s["files"]) < 2:
-            raise ValueError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
-    names = [s["name"] for s in sets]
-    # audio sets embedded with fn, caches used as they are
-    embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
-            for s in sets}
-    if len({e.shape[1] for e in embs.values()}) > 1:
-        raise ValueError("embedding dimensions differ: " + ", ".join(f"{k} has {e.shape[1]}" for k, e in embs.items()))
-    set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
-    rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
-            for s in set_names for t in target_names]
-    table = write_csv(args.out / "fad.csv", rows, ["set", "target", "n_set", "n_target", "fad"])
-    emb_name = args.embedder if audio else "cached embeddings"
-    m = np.array([[r["fad"] for r in rows if r["set"] == s] for s in set_names])
-    fig, ax = plt.subplots(figsize=(1.4 * len(target_names) + 2, 0.6 * len(set_names) + 1.5))
-    im = ax.imshow(m, cmap="viridis")
-    for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_xticks(range(len(target_names)), target_names, rotation=30)
-    ax.set_yticks(range(len(set_names)), set_names)
-    ax.set_xlabel("target")
-    ax.set_title(f"Fréchet Audio Distance ({emb_name})")
-    fig.colorbar(im, ax=ax)
-    figures = [save_fig(fig, args.out / "fad.png")]
-    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
+    dirs = {}  # generate.py --factors output: {factor: pair folder}
+    for npz in sorted(Path(args.factors).glob("*/params.npz")):
+        try:
+            dirs[str(np.load(npz, allow_pickle=False)["factor"])] = npz.parent
+        except Exception:
+            raise ValueError(f"{npz} has no factor (not written by generate.py --factors)") from None
+    if "negative" not in dirs:
+        raise ValueError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
+    labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
+    if len(set(labels)) < len(labels):
+        labels = [str(p) for p in args.encoder]
+    pairs = {name: read_pairs(d, args.max_pairs) for name, d in dirs.items()}  # read once for every encoder
+    rows = []
+    for path, label in zip(args.encoder, labels):
+        fn, sims = get_embedder(f"encoder:{path}", args), {}
+        for name, (wa, wb) in pairs.items():  # mean cosine between the two sides of each factor's pairs
+            e = embed(wa + wb, fn, args.batch_size, desc=f"embed {name}")
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            sims[name] = (e[:len(wa)] * e[len(wa):]).sum(1)
+        s_neg = sims["negative"].mean()  # invariance 1: the factor is ignored, 0: as different as a random negative
+        rows += [dict(encoder=label, factor=k, n=len(v), cos_mean=v.mean(), cos_sd=v.std(),
+                      invariance=(v.mean() - s_neg) / max(1 - s_neg, 1e-12)) for k, v in sims.items()]
+    table = write_csv(run, "invariance.csv", rows, ["encoder", "factor", "n", "cos_mean", "cos_sd", "invariance"])
+    first = ["doppelganger", "noise", "gain", "shift"]  # then the synth's parameter groups
+    factors = [f for f in first if f in dirs] + sorted(f for f in dirs if f not in first + ["negative"])
+    encoders = list(dict.fromkeys(r["encoder"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(factors) * len(encoders) + 1.5))
+    h = 0.8 / len(encoders)
+    for j, enc in enumerate(encoders):
+        inv = {r["factor"]: r["invariance"] for r in rows if r["encoder"] == enc}
+        ax.barh(np.arange(len(factors)) + j * h, [inv[f] for f in factors], height=h, color=f"C{j}", label=enc)
+    ax.set_yticks(np.arange(len(factors)) + h * (len(encoders) - 1) / 2, factors)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("(s − s_neg) / (1 − s_neg)\n1 = ignored, 0 = as different as a random negative")
+    ax.set_title("what the encoder ignores: pairs that differ in one factor")
+    ax.legend(fontsize=7)
+    figures = [save_fig(run, fig, "invariance.png")]
+    return Section("Invariance: embedding similarity of pairs that differ in one factor", figures, [table])
 
 
 # training (Fig. 5, Fig. 3)
-
-def read_json(path, what):
-    """A JSON object from path (a UTF-8 BOM is fine) or one clear line."""
-    try:
-        obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text ({what})")
-    except Exception as e:
-        raise ValueError(f"cannot read {what} {path}: {first_line(e)}")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is not a {what} (expected a JSON object)")
-    return obj
-
-
 def recipe(cfg, path):
     """How a run drew its pairs besides one delta (train.py --keep, --delta-group, --delta-schedule), e.g.
-    'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler and for runs from before these flags."""
-    keep, groups, start = cfg.get("keep") or [], cfg.get("delta_group") or [], cfg.get("delta_schedule")
+    'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler (all three null in config.json)."""
     try:
+        keep, groups, start = cfg["keep"] or [], cfg["delta_group"] or [], cfg["delta_schedule"]
         if not (isinstance(keep, list) and isinstance(groups, list)):
             raise TypeError
         ramp = [] if start is None else [f"ramp from {float(start):g}"]
-    except (TypeError, ValueError):
-        raise ValueError(f"{path} has a malformed keep, delta_group or delta_schedule") from None
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path} has a malformed keep, delta_group or delta_schedule, or lacks one "
+                         "(a config.json of train.py before --keep, --delta-group, --delta-schedule)") from None
     return ", ".join([f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
 
 
 def read_run(d):
     """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of its end."""
     d = Path(d)
-    if not d.is_dir():
-        raise ValueError(f"no such run folder: {d}")
     if not (d / "config.json").is_file():
         raise ValueError(f"{d} is not a train.py run folder (no readable config.json)")
     cfg = read_json(d / "config.json", "train.py config")
@@ -727,10 +407,8 @@ def read_run(d):
         val = [r for r in log if (r.get("val_align") or "").strip()]
         if val:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text (save it as UTF-8 CSV)")
-    except (KeyError, TypeError, ValueError, csv.Error) as e:
-        raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})")
+    except (KeyError, TypeError, ValueError, csv.Error) as e:  # a UnicodeDecodeError too: save it as UTF-8 CSV
+        raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})") from None
     return row
 
 
@@ -738,16 +416,9 @@ def read_results(path, runs):
     """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
     path = Path(path)
     res = read_json(path, "probe.py results.json")
-    try:
-        summary = res.get("summary")
-        if not summary:  # aggregate the per-fold rows
-            by = {}
-            for r in res.get("rows", []):
-                by.setdefault((r["encoder"], r["task"], r["metric"]), []).append(float(r["score"]))
-            summary = [dict(encoder=e, task=t, metric=m, mean=np.mean(v), std=np.std(v), folds=len(v))
-                       for (e, t, m), v in by.items()]
+    try:  # probe.py's summary: one row per encoder and task
         summary = [dict(encoder=str(s["encoder"]), task=s["task"], metric=s["metric"], mean=float(s["mean"]),
-                        std=float(s.get("std", 0.0)), folds=s.get("folds", "")) for s in summary]
+                        std=float(s["std"]), folds=s["folds"]) for s in res["summary"]]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path} is not a probe.py results.json ({type(e).__name__}: {first_line(e)})")
     out, skipped = [], set()
@@ -799,7 +470,7 @@ def legend_below(fig, axes):
                fontsize=8, frameon=False)
 
 
-def cmd_training(args):
+def cmd_training(args, run):
     """Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
     line per synth and recipe (train.py's --keep, --delta-group, --delta-schedule; a ramped run sits at its final
     delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
@@ -817,7 +488,7 @@ def cmd_training(args):
     # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
     how = ["recipe"] * any(r["recipe"] for r in [*rows, *probes])
     cols = ["run", "synth", *how, "delta", "steps", "epochs", "val_align", "val_unif"]
-    figures, tables = [], [write_csv(args.out / "training.csv", rows, cols,
+    figures, tables = [], [write_csv(run, "training.csv", rows, cols,
                                      "training.csv: final validation alignment and uniformity")]
     if rows:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -825,10 +496,10 @@ def cmd_training(args):
             by_synth(ax, rows, k)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
         legend_below(fig, axes)
-        figures.append(save_fig(fig, args.out / "training_align_unif.png"))
+        figures.append(save_fig(run, fig, "training_align_unif.png"))
     if probes:
         probes.sort(key=lambda r: (r["task"], *order(r)))
-        tables.append(write_csv(args.out / "probe.csv", probes,
+        tables.append(write_csv(run, "probe.csv", probes,
                                 ["run", "synth", *how, "delta", "task", "metric", "mean", "std", "folds"],
                                 "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
@@ -837,7 +508,7 @@ def cmd_training(args):
         wide.update({r["run"]: dict(r) for r in rows})
         for p in probes:
             wide[p["run"]][p["task"]] = f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}"
-        tables.append(write_csv(args.out / "training_table.csv", sorted(wide.values(), key=order),
+        tables.append(write_csv(run, "training_table.csv", sorted(wide.values(), key=order),
                                 ["run", "synth", *how, "delta", "val_align", "val_unif", *tasks],
                                 "training_table.csv: final validation alignment and uniformity, and each task's probe "
                                 "score (mean ± std over folds, %) per run"))
@@ -848,12 +519,11 @@ def cmd_training(args):
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         legend_below(fig, axes[0])
-        figures.append(save_fig(fig, args.out / "training_probe.png"))
+        figures.append(save_fig(run, fig, "training_probe.png"))
     return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
 
 
 # report
-
 def markdown(s):
     """A Section as report.md lines: its figures, then its tables with numbers to 4 digits. A subcommand run on its
     own prints these lines as its summary."""
@@ -864,7 +534,7 @@ def markdown(s):
     return md
 
 
-def cmd_report(args):
+def cmd_report(args, run):
     """Everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
     fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
     and table in DIR/report.md
@@ -874,7 +544,7 @@ def cmd_report(args):
     """
     audio = [s for s in args.set if parse_set(s)[1].suffix != ".npz"]  # caches only serve fad
     audio_args = argparse.Namespace(**{**vars(args), "set": audio})
-    sections = [cmd(a) for wanted, cmd, a in [
+    sections = [cmd(a, run) for wanted, cmd, a in [
         (args.pairs, cmd_pairs, args),
         (audio, cmd_features, audio_args),
         (audio and args.classifier_path, cmd_uncertainty, audio_args),
@@ -885,11 +555,339 @@ def cmd_report(args):
         raise ValueError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                          "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
-    atomic_write(args.out / "report.md", "\n".join(md).encode())
+    run.write("report.md", "\n".join(md).encode())
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
-# command line: every flag defined once; each subcommand's flags listed in SUBCOMMANDS
+# === 3. plumbing ===
+# Run state, part 1's subcommands, reading sets, the helpers shared with the other scripts, the command line, main().
+Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
+
+
+class Run:
+    """One run's state, owned by main(): the files it wrote and the folders it created (removed again if it fails in
+    an --out it created, so no partial set is left), and the sets it read (report reads each once; never mutated)."""
+
+    def __init__(self, out):
+        self.out, self.written, self.load_set = out, [], functools.lru_cache(maxsize=None)(load_set)
+        self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed, innermost first, on failure
+
+    def write(self, name, data):
+        atomic_write(self.out / name, data)
+        self.written.append(self.out / name)
+        return name
+
+    def remove(self):
+        with contextlib.suppress(OSError):  # outputs are whole or absent
+            for f in self.written if self.made else []:
+                f.unlink()
+            for d in self.made:
+                d.rmdir()
+
+
+def write_csv(run, name, rows, cols, caption=None):
+    """-> the same rows as a report.md table: (caption, cols, rows)."""
+    f = io.StringIO()
+    w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(map(fmt_row, rows))
+    run.write(name, f.getvalue().encode())
+    return caption or name, cols, rows
+
+
+def save_fig(run, fig, name):
+    f = io.BytesIO()
+    fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return run.write(name, f.getvalue())
+
+
+def fmt_row(r, digits=6):
+    return {k: (f"{v:.{digits}g}" if isinstance(v, (float, np.floating)) else v) for k, v in r.items()}
+
+
+def delta_axis(ax, deltas):
+    ax.set_xscale("symlog", linthresh=0.01)  # log-like, but keeps delta = 0
+    ax.set_xticks(deltas, [f"{d:g}" for d in deltas])
+    ax.set_xlabel("δ")
+
+
+def violins(run, name, rows, names, titles, log, shape, size, title):
+    """A panel per key of titles, one violin of rows[key] per set in it; the log key in log10, floored at 1e-6
+    (S_conf spans decades and can be 0) -> the figure's file name."""
+    fig, axes = plt.subplots(*shape, figsize=size)
+    for ax, (key, panel) in zip(axes.flat, titles.items()):
+        for i, n in enumerate(names):
+            v = np.array([r[key] for r in rows if r["set"] == n], float)
+            v = v[np.isfinite(v)]
+            if key == log:
+                v = np.log10(np.maximum(v, 1e-6))
+            if len(np.unique(v)) >= 2:
+                p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
+                for b in p["bodies"]:
+                    b.set_color(f"C{i}")
+            elif len(v):
+                ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_title(panel + (" (log10)" if key == log else ""), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_fig(run, fig, name)
+
+
+# the subcommands of part 1: read the sets, compute, write the CSV, the PNG and the report section
+def cmd_pairs(args, run):
+    """Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the pairs
+    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the
+    whole sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which
+    inflates every similarity.
+
+      python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
+      python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
+      python analyze.py pairs --pairs pairs/ --embedder encoder:runs/voice/encoder.pt --out figs/pairs_enc
+    """
+    groups = read_sweep(args.pairs, args.max_pairs)
+    rows = pair_similarity(groups, get_embedder(args.embedder, args), args.embedder, args.batch_size)
+    table = write_csv(run, "pairs.csv", rows, ["synth", "delta", "n", "pos_mean", "pos_sd", "neg_mean", "neg_sd"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, sy in enumerate(sorted({r["synth"] for r in rows})):
+        rs = [r for r in rows if r["synth"] == sy]
+        x = [r["delta"] for r in rs]
+        ax.errorbar(x, [r["pos_mean"] for r in rs], yerr=[r["pos_sd"] for r in rs], marker="o", capsize=3,
+                    color=f"C{i}", label=f"{sy} positives")
+        ax.plot(x, [r["neg_mean"] for r in rs], ls="--", color=f"C{i}", alpha=0.6, label=f"{sy} random negatives")
+    delta_axis(ax, sorted({r["delta"] for r in rows}))
+    ax.set_ylabel("cosine similarity" + (" (z-scored MFCC stats)" if args.embedder == "mfcc" else ""))
+    ax.set_title(f"positive-pair similarity vs δ ({args.embedder})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figures = [save_fig(run, fig, "pairs_similarity.png"),
+               save_fig(run, plot_pair_pca(groups, args.pca_pairs), "pairs_pca.png")]
+    return Section(f"Positive-pair similarity vs δ (Fig. 1, {args.embedder})", figures, [table])
+
+
+def cmd_features(args, run):
+    """Fig. 2A: Essentia's inharmonicity, odd/even harmonic energy ratio, pitch salience, flatness, flux and
+    complexity (median over a clip's non-silent frames, at a fixed RMS) of synthetic sets, real clips and K-segment
+    mixtures of real clips -> features.csv, features.png
+
+      python analyze.py features --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
+          --set mix5=mix5:../shared/data/fsdd_count --max-files 300 --out figs/features
+
+    odd/even is odd over even harmonic energy (harmonic 1 = odd), clipped to [1e-3, 1e3] and plotted in log10.
+    PitchSalience does not remove the spectrum's mean: white noise scores ~0.79 (pi/4), a pure sine ~0, a 1/k
+    sawtooth ~0.57, equal-strength harmonics ~0.9. SpectralComplexity counts at most 100 peaks.
+    """
+    sets = [run.load_set(s, args.max_files) for s in args.set]
+    E = make_essentia()
+    rows = [dict(set=s["name"], file=f, **clip_features(w, E)) for s in sets
+            for f, w in tqdm(list(zip(s["files"], s["waves"])), desc=f"features {s['name']}", disable=None)]
+    write_csv(run, "features.csv", rows, ["set", "file"] + FEATURES)
+    names = [s["name"] for s in sets]
+    figures = [violins(run, "features.png", rows, names, {f: f.replace("_", " ") for f in FEATURES}, "odd_even_ratio",
+                       (2, 3), (12, 7), "spectral features per clip (median over frames)")]
+    summary = []
+    for n in names:
+        v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
+        summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
+                                                 else float("nan") for f, c in zip(FEATURES, v.T)}))
+    return Section("Spectral features (Fig. 2A)", figures,
+                   [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
+
+
+def cmd_uncertainty(args, run):
+    """Fig. 2B: causal-uncertainty proxies of an Audio Spectrogram Transformer's class probabilities per clip: H_cu
+    (max probability), H_p (entropy / log C), S_conf (top-1 minus top-2) -> uncertainty.csv, uncertainty.png
+
+      python analyze.py uncertainty --set voice=pairs/voice/delta_0.25 --set mix5=mix5:../shared/data/fsdd_count \\
+          --classifier-path models/ast-finetuned-audioset --out figs/uncertainty
+    """
+    sets = [run.load_set(s, args.max_files) for s in args.set]
+    fe, model, sigmoid = load_ast(args)
+    labels = [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
+    how = "sigmoid, normalized" if sigmoid else "softmax"
+    rows = []
+    for s, p in zip(sets, classify(sets, fe, model, sigmoid, args.batch_size)):
+        u = uncertainty_proxies(p)
+        rows += [dict(set=s["name"], file=f, top_class=labels[int(p[i].argmax())], **{k: u[k][i] for k in PROXIES})
+                 for i, f in enumerate(s["files"])]
+    write_csv(run, "uncertainty.csv", rows, ["set", "file", "top_class"] + PROXIES)
+    names = [s["name"] for s in sets]
+    titles = dict(H_cu="H_cu (max probability)", H_p="H_p (normalized entropy)", S_conf="S_conf (top1 - top2)")
+    figures = [violins(run, "uncertainty.png", rows, names, titles, "S_conf", (1, 3), (12, 3.8),
+                       f"causal-uncertainty proxies ({len(labels)} classes, {how})")]
+    summary = [dict(set=n, n=sum(r["set"] == n for r in rows),
+                    **{k: float(np.mean([r[k] for r in rows if r["set"] == n])) for k in PROXIES}) for n in names]
+    return Section("Causal-uncertainty proxies (Fig. 2B)", figures,
+                   [(f"mean per set, class probabilities by {how} (per clip in uncertainty.csv)",
+                     ["set", "n"] + PROXIES, summary)])
+
+
+def cmd_fad(args, run):
+    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
+    -> fad.csv, fad.png
+
+      python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
+          --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
+      python analyze.py fad --set a=probes/cache_a.npz --set b=probes/cache_b.npz --out figs/fad_cache
+    """
+    audio = any(parse_set(s)[1].suffix != ".npz" for s in args.set + args.target)
+    fn = get_embedder(args.embedder, args) if audio else None
+    sets = [run.load_set(s, args.max_files) for s in args.set + args.target]
+    for s in sets:
+        if len(s["files"]) < 2:
+            raise ValueError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
+    names = [s["name"] for s in sets]
+    # audio sets embedded with fn, caches used as they are
+    embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
+            for s in sets}
+    if len({e.shape[1] for e in embs.values()}) > 1:
+        raise ValueError("embedding dimensions differ: " + ", ".join(f"{k} has {e.shape[1]}" for k, e in embs.items()))
+    set_names, target_names = names[:len(args.set)], names[len(args.set):] or names
+    rows = [dict(set=s, target=t, n_set=len(embs[s]), n_target=len(embs[t]), fad=fad(embs[s], embs[t]))
+            for s in set_names for t in target_names]
+    table = write_csv(run, "fad.csv", rows, ["set", "target", "n_set", "n_target", "fad"])
+    emb_name = args.embedder if audio else "cached embeddings"
+    m = np.array([[r["fad"] for r in rows if r["set"] == s] for s in set_names])
+    fig, ax = plt.subplots(figsize=(1.4 * len(target_names) + 2, 0.6 * len(set_names) + 1.5))
+    im = ax.imshow(m, cmap="viridis")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(target_names)), target_names, rotation=30)
+    ax.set_yticks(range(len(set_names)), set_names)
+    ax.set_xlabel("target")
+    ax.set_title(f"Fréchet Audio Distance ({emb_name})")
+    fig.colorbar(im, ax=ax)
+    figures = [save_fig(run, fig, "fad.png")]
+    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
+
+
+# reading sets and pair folders
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
+def read_clips(groups, what, unit="clip"):
+    """The audio of each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves).
+    A group with a clip that read_audio refuses is skipped and counted, as one bad file in 1000 should not stop a
+    figure; none left is an error."""
+    kept, waves, refused = [], [], []
+    for i, files in enumerate(tqdm(groups, desc=f"read {what}", disable=None)):
+        try:
+            waves.append([read_audio(f) for f in files])
+            kept.append(i)
+        except ValueError as e:
+            refused.append(first_line(e))
+    if not kept:
+        raise ValueError(f"{what}: no {unit} can be read ({refused[0]})")
+    if refused:
+        print(f"analyze.py: {what}: {len(refused)} {unit}(s) skipped; the first: {refused[0]}", file=sys.stderr)
+    return kept, waves
+
+
+def subset(n, max_files):
+    """A fixed seeded subset (in original order), so runs and sets are comparable."""
+    if not max_files or n <= max_files:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
+
+
+def parse_set(spec):
+    name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    k, m = 0, re.fullmatch(r"mix(\d+):(.+)", path)
+    if m:
+        k, path = int(m.group(1)), m.group(2)
+        if k < 1:
+            raise ValueError(f"--set {spec}: mixK needs K >= 1")
+    if not path:
+        raise ValueError(f"--set {spec}: expected NAME=PATH or NAME=mixK:PATH")
+    return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
+
+
+def load_set(spec, max_files):
+    """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
+    name, path, k = parse_set(spec)
+    if path.suffix == ".npz":
+        try:
+            z = np.load(path, allow_pickle=False)
+            emb = np.asarray(z["embeddings"], dtype=np.float64)
+        except Exception:
+            raise ValueError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)") from None
+        if emb.ndim != 2 or len(emb) == 0:
+            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings")
+        if not np.isfinite(emb).all():
+            raise ValueError(f"set {name}: {path} holds non-finite embeddings")
+        try:
+            files = [str(f) for f in z["files"]]
+        except Exception:  # file names are optional here
+            files = [str(i) for i in range(len(emb))]
+        if len(files) != len(emb):
+            raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
+        keep = subset(len(emb), max_files)
+        return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    if not files:
+        raise ValueError(f"no audio files under {path}")
+    files = [files[i] for i in subset(len(files), max_files)]
+    kept, waves = read_clips([[f] for f in files], f"set {name}")
+    files, waves = [files[i] for i in kept], [w for w, in waves]
+    return dict(name=name, files=[str(f.relative_to(path)) for f in files], waves=mix(waves, k) if k else waves)
+
+
+def read_pairs(d, max_pairs=0):
+    """The NNNNNN_a.wav / NNNNNN_b.wav pairs of a generate.py pair folder, at most max_pairs (0 = all), as two
+    lists of waves; a pair with a clip that cannot be read is skipped and counted."""
+    fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
+    fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
+    if not fa:
+        raise ValueError(f"no NNNNNN_a.wav files in {d}")
+    if not all(f.is_file() for f in fb):
+        raise ValueError(f"{d}: some _a.wav files have no matching _b.wav")
+    _, pairs = read_clips(list(zip(fa, fb)), str(d), "pair")
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def read_sweep(root, max_pairs):
+    """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
+    root = Path(root)
+    dirs = sorted(p.parent for p in root.rglob("params.npz"))
+    if not dirs:
+        raise ValueError(f"no generate.py pair folders (params.npz) under {root}")
+    groups = []
+    for d in dirs:
+        try:
+            z = np.load(d / "params.npz", allow_pickle=False)
+            groups.append(dict(synth=str(z["synth"]), delta=float(z["delta"])))
+        except Exception:
+            raise ValueError(f"{d / 'params.npz'} has no synth/delta (not written by generate.py)") from None
+    for g, d in zip(groups, dirs):  # every folder checked before any audio is read
+        g["wa"], g["wb"] = read_pairs(d, max_pairs)
+    return groups
+
+
+# --- shared helpers: the same in every script that has them ---
+# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
+# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+
+def first_line(e):
+    """An error as one line: the first line of its message (its type's name if it has none), never cut."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def fail(msg, code=2):
+    """The one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr."""
+    print(f"{os.path.basename(__file__)}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def interrupted(signum, frame):
+    """SIGTERM ends a run as Ctrl-C does: a KeyboardInterrupt, so every file on disk is left whole."""
+    raise KeyboardInterrupt(signum)
+
+
+def exit_interrupted(e, note=""):
+    """The exit on Ctrl-C (130) or SIGTERM (143): 128 + the signal's number, as a shell reports it."""
+    print(f"{os.path.basename(__file__)}: interrupted{'; ' + note if note else ''}", file=sys.stderr)
+    sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+
 
 def number(kind=float, low=0, high=math.inf, above=False, below=False):
     """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
@@ -903,6 +901,89 @@ def number(kind=float, low=0, high=math.inf, above=False, below=False):
     return check
 
 
+def check_path(path, flag, kind="folder", must_exist=False):
+    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
+    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
+    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
+        if must_exist:
+            raise ValueError(f"{flag} {path} does not exist (not a {kind})") from None
+        return
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                         else f"{flag} {path}: {e.strerror}") from None
+    if is_dir != (kind != "file"):
+        raise ValueError(f"{flag} {path} is a {'folder' if is_dir else 'file'}, not a {kind}")
+
+
+def check_writable(path, flag):
+    """An output path this user can create or replace: its nearest existing ancestor must be writable (found now,
+    not after the work)."""
+    ancestor = next(d for d in [Path(path).absolute(), *Path(path).absolute().parents] if d.exists())
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
+
+
+def atomic_write(path, data):
+    """data (bytes) to path through a temporary twin and a rename: path is never half-written, and on any failure
+    (a full disk, SIGTERM) neither the twin nor a folder made for it is left. OSError names path, not the twin."""
+    path = Path(path)
+    made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        made = []
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        with contextlib.suppress(OSError):
+            for d in made:
+                d.rmdir()
+
+
+def read_json(path, what):
+    """A JSON object (dict) from a file the project wrote, a UTF-8 BOM allowed, or one ValueError naming it."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path} is not a readable {what} ({first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not a {what} (a JSON object)")
+    return obj
+
+
+def read_audio(path, start=0, frames=-1):
+    """An audio file (any rate, any channel count; frames from start, all by default) as float32 mono at 16 kHz,
+    (T,). ValueError naming the file when it cannot be decoded, is empty or holds a non-finite sample (one NaN would
+    poison an embedding, a feature or every later training step): the caller refuses or skips it."""
+    try:
+        x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
+    if len(x) == 0:
+        raise ValueError(f"{path} holds no samples")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path} holds non-finite samples (NaN or inf); remove or repair it")
+    x = x.mean(axis=1)
+    if sr != SAMPLE_RATE:
+        import torch
+        import torchaudio
+        x = torchaudio.functional.resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
+    return x
+
+# --- end of shared helpers ---
+
+
+# command line: every flag defined once; each subcommand's flags listed in SUBCOMMANDS
 FLAGS = {
     "--out": dict(type=Path, help="output folder for PNGs, CSVs (created if absent)"),
     "--batch-size": dict(type=number(int, 1), default=64, help="clips per embedding/classifier batch"),
@@ -928,6 +1009,8 @@ FLAGS = {
     "--encoder": dict(nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)"),
 }
 EMBEDDER = ["--embedder", "--clap-checkpoint", "--clap-amodel"]
+PATHS = {"--out": "folder", "--classifier-path": "folder", "--clap-checkpoint": "file", "--pairs": "folder",
+         "--factors": "folder", "--runs": "folder", "--results": "file", "--encoder": "file"}  # checked by check_args
 SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help shows the function's docstring
     "pairs": (cmd_pairs, ["--pairs", "--out"], [*EMBEDDER, "--batch-size", "--max-pairs", "--pca-pairs"]),
     "features": (cmd_features, ["--set", "--out"], ["--max-files"]),
@@ -955,11 +1038,6 @@ def build_parser():
     return p
 
 
-def fail(msg):  # argparse's exit: one line on stderr, exit 2 (main's own exit also tidies --out)
-    print(f"analyze.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def check_args(args):
     """What argparse cannot check, before --out is created."""
     sets = [parse_set(s) for s in getattr(args, "set", []) + getattr(args, "target", [])]
@@ -969,72 +1047,36 @@ def check_args(args):
     for name, path, _ in sets if args.cmd in ("features", "uncertainty") else []:
         if path.suffix == ".npz":  # embedding caches serve fad only
             raise ValueError(f"set {name}: {path} is an embedding cache; this subcommand needs audio")
-    clf = getattr(args, "classifier_path", None)
-    if clf and not Path(clf).is_dir():
-        raise ValueError(f"no such classifier folder: {clf}")
     if args.cmd == "fad" and not args.target and len(args.set) < 2:
         raise ValueError("fad needs a --target or at least two --set")
     if args.cmd == "training" and not args.runs and not args.results:
         raise ValueError("training needs --runs DIR ... and/or --results results.json ...")
-    paths = [("--out", args.out, "folder"), ("--classifier-path", clf, "folder"),
-             ("--clap-checkpoint", getattr(args, "clap_checkpoint", None), "file"),
-             ("--pairs", getattr(args, "pairs", None), "folder"),
-             ("--factors", getattr(args, "factors", None), "folder")]
-    paths += [(f"--{flag}", p, kind) for flag, kind in [("runs", "folder"), ("results", "file"), ("encoder", "file")]
-              for p in getattr(args, flag, [])]
+    given = {flag: vars(args).get(flag[2:].replace("-", "_")) for flag in PATHS}  # what this subcommand has
+    paths = [(flag, p, PATHS[flag]) for flag, v in given.items() for p in (v if isinstance(v, list) else [v]) if p]
     paths += [("--set", p, "file" if p.suffix == ".npz" else "folder") for _, p, _ in sets]
-    for flag, path, kind in paths:  # a missing one is named where it is read
-        if path is not None:
-            check_path(Path(path), flag, kind)
-    ancestor = next(d for d in [args.out, *args.out.parents] if d.exists())  # found now, not after the embedding
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {args.out} is not writable by this user ({ancestor}: permission denied)")
-
-
-def check_path(path, flag, kind):
-    """A link is followed; a broken or looping link, or a file where a folder belongs (or the reverse), is named."""
-    try:
-        path.stat()
-    except FileNotFoundError:
-        if path.is_symlink():
-            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})")
-        return
-    except OSError as e:
-        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
-                         else f"{flag} {path}: {e.strerror}")
-    if path.is_dir() != (kind == "folder"):
-        raise ValueError(f"{flag} {path} is a {'folder' if kind == 'file' else 'file'}, not a {kind}")
-
-
-def interrupted(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
+    for flag, path, kind in paths:  # every input must exist (the CLAP weights are named where read); --out is created
+        check_path(path, flag, kind, must_exist=flag not in ("--out", "--clap-checkpoint"))
+    check_writable(args.out, "--out")  # found now, not after the embedding
 
 
 def main(argv=None):
-    made = []
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads, ever (set before transformers is imported)
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    matplotlib.use("Agg")  # figures go to files only
+    run = None
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        made = [d for d in [args.out, *args.out.parents] if not d.exists()]  # removed, innermost first, on failure
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot create --out {args.out}: {first_line(e)}") from None
-        section = args.run(args)
+        run = Run(args.out)  # atomic_write creates --out with the first file
+        section = args.run(args, run)
         if section:  # report's sections went to report.md
             print("\n".join(markdown(section)))
-        return
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: 128 + the signal's number
-        code, msg = 128 + (e.args[0] if e.args else signal.SIGINT), "interrupted"
-    except (ValueError, OSError) as e:  # the only place an error becomes one line, exit 2
-        code, msg = 2, f"error: {first_line(e)}"
-    with contextlib.suppress(OSError):  # no --out left behind that this run created (outputs are whole or absent)
-        for f in WRITTEN if made else []:
-            f.unlink()
-        for d in made:
-            d.rmdir()
-    print(f"analyze.py: {msg}", file=sys.stderr)
-    sys.exit(code)
+    except (KeyboardInterrupt, ValueError, OSError) as e:
+        if run:
+            run.remove()
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM
+            exit_interrupted(e)
+        fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else first_line(e))
 
 
 if __name__ == "__main__":

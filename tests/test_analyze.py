@@ -43,7 +43,10 @@ def pngs_ok(out, names):
     for n in names:
         b = (Path(out) / n).read_bytes()
         assert b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 2000, n
-    assert not list(Path(out).glob(".*.tmp")), "temp files left behind"
+    assert not list(Path(out).glob(".*.tmp*")), "temp files left behind"
+
+
+PAPER_SAMPLER = dict(keep=None, delta_group=None, delta_schedule=None)  # train.py writes these for every run
 
 
 # -----------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def runs(tmp_path_factory):
         d = root / "runs" / name
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(dict(synth=synth, delta=delta, batch_size=8, epochs=2, lr=1e-3,
-                                                       alpha=2, t=2, seed=0, data="")))
+                                                       seed=0, data="", **PAPER_SAMPLER)))
         va, vu = 0.5 + delta, -2.0 - delta
         final[name] = (va, vu)
         lines = ["step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s",
@@ -106,7 +109,8 @@ def runs(tmp_path_factory):
     for name, extra in [("random", dict(epochs=0)), ("real_mix5", dict(data="/audio", positives="mix5"))]:
         d = root / "runs" / name
         d.mkdir(parents=True)
-        (d / "config.json").write_text(json.dumps(dict(dict(synth="voice", delta=0.25, data=None, epochs=2), **extra)))
+        (d / "config.json").write_text(json.dumps({**dict(synth="voice", delta=0.25, data=None, epochs=2),
+                                                   **PAPER_SAMPLER, **extra}))
         log = "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
         (d / "log.csv").write_text(log + ("4,1,0.001,2.7,0.6,-1.6,0.4,-3.0,100\n" if name == "real_mix5" else ""))
     rows = [dict(encoder=f"runs/{n}/encoder.pt", task=t, metric="accuracy", fold=k, score=0.5 + 0.1 * k + (n == "voice_b") * 0.05,
@@ -114,7 +118,10 @@ def runs(tmp_path_factory):
             for n in final for t in ["csv:fsdd:digit", "csv:gm_notes:pitch"] for k in range(2)]
     rows.append(dict(encoder="baseline/encoder.pt", task="csv:fsdd:digit", metric="accuracy", fold=0, score=0.3,
                      epochs=10, n_train=8, n_test=2, seconds=1.0))
-    (root / "results.json").write_text(json.dumps(dict(rows=rows, summary=[], skipped_files={})))
+    summary = [dict(encoder=e, task=t, metric="accuracy", mean=np.mean(v), std=np.std(v), folds=len(v))
+               for e, t in dict.fromkeys((r["encoder"], r["task"]) for r in rows)
+               for v in [[r["score"] for r in rows if (r["encoder"], r["task"]) == (e, t)]]]  # as probe.py writes it
+    (root / "results.json").write_text(json.dumps(dict(rows=rows, summary=summary, skipped_files={})))
     return root, final
 
 

@@ -173,7 +173,9 @@ CASES = {
     "analyze: --runs a file": (lambda t: ["analyze.py", "training", "--runs", t / "file", "--out", t / "new"], "is a file", {}),
     "analyze: --out read-only": (lambda t: ["analyze.py", "training", "--runs", t, "--out", read_only(t / "ro") / "new"],
                                  "not writable", dict(no_root_override=True)),
-    "analyze: full disk": (lambda t: (t.joinpath("config.json").write_text('{"synth": "voice", "delta": 0.1}'),
+    "analyze: full disk": (lambda t: (t.joinpath("config.json").write_text(
+                                          '{"synth": "voice", "delta": 0.1, "keep": null, "delta_group": null, '
+                                          '"delta_schedule": null}'),
                                       t.joinpath("log.csv").write_text(LOG),
                                       ["analyze.py", "training", "--runs", t, "--out", t / "new"])[-1],
                            "training_align_unif.png: File too large", dict(full_disk=3000)),

@@ -155,21 +155,23 @@ def learning_rate(epoch, args):
     return args.lr * args.gamma ** sum(epoch >= m for m in milestone_epochs(args))
 
 
-def train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args, log_row, save):
-    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks)."""
+def train_one_epoch(model, embed_pair, optimizer, scaler, batches, epoch, steps_per_epoch, args, log_row, save):
+    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks).
+    scaler: fp16's gradient scaler; in fp32 and bf16 it is disabled, and the step is plain SGD."""
     model.train()
     last_save = time.time()
     for s, a, b in batches:
         e_a, e_b = embed_pair(a, b)
         loss, align, unif = contrastive_loss(e_a, e_b, args.align_alpha, args.unif_t, args.align_w, args.unif_w)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         last = all_mean(loss, align, unif)
         if not math.isfinite(last[0]):
             kept = os.path.exists(os.path.join(args.out, "checkpoint.pt"))
             raise FloatingPointError(f"non-finite loss at step {s}; stopping"
                                      + (f", {args.out}/checkpoint.pt (earlier) is kept" if kept else ""))
-        optimizer.step()
+        scaler.step(optimizer)  # fp16: skipped, and the scale halved, where the scaled gradients overflow
+        scaler.update()
         step = s + 1
         if step % args.log_every == 0 and step % steps_per_epoch != 0:  # the epoch's last row is its validation's
             log_row(step, epoch, last)
@@ -251,6 +253,14 @@ def make_source(args, ckpt, steps_per_epoch):
                        args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0)))), augment, schedule
 
 
+def choose_precision(amp, device):
+    """--amp -> "bf16", "fp16" or "fp32". auto: bf16 where the hardware multiplies it natively, fp16 with a gradient
+    scaler on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores), fp32 on other CPUs."""
+    if amp != "auto":
+        return "fp32" if amp == "off" else amp
+    return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+
+
 def native_bf16(device):
     """bf16 autocast pays only where the hardware multiplies bf16: Ampere+ GPUs, and CPUs with AMX or
     AVX512-BF16 (~1.5x fp32). Elsewhere it is emulated: ~40x slower than fp32 on an AVX2 CPU."""
@@ -263,16 +273,18 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
+def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, device):
     """Training speed per precision: the same batches pre-generated, then synthesized on the fly, beside the
     perfect-overlap bound 1 / (1/train + 1/synthesis), the best a pipeline can do where both share the CPU."""
     n, sounds = args.benchmark_steps, 2 * args.batch_size
+    scalers = {p: torch.amp.GradScaler(device.type, enabled=p == "fp16") for p in ("fp32", "bf16", "fp16")}
 
-    def train_step(a, b, amp):
-        loss = contrastive_loss(*embed_pair(a, b, amp), args.align_alpha, args.unif_t)[0]
+    def train_step(a, b, precision):
+        loss = contrastive_loss(*embed_pair(a, b, precision), args.align_alpha, args.unif_t)[0]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scalers[precision].scale(loss).backward()
+        scalers[precision].step(optimizer)
+        scalers[precision].update()
         return loss.item()  # waits for the device
 
     t0 = time.time()
@@ -284,28 +296,29 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, amp):
     print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
     print(f"synthesis alone: {synth:.1f} sounds/s")
     print(f"{'sounds/s':10s} {'pre-generated':>14s} {'on-the-fly':>11s} {'bound':>8s} {'on-the-fly / bound':>19s}")
-    # bf16 is measured where it is the default or asked for: emulated on a CPU, 10 steps take minutes
+    # fp32, and the half precision that runs (bf16 beside fp16 where native): emulated, 10 steps take minutes
+    rows = ["fp32"] + ["bf16"] * (precision == "bf16" or precision == "fp16" and native_bf16(device)) \
+        + ["fp16"] * (precision == "fp16")
     fly = {}
-    for bf16 in [False] + [True] * amp:
+    for p in rows:
         for _ in range(2):
-            train_step(*first, bf16)  # warm-up (oneDNN and cuDNN pick their kernels)
+            train_step(*first, p)  # warm-up (oneDNN and cuDNN pick their kernels, fp16's scale settles)
         t0 = time.time()
         for a, b in batches:
-            train_step(a, b, bf16)
+            train_step(a, b, p)
         pre = sounds * n / (time.time() - t0)
         t0 = time.time()
         for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment):
-            train_step(a, b, bf16)
-        fly[bf16] = sounds * n / (time.time() - t0)
+            train_step(a, b, p)
+        fly[p] = sounds * n / (time.time() - t0)
         bound = 1 / (1 / pre + 1 / synth)
-        print(f"{'bf16' if bf16 else 'fp32':10s} {pre:14.1f} {fly[bf16]:11.1f} {bound:8.1f} {fly[bf16] / bound:19.3f}")
-    if len(fly) == 2:
-        print(f"bf16 / fp32 on the fly: {fly[True] / fly[False]:.2f}x")
-    elif args.amp != "off":
-        print("bf16: not measured, this CPU has no native bf16 (AMX or AVX512-BF16) and would emulate it "
-              "(~40x slower); --amp on measures it anyway")
-    print(f"default precision here (--amp {args.amp}): {'bf16' if amp else 'fp32'}; "
-          f"peak memory {peak_memory_mb():.0f} MB")
+        print(f"{p:10s} {pre:14.1f} {fly[p]:11.1f} {bound:8.1f} {fly[p] / bound:19.3f}")
+    for p in rows[1:]:
+        print(f"{p} / fp32 on the fly: {fly[p] / fly['fp32']:.2f}x")
+    if "bf16" not in rows and args.amp != "off":
+        print("bf16: not measured, this hardware has no native bf16 (AMX or AVX512-BF16 on a CPU, Ampere+ on a GPU) "
+              "and would emulate it (~40x slower on a CPU); --amp bf16 measures it anyway")
+    print(f"default precision here (--amp {args.amp}): {precision}; peak memory {peak_memory_mb():.0f} MB")
 
 
 class RealAudio:
@@ -512,9 +525,9 @@ def parse_args(argv=None):
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16 autocast of the ResNet (the "
-                   "log-mel stays float32); auto: on where the hardware has native bf16 (Ampere+ GPUs, CPUs with "
-                   "AMX or AVX512-BF16), off elsewhere, where it is emulated and slower")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast of the ResNet (the "
+                   "log-mel and the loss stay float32); auto: bf16 where the hardware has it natively (Ampere+ GPUs, "
+                   "CPUs with AMX or AVX512-BF16), fp16 with a gradient scaler on older CUDA GPUs (V100, T4), else off")
     g.add_argument("--log-every", type=number(int, 1), default=50, help="steps between log rows")
     g.add_argument("--save-every", type=number(), default=30.0, help="minutes between mid-epoch checkpoints")
     g.add_argument("--max-steps", type=number(int), default=None, help="stop after this many steps (checkpoint kept)")
@@ -683,22 +696,24 @@ def log(path, step, epoch, lr, last, rate, val=None):
     print(f"{head} {rate:.0f} sounds/s")
 
 
-def save_checkpoint(out, model, optimizer, step, val_epochs, last, config):
-    """Where the run is, exactly: weights, optimizer, step, validated epochs, the last step's losses."""
+def save_checkpoint(out, model, optimizer, scaler, step, val_epochs, last, config):
+    """Where the run is, exactly: weights, optimizer, fp16's loss scale, step, validated epochs, last step's losses."""
     name, key, *rest = np.random.get_state()  # its key as a tensor: the checkpoint loads with weights_only=True
     rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
            "python": random.getstate()}
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "val_epochs": val_epochs, "last": last, "config": config, "rng": rng}, buf)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "val_epochs": val_epochs, "last": last, "config": config, "rng": rng}, buf)
     atomic_write(os.path.join(out, "checkpoint.pt"), buf.getvalue())
 
 
-def restore(run, ckpt, model, optimizer):
-    """Weights, optimizer and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
+def restore(run, ckpt, model, optimizer, scaler):
+    """Weights, optimizer, loss scale and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):  # an fp16 run's scale; a run resumed in fp16 starts one
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         name, key, *rest = ckpt["rng"]["numpy"]
         np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
@@ -714,7 +729,7 @@ def main(argv=None):
         args, ckpt = check_args(*parse_args(argv), run)
         ddp, rank, world, device = setup_ddp(args.device)
         master = rank == 0
-        amp = args.amp == "on" or (args.amp == "auto" and native_bf16(device))
+        precision = choose_precision(args.amp, device)
         global_batch = args.batch_size * world
         args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
         steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
@@ -731,22 +746,24 @@ def main(argv=None):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
-        step, val_epochs, last = restore(args.resume, ckpt, model, optimizer) if ckpt else (0, 0, None)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # bf16 needs none: fp32's range
+        step, val_epochs, last = restore(args.resume, ckpt, model, optimizer, scaler) if ckpt else (0, 0, None)
         # DDP wraps the ResNet only: the frontend has no weights, and outside autocast logs small mel energies in fp32
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model.net, device_ids=ids) if ddp else model.net
 
-        def embed_pair(a, b, amp=amp):  # one forward over both views: BatchNorm sees the whole pair batch
+        def embed_pair(a, b, precision=precision):  # one forward over both views: BatchNorm sees the whole pair batch
             spec = model.frontend(torch.cat([a, b]).to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            half = torch.float16 if precision == "fp16" else torch.bfloat16
+            with torch.autocast(device.type, dtype=half, enabled=precision != "fp32"):
                 e = net(spec.contiguous(memory_format=torch.channels_last))
             return e[: len(a)], e[len(a):]
 
         if args.benchmark:
-            return benchmark(args, source, embed_pair, optimizer, rank, augment, amp)
+            return benchmark(args, source, embed_pair, optimizer, rank, augment, precision, device)
         config = {**vars(args), "world_size": world, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                   "val_steps": val_steps, "milestones_epochs": milestone_epochs(args),
-                  "delta_schedule_steps": schedule[1] if schedule else None, "precision": "bf16" if amp else "fp32"}
+                  "delta_schedule_steps": schedule[1] if schedule else None, "precision": precision}
         log_path = open_run(args.out, config, step, val_epochs) if master else None
         if ddp:
             print(f"DDP: {world} processes ({dist.get_backend()}), each drawing its own batches")
@@ -761,7 +778,7 @@ def main(argv=None):
 
         def save(step, val_epochs, last):  # the one place the checkpoint is written
             if master:
-                save_checkpoint(args.out, model, optimizer, step, val_epochs, last, config)
+                save_checkpoint(args.out, model, optimizer, scaler, step, val_epochs, last, config)
 
         # from the first epoch not validated; one trained before a kill is validated even if --epochs shrank below it
         for epoch in range(val_epochs, max(args.epochs, step // steps_per_epoch)):
@@ -770,8 +787,8 @@ def main(argv=None):
             steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
             if steps:
                 batches = Prefetcher(source, steps, rank, TRAIN, augment)
-                step, last = train_one_epoch(model, embed_pair, optimizer, batches, epoch, steps_per_epoch, args,
-                                             log_row, save)
+                step, last = train_one_epoch(model, embed_pair, optimizer, scaler, batches, epoch, steps_per_epoch,
+                                             args, log_row, save)
             if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch
                 break
             log_row(step, epoch, last, validate(model, embed_pair, source, val_steps, rank, augment, args))

@@ -150,6 +150,29 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(straight, tmp_
     assert sorted(f.name for f in out.iterdir()) == ["checkpoint.pt", "config.json", "encoder.pt", "log.csv"]
 
 
+@pytest.fixture(scope="module")
+def straight_fp16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight_fp16") / "run"
+    run(ROOT / "train.py", *TINY, "--epochs", "2", "--save-every", "0", "--amp", "fp16", "--out", out)
+    return out
+
+
+def test_kill_9_then_resume_in_fp16_equals_the_uninterrupted_run(straight_fp16, tmp_path):
+    """fp16's loss scale is part of the checkpoint: a run killed mid-epoch resumes to the same rows and weights."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, script, ROOT, "save", "3", *TINY, "--epochs", "2", "--save-every", "0",
+                        "--amp", "fp16", "--out", out], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]["_growth_tracker"] == 3
+    run(ROOT / "train.py", "--resume", out)
+    assert log_rows(out) == log_rows(straight_fp16)
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (straight_fp16, out))
+    assert a["step"] == b["step"] == 10 and a["scaler"] == b["scaler"] and b["config"]["precision"] == "fp16"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_ends_the_run_with_one_line_and_whole_files(tmp_path, sig):
     import signal

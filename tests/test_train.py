@@ -339,6 +339,28 @@ def test_precision_is_chosen_by_the_hardware_and_recorded(tmp_path):
     assert ("bf16" if native else "fp32") in p.stdout.splitlines()[0]
     run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "1", "--amp", "off", "--out", tmp_path / "off")
     assert json.loads((tmp_path / "off" / "config.json").read_text())["precision"] == "fp32"
+    p = run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "1", "--amp", "fp16", "--out", tmp_path / "fp16")
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["precision"] == "fp16"
+    assert "fp16" in p.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("device,native,expected", [("cuda", True, "bf16"), ("cuda", False, "fp16"),
+                                                    ("cpu", True, "bf16"), ("cpu", False, "fp32")])
+def test_auto_precision_per_hardware(monkeypatch, device, native, expected):
+    """Ampere+ GPUs and CPUs with AMX / AVX512-BF16 get bf16, older GPUs (V100, T4) fp16, other CPUs fp32."""
+    monkeypatch.setattr(train, "native_bf16", lambda d: native)
+    assert train.choose_precision("auto", torch.device(device)) == expected
+    assert [train.choose_precision(a, torch.device(device)) for a in ("bf16", "fp16", "off")] == ["bf16", "fp16", "fp32"]
+
+
+def test_fp16_skips_a_step_whose_scaled_gradients_overflow_instead_of_stopping(tmp_path):
+    """Loss weights of 1e4 overflow fp16's scaled gradients: the scaler skips those steps and halves its scale; the
+    loss itself (float32) is finite, so the run goes on, and the scale it reached is in the checkpoint."""
+    p = run(ROOT / "train.py", *TINY, "--epochs", "1", "--amp", "fp16", "--align-w", "1e4", "--unif-w", "1e4",
+            "--out", tmp_path / "run")
+    assert "non-finite" not in p.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == ckpt["config"]["steps_per_epoch"] and ckpt["scaler"]["scale"] < 65536.0  # halved per skip
 
 
 def test_benchmark_prints_each_precision_beside_the_overlap_bound():
@@ -351,3 +373,10 @@ def test_benchmark_prints_each_precision_beside_the_overlap_bound():
     b = 1 / (1 / pre + 1 / synth)
     assert bound == pytest.approx(b, abs=0.05 * ((b / pre) ** 2 + (b / synth) ** 2 + 1) + 1e-9) and ratio == pytest.approx(fly / bound, rel=0.1)
     assert "bf16" not in p.stdout.split("sounds/s", 1)[1].split("default precision")[0]  # --amp off: fp32 only
+
+
+def test_benchmark_prints_an_fp16_row_when_asked():
+    p = run(ROOT / "train.py", "--benchmark", "--batch-size", "4", "--benchmark-steps", "1", "--amp", "fp16")
+    rows = [l.split()[0] for l in p.stdout.split("sounds/s", 1)[1].splitlines() if l[:4] in ("fp32", "bf16", "fp16")]
+    assert rows[0] == "fp32" and rows[-1] == "fp16" and "fp16 / fp32 on the fly" in p.stdout
+    assert "default precision here (--amp fp16): fp16" in p.stdout

@@ -1,6 +1,6 @@
 """Audio doppelgängers: positive pairs from randomly perturbed synthesizer parameters (Cherep & Singh, Algorithm 1).
 
-    theta   ~ U(0, 1)^m                       random point in the synth's normalized parameter space
+    theta   ~ U(eps, 1)^m                     random point in the synth's normalized parameter space
     z1, z2  ~ N(0, I)
     theta_i = clip(theta + delta * z_i, eps, 1)
     audio_i = synth(theta_i)                  two sounds that are alike, but not the same

@@ -1,50 +1,33 @@
-"""
-Audio doppelgängers: positive pairs from randomly perturbed synthesizer parameters (Cherep & Singh, Algorithm 1).
+"""Audio doppelgängers: positive pairs from randomly perturbed synthesizer parameters (Cherep & Singh, Algorithm 1).
 
-    theta   ~ U(0, 1)^m                       random point in the synth's normalized parameter space
+    theta   ~ U(eps, 1)^m                     random point in the synth's normalized parameter space
     z1, z2  ~ N(0, I)
     theta_i = clip(theta + delta * z_i, eps, 1)
     audio_i = synth(theta_i)                  two sounds that are alike, but not the same
 
-Used two ways: train.py imports `PairSampler` for on-the-fly synthesis, and the command line writes pairs to disk
-for listening and analysis.
+train.py imports `PairSampler` for on-the-fly synthesis; the command line writes pairs to disk, to listen and analyze.
 
     python generate.py --synth voice --delta 0.25 --pairs 1000 --out pairs/
     python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
     python generate.py --gallery gallery/ --synth voice --delta 0 0.01 0.05 0.1 0.25 0.5 --pairs 4
-    python generate.py --benchmark --synth voice voicefm parametric --batch-size 256
     python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
-    python generate.py --synth voice --delta 0.25 --keep pitch --pairs 200 --out pairs_keep_pitch/
-    python generate.py --gallery gallery_groups/ --synth voice --delta 0.25 --delta-group keyboard=0 \\
-        --delta-group vco_1.tuning=0.05 --pairs 4
+    python generate.py --synth voice --delta 0.25 --keep pitch --delta-group vco_1=0.1 --pairs 200 --out pairs_keep/
 
 One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz (theta, theta_a, theta_b of
 shape (pairs, m), synth, delta, seed, sample_rate; with --delta-group or --keep also delta_columns, each column's
-delta, delta_group and keep). Several synths or deltas write OUT/<synth>/delta_<delta>/ in that layout each.
-
-Three faults of synthax 0.2.2 are worked around here:
-  * synth.init draws parameters uniformly in the human range and then applies each parameter's curve, so its
-    normalized values are not U(0,1): theta is sampled here instead.
-  * AudioMixer's normalize_if_clipping divides the whole batch by sound 0's peak: replaced by a per-sound version,
-    so every sound is scaled by its own peak only if it clips.
-  * The Noise module renders one fixed buffer (seed 0) for every sound and every call: replaced by a module that
-    draws fresh noise from a flax rng stream. Every sound gets its own noise, the two sides of a pair included: a
-    noise realization shared by a pair and by no other sound is a shortcut the encoder would learn instead of
-    sound. delta = 0 means identical *parameters*.
-"""
+delta, delta_group and keep). Several synths or deltas write OUT/<synth>/delta_<delta>/ in that layout each."""
 import argparse
 import errno
+import functools
 import math
 import os
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
 import time
-
-# JAX would otherwise grab 75% of a GPU that PyTorch shares with it in train.py.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
@@ -54,18 +37,16 @@ import synthax.synth
 from synthax.config import SynthConfig
 from synthax.modules.oscillators import Noise
 
+# === 1. the paper ===
+# Algorithm 1 (the module docstring) as the method means it, despite three faults of synthax 0.2.2: synth.init's
+# normalized values are not U(0,1) (uniform in the human range, then each parameter's curve), so theta is sampled
+# here; AudioMixer's normalize_if_clipping divides the batch by sound 0's peak; Noise renders one buffer for every
+# sound. Each sound needs its own noise: one shared by a pair alone is a shortcut the encoder would learn instead.
+
 EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normalized value
 SYNTHS = ("voice", "voicefm", "parametric")
 CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
-FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
-# --keep SET: parameters held equal within a pair (delta 0), matched by name in every module. A sound's notes are
-# each keyboard's midi_f0 (0-127) plus each oscillator's tuning (+-24 semitones); not pitch in this sense, so still
-# perturbed: each oscillator's mod_depth and the mod_matrix (vibrato, FM index), and the LFO frequencies (rates).
-KEEP = {"pitch": ("midi_f0", "tuning")}
 
-
-# -----------------------------------------------------------------------------
-# synthax fixes (see the module docstring)
 
 def normalize_if_clipping(signal):
     """Scale each sound by its own peak, and only if it clips."""
@@ -74,18 +55,16 @@ def normalize_if_clipping(signal):
 
 
 class FreshNoise(Noise):
-    """White noise drawn per call from the 'noise' rng stream: one buffer per sound."""
-
-    def setup(self):
-        pass
+    """White noise drawn per call from the 'noise' rng stream: one buffer per sound (Noise's fixed one goes unused)."""
 
     def __call__(self):
         key = self.make_rng("noise")
         return jax.random.uniform(key, (self.batch_size, int(self.buffer_size)), minval=-1.0, maxval=1.0)
 
 
-synthax.modules.mixers.normalize_if_clipping = normalize_if_clipping
-synthax.synth.Noise = FreshNoise  # looked up by name when a synth's setup() builds its modules
+def use_synthax_fixes():  # where synthax looks them up; idempotent, called where a sampler is built, not at import
+    synthax.modules.mixers.normalize_if_clipping = normalize_if_clipping
+    synthax.synth.Noise = FreshNoise  # looked up by name when a synth's setup() builds its modules
 
 
 def make_synth(name, config):
@@ -98,57 +77,111 @@ def make_synth(name, config):
     raise ValueError(f"unknown synth {name!r} (choose from {', '.join(SYNTHS)})")
 
 
+class Doppelgangers:
+    """Algorithm 1, one delta for every parameter; a batch is a pure function of (seed, stream, rank, step). sample()
+    -> float32 numpy (audio_a, audio_b, theta, theta_a, theta_b), (B, T) and (B, m); batch() -> the audio only.
+    Stream 0 trains; others (1 for validation, FACTOR_STREAM) are key spaces that training never draws from."""
+
+    def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0):
+        use_synthax_fixes()
+        self.synth_name, self.delta, self.batch_size, self.seed = synth, float(delta), batch_size, seed
+        self.sample_rate, self.seconds = sample_rate, seconds
+        self.synth = make_synth(synth, SynthConfig(batch_size=batch_size, sample_rate=sample_rate,
+                                                   buffer_size_seconds=seconds, control_rate=CONTROL_RATE))
+        # only the parameter tree's structure is needed (init's values are not U(0,1)); a real init takes ~10 s
+        params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
+        self.paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.shapes = [leaf.shape[1:] for _, leaf in self.paths]  # per sound: (), (n_input,), (n_out, n_in)
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.m = sum(self.sizes)
+        self._pair = jax.jit(self._make_pair)
+        self._render = jax.jit(self.render)
+
+    def unflatten(self, theta):
+        """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
+        parts = jnp.split(theta, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
+        leaves = [p.reshape((theta.shape[0],) + s) for p, s in zip(parts, self.shapes)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def render(self, theta, noise_key):
+        return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
+
+    def perturb(self, key, delta):
+        """-> theta, theta_a, theta_b, each (B, m); delta is a scalar or one per column, (m,)."""
+        k_theta, k_z = jax.random.split(key, 4)[:2]
+        B, m = self.batch_size, self.m
+        theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
+        z = jax.random.normal(k_z, (2, B, m))
+        theta_a = jnp.clip(theta + delta * z[0], EPS, 1.0)
+        theta_b = jnp.clip(theta + delta * z[1], EPS, 1.0)
+        return theta, theta_a, theta_b
+
+    def _make_pair(self, key, delta):
+        # delta is an argument, not a constant: a new delta (or delta(step) of a schedule) needs no recompile
+        theta, theta_a, theta_b = self.perturb(key, delta)
+        k_noise_a, k_noise_b = jax.random.split(key, 4)[2:]
+        # each side its own noise (see above); vmap over the two sides compiles one synth graph
+        audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jnp.stack([k_noise_a, k_noise_b]))
+        return audio_a, audio_b, theta, theta_a, theta_b
+
+    def key(self, step, rank=0, stream=0):  # the seed's key, folded with stream, rank and step in turn
+        return functools.reduce(jax.random.fold_in, (stream, rank, step), jax.random.PRNGKey(self.seed))
+
+    def delta_at(self, step=0, stream=0):
+        return jnp.float32(self.delta)  # the paper's one delta for every batch (PairSampler's may vary)
+
+    def sample(self, step, rank=0, stream=0):
+        out = self._pair(self.key(step, rank, stream), self.delta_at(step, stream))
+        return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
+
+    def batch(self, step, rank=0, stream=0):
+        """(audio_a, audio_b): the training contract, shared with train.py's RealAudio."""
+        return self.sample(step, rank, stream)[:2]
+
+
+# === 2. beyond the paper ===
+FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
+# --keep SET: parameters held equal within a pair (delta 0), matched by name in every module. A sound's notes are
+# each keyboard's midi_f0 plus each oscillator's tuning; vibrato and FM (mod_depth, mod_matrix, LFO rates) still move.
+KEEP = {"pitch": ("midi_f0", "tuning")}
+
+
+def leave_the_gpu_to_torch():  # read when JAX starts a backend; else it takes 75% of the GPU train.py shares with torch
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def synthesis_device(local_rank=0, devices=None):
     """The JAX device a torchrun rank synthesizes on: its own GPU (LOCAL_RANK) if JAX has one, else the CPU; JAX's
     default would put every rank on GPU 0, beside rank 0's training. devices: default jax.devices(), GPUs first."""
+    leave_the_gpu_to_torch()
     devices = jax.devices() if devices is None else devices
     gpus = [d for d in devices if d.platform in ("gpu", "cuda", "rocm")]
     return gpus[local_rank % len(gpus)] if gpus else jax.devices("cpu")[0]
 
 
-# -----------------------------------------------------------------------------
-# the pair sampler
-
-class PairSampler:
-    """Draws batches of doppelgänger pairs; every batch is a pure function of (seed, stream, rank, step).
-
-    sample(step, rank=0, stream=0) -> (audio_a, audio_b, theta, theta_a, theta_b) as float32 numpy arrays of shape
-    (B, T) and (B, m); batch(...) -> (audio_a, audio_b) only. stream 0 is for training; other streams (1 for
-    validation, FACTOR_STREAM) are key spaces that training never draws from.
-    """
+class PairSampler(Doppelgangers):
+    """The paper's sampler plus this project's recipes (set_recipe), pairs that differ in one factor (factor_pair)
+    and the JAX device to synthesize on (None: JAX's default; see synthesis_device)."""
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
                  delta_schedule=None, device=None):
-        self.synth_name, self.delta, self.batch_size, self.seed = synth, float(delta), batch_size, seed
-        self.device = device  # JAX device to synthesize on (None: JAX's default); see synthesis_device
-        self.sample_rate, self.seconds = sample_rate, seconds
-        config = SynthConfig(batch_size=batch_size, sample_rate=sample_rate, buffer_size_seconds=seconds,
-                             control_rate=CONTROL_RATE)
-        self.synth = make_synth(synth, config)
-        # only the parameter tree's structure is needed (init's values are not U(0,1)); a real init takes ~10 s
-        params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
-        paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
-        self.shapes = [leaf.shape[1:] for _, leaf in paths]  # per sound: (), (n_input,), (n_out, n_in)
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.m = sum(self.sizes)
-        # groups: the synthax modules (vco_1, adsr_1, mixer, ...) as column indices into theta; columns: the same
-        # per parameter, named MODULE.PARAM (keyboard.midi_f0, vco_1.tuning, mixer.level, ...)
+        leave_the_gpu_to_torch()  # before the first JAX array
+        super().__init__(synth, delta, batch_size, sample_rate, seconds, seed)
+        self.device = device
+        # theta's column indices per synthax module (groups: vco_1, mixer, ...) and parameter (columns: MODULE.PARAM)
         self.groups, self.columns, start = {}, {}, 0
-        for (path, _), size in zip(paths, self.sizes):
+        for (path, _), size in zip(self.paths, self.sizes):
             module = str(path[-2].key).removeprefix("modules_")
             self.groups.setdefault(module, []).extend(range(start, start + size))
             self.columns[f"{module}.{path[-1].key}"] = list(range(start, start + size))
             start += size
         self.set_recipe(delta_group, keep, delta_schedule)
-        self._pair = jax.jit(self._make_pair)
-        self._render = jax.jit(self.render)
 
     def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
-        """Which delta each column of theta gets (default: self.delta for all, the paper's sampler); ValueError
-        names the valid choices. delta_group: "NAME=VALUE" strings as --delta-group takes them (a parameter's own
-        value beats its module's); keep: names of KEEP sets, delta 0, beating every delta_group; delta_schedule:
-        (start, steps), training batches (stream 0) ramp from delta start at step 0 to self.delta at step steps - 1,
-        every column scaled by the same delta(step) / self.delta."""
+        """Which delta each column of theta gets (default: self.delta for all); ValueError names the valid choices.
+        delta_group: "NAME=VALUE" strings as --delta-group takes them (a parameter's own value beats its module's);
+        keep: names of KEEP sets, delta 0, beating every delta_group; delta_schedule: (start, steps), training batches
+        (stream 0) ramp from start at step 0 to self.delta at step steps - 1, each column scaled alike."""
         delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
@@ -206,38 +239,15 @@ class PairSampler:
             parts.append(f"delta ramp from {self.delta_schedule[0]:g} over {self.delta_schedule[1]} steps")
         return ", ".join(parts)
 
-    def unflatten(self, theta):
-        """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
-        parts = jnp.split(theta, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
-        leaves = [p.reshape((theta.shape[0],) + s) for p, s in zip(parts, self.shapes)]
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-    def render(self, theta, noise_key):
-        return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
-
-    def perturb(self, key, delta):
-        """-> theta, theta_a, theta_b, each (B, m); delta is a scalar or one per column, (m,)."""
-        k_theta, k_z = jax.random.split(key, 4)[:2]
-        B, m = self.batch_size, self.m
-        theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
-        z = jax.random.normal(k_z, (2, B, m))
-        theta_a = jnp.clip(theta + delta * z[0], EPS, 1.0)
-        theta_b = jnp.clip(theta + delta * z[1], EPS, 1.0)
-        return theta, theta_a, theta_b
-
-    def _make_pair(self, key, delta):
-        # delta is an argument, not a constant: a new delta (or delta(step) of a schedule) needs no recompile
-        theta, theta_a, theta_b = self.perturb(key, delta)
-        k_noise_a, k_noise_b = jax.random.split(key, 4)[2:]
-        # each side its own noise (see the module docstring); vmap over the two sides compiles one synth graph
-        audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jnp.stack([k_noise_a, k_noise_b]))
-        return audio_a, audio_b, theta, theta_a, theta_b
+    def sample(self, step, rank=0, stream=0):
+        with jax.default_device(self.device):  # thread-local: set here, in the thread that synthesizes
+            return super().sample(step, rank, stream)
 
     def factor_pair(self, factor, step, stream=FACTOR_STREAM):
-        """Pairs that differ in ONE factor: 'noise' (same theta, two noise realizations), a parameter
-        group (only that synthax module's parameters perturbed by delta, same noise), 'gain' (b is a
-        0-20 dB quieter copy of a), 'shift' (b is a delayed by 50-250 ms), beside 'doppelganger'
-        (the training pair) and 'negative' (independent theta and noise). -> (audio_a, audio_b)"""
+        """Pairs that differ in ONE factor: 'noise' (same theta, two noise realizations), a parameter group (only that
+        synthax module's parameters perturbed by delta, same noise), 'gain' (b is a 0-20 dB quieter copy of a),
+        'shift' (b is a delayed by 50-250 ms), 'doppelganger' (the training pair) and 'negative' (independent theta
+        and noise). -> (audio_a, audio_b)"""
         k_theta, k_z, k_na, k_nb, k_x = jax.random.split(self.key(step, 0, stream), 5)
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
@@ -267,96 +277,6 @@ class PairSampler:
 
     def factors(self):
         return ["doppelganger", "negative", "noise", "gain", "shift", *self.groups]
-
-    def key(self, step, rank=0, stream=0):
-        key = jax.random.PRNGKey(self.seed)
-        for i in (stream, rank, step):
-            key = jax.random.fold_in(key, i)
-        return key
-
-    def sample(self, step, rank=0, stream=0):
-        with jax.default_device(self.device):  # thread-local: set here, in the thread that synthesizes
-            out = self._pair(self.key(step, rank, stream), self.delta_at(step, stream))
-        return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
-
-    def batch(self, step, rank=0, stream=0):
-        """(audio_a, audio_b): the training contract, shared with train.py's RealAudio."""
-        return self.sample(step, rank, stream)[:2]
-
-
-# -----------------------------------------------------------------------------
-# command line
-
-def write_wav(path, audio, sample_rate):
-    """16-bit WAV byte for byte as soundfile writes it (floor(x * 32768), clipped), but through Python's file I/O: a
-    full disk is an OSError naming the file, and a signal never lands inside libsndfile's Python callbacks."""
-    pcm = np.floor(np.clip(np.asarray(audio, np.float32) * np.float32(32768), -32768, 32767)).astype("<i2").tobytes()
-    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
-                         2 * sample_rate, 2, 16, b"data", len(pcm))  # the canonical 44 bytes: PCM, mono, 16 bit
-    try:
-        with open(path, "wb") as f:
-            f.write(header + pcm)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, path) from None
-
-
-def output_folder(path, flag):
-    """--out / --gallery as the folder it names: a link to a folder is followed (the link keeps working); a broken
-    or looping link, a file, or a folder this user cannot replace stop here, before any work."""
-    path = os.path.abspath(path)
-    if os.path.islink(path):
-        try:
-            path = os.path.realpath(path, strict=True)
-        except OSError as e:
-            raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
-                             else f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path} is a file, not a folder")
-    # the old folder is moved aside and removed only after the new one is written: every part must allow it
-    stuck = [d for d, dirs, files in os.walk(path)
-             if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]
-    if stuck:
-        raise ValueError(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
-    return path
-
-
-def move_into_place(tmp, out):
-    """tmp becomes out. An old out moves aside in one rename and goes only once the new one is in place:
-    whatever stops this leaves the old output or the new one, never neither."""
-    if not os.path.isdir(out):
-        return os.replace(tmp, out)
-    old = tmp + "-old"
-    os.rename(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(old):
-        print(f"generate.py: warning: the replaced output could not be removed completely; it is in {old}",
-              file=sys.stderr)
-
-
-def write_pairs(out, sampler, n_pairs, progress, factor=None):
-    """OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz: doppelgänger pairs, or with factor the pairs
-    that differ in that factor only (see PairSampler.factor_pair)."""
-    thetas = {"theta": [], "theta_a": [], "theta_b": []}
-    for step, start in enumerate(range(0, n_pairs, sampler.batch_size)):
-        audio_a, audio_b, *theta = sampler.sample(step) if factor is None else sampler.factor_pair(factor, step)
-        k = min(sampler.batch_size, n_pairs - start)
-        for i in range(k):
-            write_wav(os.path.join(out, f"{start + i:06d}_a.wav"), audio_a[i], sampler.sample_rate)
-            write_wav(os.path.join(out, f"{start + i:06d}_b.wav"), audio_b[i], sampler.sample_rate)
-        for name, t in zip(thetas, theta):
-            thetas[name].append(t[:k])
-        progress.update(k)
-    meta = dict(synth=sampler.synth_name, delta=sampler.delta, **({} if factor is None else {"factor": factor}),
-                seed=sampler.seed, sample_rate=sampler.sample_rate)
-    if factor is None and (sampler.delta_group or sampler.keep):  # a default params.npz stays as it was
-        meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
-                    delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
-    np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
 
 
 def log_mel_png(path, audio, sample_rate):
@@ -438,12 +358,74 @@ def benchmark(args):
               f"{sounds_per_s * args.seconds:>11.0f}")
 
 
+# === 3. plumbing ===
+def write_wav(path, audio, sample_rate):
+    """16-bit WAV byte for byte as soundfile writes it (floor(x * 32768), clipped), but through Python's file I/O: a
+    full disk is an OSError naming the file, and a signal never lands inside libsndfile's Python callbacks."""
+    pcm = np.floor(np.clip(np.asarray(audio, np.float32) * np.float32(32768), -32768, 32767)).astype("<i2").tobytes()
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, 1, 1, sample_rate,
+                         2 * sample_rate, 2, 16, b"data", len(pcm))  # the canonical 44 bytes: PCM, mono, 16 bit
+    try:
+        with open(path, "wb") as f:
+            f.write(header + pcm)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def output_folder(path, flag):
+    """--out / --gallery checked before any work; a link to a folder is followed, so that the link keeps working."""
+    check_path(path, flag)
+    path = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    # the old folder is moved aside and removed only after the new one is written: every part must allow it
+    stuck = [d for d, dirs, files in os.walk(path)
+             if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]
+    if stuck:
+        raise ValueError(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
+    return path
+
+
+def move_into_place(tmp, out):
+    """tmp becomes out. An old out moves aside in one rename and goes only once the new one is in place:
+    whatever stops this leaves the old output or the new one, never neither."""
+    if not os.path.isdir(out):
+        return os.replace(tmp, out)
+    old = tmp + "-old"
+    os.rename(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(old):
+        print(f"generate.py: warning: the replaced output could not be removed completely: {old}", file=sys.stderr)
+
+
+def write_pairs(out, sampler, n_pairs, progress, factor=None):
+    """OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz: doppelgänger pairs, or factor_pair's pairs."""
+    thetas = {"theta": [], "theta_a": [], "theta_b": []}
+    for step, start in enumerate(range(0, n_pairs, sampler.batch_size)):
+        audio_a, audio_b, *theta = sampler.sample(step) if factor is None else sampler.factor_pair(factor, step)
+        k = min(sampler.batch_size, n_pairs - start)
+        for i in range(k):
+            write_wav(os.path.join(out, f"{start + i:06d}_a.wav"), audio_a[i], sampler.sample_rate)
+            write_wav(os.path.join(out, f"{start + i:06d}_b.wav"), audio_b[i], sampler.sample_rate)
+        for name, t in zip(thetas, theta):
+            thetas[name].append(t[:k])
+        progress.update(k)
+    meta = dict(synth=sampler.synth_name, delta=sampler.delta, **({} if factor is None else {"factor": factor}),
+                seed=sampler.seed, sample_rate=sampler.sample_rate)
+    if factor is None and (sampler.delta_group or sampler.keep):  # a default params.npz stays as it was
+        meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
+                    delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
+    np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
-    p.add_argument("--delta", nargs="+", type=float, default=[0.25],
-                   help="perturbation size(s) delta >= 0 (default 0.25)")
+    p.add_argument("--delta", nargs="+", type=float, default=[0.25], help="perturbation size(s) >= 0 (default 0.25)")
     p.add_argument("--pairs", type=int, default=1000, help="pairs per (synth, delta) (default 1000)")
     p.add_argument("--out", help="output folder; must be empty or absent unless --force")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -453,16 +435,13 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--gallery", metavar="DIR", help="write a listening page DIR/index.html instead of pairs")
     p.add_argument("--factors", nargs="*", metavar="FACTOR",
-                   help="write pairs that differ in one factor at a time, OUT/<factor>/ each: noise, gain, "
-                        "shift, each parameter group of the synth (its synthax modules, perturbed by delta), "
-                        "beside doppelganger and negative pairs; no names = all (for analyze.py invariance)")
+                   help="pairs that differ in one factor, OUT/<factor>/ each: noise, gain, shift, each synthax module "
+                        "(perturbed by delta), doppelganger, negative; no names = all (for analyze.py invariance)")
     p.add_argument("--delta-group", action="append", metavar="NAME=VALUE",
-                   help="delta VALUE for the columns of one synthax module (keyboard, vco_1, ...) or one parameter "
-                        "(keyboard.midi_f0) instead of --delta; repeatable; a parameter's value beats its module's "
-                        "(an unknown NAME lists the synth's names)")
-    p.add_argument("--keep", action="append", metavar="SET", help=f"hold a set of parameters equal within a pair "
-                   f"(delta 0, beats --delta-group): {', '.join(KEEP)} = every keyboard's midi_f0 and oscillator's "
-                   f"tuning; repeatable")
+                   help="delta VALUE for one synthax module (keyboard, vco_1, ...) or parameter (keyboard.midi_f0); "
+                        "repeatable; a parameter's value beats its module's (an unknown NAME lists the names)")
+    p.add_argument("--keep", action="append", metavar="SET",
+                   help=f"hold a set equal within a pair (delta 0, beats --delta-group; repeatable): {', '.join(KEEP)}")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
     p.add_argument("--benchmark-seconds", type=float, default=10.0)
     return p.parse_args(argv)
@@ -476,12 +455,9 @@ def check_args(args):
     for d in args.delta:
         if not math.isfinite(d) or d < 0:
             raise ValueError(f"delta must be a finite number >= 0, got {d}")
-    if args.pairs <= 0:
-        raise ValueError(f"--pairs must be > 0, got {args.pairs}")
-    if args.batch_size <= 0 or args.sample_rate <= 0 or not 0 < args.seconds < math.inf:
-        raise ValueError("--batch-size, --sample-rate and --seconds must be > 0 (and finite)")
-    if not 0 < args.benchmark_seconds < math.inf:
-        raise ValueError(f"--benchmark-seconds must be > 0, got {args.benchmark_seconds}")
+    for flag in ("pairs", "batch_size", "sample_rate", "seconds", "benchmark_seconds"):
+        if not 0 < getattr(args, flag) < math.inf:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0 and finite, got {getattr(args, flag)}")
     if args.delta_group or args.keep:  # names checked against each synth before anything is written
         for synth in args.synth:
             PairSampler(synth, 0.0, 1, args.sample_rate, args.seconds, args.seed, args.delta_group, args.keep)
@@ -530,8 +506,7 @@ def run(args):
     out = output_folder(args.gallery or args.out, "--gallery" if args.gallery else "--out")
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         raise ValueError(f"{out} is not empty (use --force to replace it)")
-    # everything is built in a temporary sibling folder and moved into place at the end: an interrupted run leaves
-    # no half-written output and never harms what was there
+    # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing on disk
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -539,45 +514,70 @@ def run(args):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
-    except FileExistsError as e:  # makedirs met a file (or a broken link) where a folder must be
-        raise OSError(f"cannot write to {parent}: {e.filename} is not a folder") from None
     except OSError as e:
         raise OSError(f"cannot write to {parent}: {e.strerror}") from None
     try:
         write_outputs(tmp, args)
         move_into_place(tmp, out)
     except OSError as e:  # e.g. a full disk: the error names the file as the user would have seen it
-        shutil.rmtree(tmp, ignore_errors=True)
         name = str(e.filename or "")
         where = os.path.join(out, os.path.relpath(name, tmp)) if name.startswith(tmp + os.sep) else name or out
         raise OSError(f"cannot write {where}: {e.strerror or e}; nothing was written ({out} is as it was)") from None
-    except BaseException:
+    finally:  # after a successful move there is nothing left to remove
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {os.path.join(out, 'index.html') if args.gallery else out}")
 
 
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]  # uncut: an unknown NAME lists every choice
+# --- shared helpers: the same in every script that has them ---
+# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
+# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+
+def fail(msg, code=2):
+    """The one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr."""
+    print(f"{os.path.basename(__file__)}: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
 
 
 def interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends the run as Ctrl-C does: every file on disk is whole
+    """SIGTERM ends a run as Ctrl-C does: a KeyboardInterrupt, so every file on disk is left whole."""
+    raise KeyboardInterrupt(signum)
 
 
-def fail(msg, code=2):  # main's exit, and argparse's: one line on stderr
-    print(f"generate.py: error: {msg}", file=sys.stderr)
-    sys.exit(code)
+def exit_interrupted(e, note=""):
+    """The exit on Ctrl-C (130) or SIGTERM (143): 128 + the signal's number, as a shell reports it."""
+    print(f"{os.path.basename(__file__)}: interrupted{'; ' + note if note else ''}", file=sys.stderr)
+    sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
+
+
+def check_path(path, flag, kind="folder", must_exist=False):
+    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
+    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
+    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"{flag} {path} is a broken symbolic link (to {os.readlink(path)})") from None
+        if must_exist:
+            raise ValueError(f"{flag} {path} does not exist (not a {kind})") from None
+        return
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is a symbolic link loop" if e.errno == errno.ELOOP
+                         else f"{flag} {path}: {e.strerror}") from None
+    if is_dir != (kind != "file"):
+        raise ValueError(f"{flag} {path} is a {'folder' if is_dir else 'file'}, not a {kind}")
+
+# --- end of shared helpers ---
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except KeyboardInterrupt:  # the temporary folder is gone (run removes it), the output folder untouched
-        fail("interrupted; nothing was written (the output folder is as it was)", 130)
-    except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line + exit 2
-        fail(first_line(e))
+    except KeyboardInterrupt as e:  # the temporary folder is gone (run removes it), the output folder untouched
+        exit_interrupted(e, "nothing was written (the output folder is as it was)")
+    except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line (fail folds it) + exit 2
+        fail(e)
 
 
 if __name__ == "__main__":

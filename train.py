@@ -326,8 +326,8 @@ class RealAudio:
     EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
     def __init__(self, root, positives, batch_size, seed):
-        files = sorted(f for f in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                       if f.lower().endswith(self.EXTENSIONS))
+        files = sorted(f for f in glob.glob(os.path.join(glob.escape(root), "**", "*"), recursive=True)
+                       if f.lower().endswith(self.EXTENSIONS) and os.path.isfile(f))  # a folder take1.wav is a folder
         if not files:
             raise ValueError(f"no audio files ({', '.join(self.EXTENSIONS)}) under {root}")
         self.info = []
@@ -661,14 +661,21 @@ def setup_ddp(device_name):
 def open_run(out, config, step, val_epochs):
     """Create or reopen the run folder: config.json, and log.csv cut back to what the checkpoint
     holds (a validation row counts only if the checkpoint says that epoch was validated)."""
+    log_path, rows = os.path.join(out, "log.csv"), []
+    if step and os.path.exists(log_path):  # read before anything is rewritten: a bad log.csv changes nothing
+        try:  # a spreadsheet may have saved it with a BOM and CRLF line ends: the same rows
+            with open(log_path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames != LOG_FIELDS:
+                    raise ValueError(f"columns {', '.join(reader.fieldnames or [])}, not {', '.join(LOG_FIELDS)}")
+                rows = [r for r in reader if int(r["step"]) <= step
+                        and (r["val_align"] == "" or int(r["epoch"]) < val_epochs)]
+        except (ValueError, TypeError, csv.Error) as e:  # UnicodeDecodeError too
+            raise ValueError(f"{log_path} is not a train.py log.csv ({first_line(e)}); move it away to resume "
+                             f"without its rows") from None
     for stale in glob.glob(os.path.join(glob.escape(out), ".*.tmp[0-9]*")):  # atomic_write's, left by a kill -9
         os.remove(stale)
     atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
-    log_path, rows = os.path.join(out, "log.csv"), []
-    if step and os.path.exists(log_path):
-        with open(log_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step
-                    and (r["val_align"] == "" or int(r["epoch"]) < val_epochs)]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
     w.writeheader()

@@ -192,3 +192,42 @@ def test_a_signal_ends_the_run_with_one_line_and_whole_files(tmp_path, sig):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] > 0
     rows = (out / "log.csv").read_text().splitlines()
     assert len(rows) > 1 and all(len(r.split(",")) == 9 for r in rows)  # whole rows only
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three") / "run"
+    run(ROOT / "train.py", *TINY, "--epochs", "1", "--max-steps", "3", "--out", out)
+    return out
+
+
+def test_a_log_saved_by_a_spreadsheet_resumes_as_the_original(three_steps, tmp_path):
+    """A UTF-8 BOM and CRLF line ends (what a spreadsheet writes back) mean the same rows."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(three_steps, a), shutil.copytree(three_steps, b)
+    (b / "log.csv").write_bytes(b"\xef\xbb\xbf" + (b / "log.csv").read_bytes().replace(b"\n", b"\r\n"))
+    for d in (a, b):
+        run(ROOT / "train.py", "--resume", d, "--max-steps", "4")
+    assert log_rows(a) == log_rows(b) and len(log_rows(a)) == 5  # header, steps 1-4
+
+
+@pytest.mark.parametrize("text", ["not,a,log\n1,2,3\n", "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
+                                  "three,0,0.1,0,0,0,,,1\n", "\xff\xfe garbage"])
+def test_a_damaged_log_is_refused_by_name_and_nothing_is_rewritten(three_steps, tmp_path, text):
+    d = tmp_path / "run"
+    shutil.copytree(three_steps, d)
+    (d / "log.csv").write_bytes(text.encode("latin-1"))
+    before = snapshot(d)
+    p = run(ROOT / "train.py", "--resume", d, "--max-steps", "4", check=False)
+    assert f"{d / 'log.csv'} is not a train.py log.csv" in assert_one_line_error(p) and "Traceback" not in p.stderr
+    assert snapshot(d) == before  # config.json too: nothing is rewritten before the inputs are known to be good
+
+
+def test_a_folder_named_like_audio_is_a_folder_not_a_file(tmp_path):
+    audio = tmp_path / "audio"
+    (audio / "take1.wav").mkdir(parents=True)
+    for f in (audio / "fine.wav", audio / "take1.wav" / "inner.wav"):
+        sf.write(f, 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32), 16000)
+    run(ROOT / "train.py", "--data", audio, "--positives", "jitter", "--batch-size", "2", "--epochs", "1",
+        "--sounds-per-epoch", "4", "--out", tmp_path / "run")
+    assert (tmp_path / "run" / "encoder.pt").is_file()

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import csv
 import errno
+import fcntl
 import functools
 import importlib.util
 import inspect
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -73,19 +75,11 @@ def get_embedder(spec, args):
             raise ValueError(f"no such encoder file: {path}")
         try:
             enc = torch.jit.load(str(path), map_location="cpu").eval()
-            with torch.no_grad():
-                out = enc(torch.zeros(2, SAMPLE_RATE))
-            if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2):
-                raise ValueError("not (B, D)")
         except Exception:
             raise ValueError(f"{path} is not an exported encoder (TorchScript, (B, T) -> (B, D))") from None
-
-        def encode(x):
-            e = enc(x).float()
-            if not torch.isfinite(e).all():
-                raise ValueError(f"{path} gives non-finite embeddings")
-            return e
-        return encode
+        with torch.no_grad():
+            encode(enc, torch.zeros(2, SAMPLE_RATE), path)  # a bad encoder fails now, before any audio is read
+        return lambda x: encode(enc, x, path)
     mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
 
     def fn(x):
@@ -103,8 +97,12 @@ def embed(waves, fn, batch_size, desc="embed"):
         by_len.setdefault(len(w), []).append(i)
     idx = [ix[k:k + batch_size] for _, ix in sorted(by_len.items()) for k in range(0, len(ix), batch_size)]
     with torch.no_grad():
-        e = np.concatenate([fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
-                            for ix in tqdm(idx, desc=desc, disable=None)])
+        parts = [fn(torch.from_numpy(np.stack([waves[i] for i in ix]).astype(np.float32))).numpy()
+                 for ix in tqdm(idx, desc=desc, disable=None)]
+    if len({p.shape[1] for p in parts}) > 1:  # an embedding's width must not depend on the clip's length
+        raise ValueError(f"{desc}: the embedder gives {' and '.join(sorted({str(p.shape[1]) for p in parts}))}-d "
+                         f"embeddings for clips of different lengths")
+    e = np.concatenate(parts)
     out = np.empty(e.shape)  # back in input order
     out[np.concatenate(idx)] = e
     if not np.isfinite(out).all():
@@ -490,7 +488,7 @@ def cmd_training(args, run):
     cols = ["run", "synth", *how, "delta", "steps", "epochs", "val_align", "val_unif"]
     figures, tables = [], [write_csv(run, "training.csv", rows, cols,
                                      "training.csv: final validation alignment and uniformity")]
-    if rows:
+    if any(np.isfinite(r["val_align"]) for r in rows):  # e.g. runs/random alone has no validation to draw
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, k in zip(axes, ["val_align", "val_unif"]):
             by_synth(ax, rows, k)
@@ -565,23 +563,38 @@ Section = collections.namedtuple("Section", "title figures tables")  # for repor
 
 
 class Run:
-    """One run's state, owned by main(): the files it wrote and the folders it created (removed again if it fails in
-    an --out it created, so no partial set is left), and the sets it read (report reads each once; never mutated)."""
+    """One run's state, owned by main(): its outputs, held in memory until the command has succeeded, the lock on
+    --out, and the sets it read (report reads each once). A failed command leaves --out as it was."""
 
     def __init__(self, out):
-        self.out, self.written, self.load_set = out, [], functools.lru_cache(maxsize=None)(load_set)
-        self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed, innermost first, on failure
+        self.out, self.outputs, self.load_set = out, {}, functools.lru_cache(maxsize=None)(load_set)
+        self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed again, innermost first, on failure
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(out, beside=True)  # one job per --out: beside it, as --out may not exist yet
 
     def write(self, name, data):
-        atomic_write(self.out / name, data)
-        self.written.append(self.out / name)
+        self.outputs[name] = data
         return name
 
-    def remove(self):
-        with contextlib.suppress(OSError):  # outputs are whole or absent
-            for f in self.written if self.made else []:
-                f.unlink()
-            for d in self.made:
+    def commit(self):
+        """Every output at once: written into a hidden folder in --out, then renamed into place (a rename does not
+        fill a disk), so that a failure leaves the files that were there byte-identical and adds none."""
+        tmp = self.out / f".analyze-{os.getpid()}"
+        try:
+            for name, data in self.outputs.items():
+                try:
+                    atomic_write(tmp / name, data)
+                except OSError as e:  # named as the file the user asked for
+                    raise OSError(e.errno, e.strerror, str(self.out / name)) from None
+            for name in self.outputs:
+                os.replace(tmp / name, self.out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def close(self, failed):
+        self.lock.release()
+        with contextlib.suppress(OSError):
+            for d in self.made if failed else []:
                 d.rmdir()
 
 
@@ -864,8 +877,7 @@ def read_sweep(root, max_pairs):
 
 
 # --- shared helpers: the same in every script that has them ---
-# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
-# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+# Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
 
 def first_line(e):
     """An error as one line: the first line of its message (its type's name if it has none), never cut."""
@@ -902,9 +914,8 @@ def number(kind=float, low=0, high=math.inf, above=False, below=False):
 
 
 def check_path(path, flag, kind="folder", must_exist=False):
-    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
-    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
-    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    """A path flag before any work: a link is followed; a broken or looping link, a file where a folder belongs (or
+    the reverse: kind 'file'), or a missing path that must exist, is a ValueError naming the flag."""
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
     except FileNotFoundError:
@@ -921,16 +932,15 @@ def check_path(path, flag, kind="folder", must_exist=False):
 
 
 def check_writable(path, flag):
-    """An output path this user can create or replace: its nearest existing ancestor must be writable (found now,
-    not after the work)."""
+    """An output path this user can create: its nearest existing ancestor is writable (found now, not after work)."""
     ancestor = next(d for d in [Path(path).absolute(), *Path(path).absolute().parents] if d.exists())
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
 
 
 def atomic_write(path, data):
-    """data (bytes) to path through a temporary twin and a rename: path is never half-written, and on any failure
-    (a full disk, SIGTERM) neither the twin nor a folder made for it is left. OSError names path, not the twin."""
+    """bytes to path through a hidden twin and a rename: never half-written; on any failure (a full disk, SIGTERM)
+    neither the twin nor a folder made for it is left. OSError names path, not the twin."""
     path = Path(path)
     made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -962,9 +972,8 @@ def read_json(path, what):
 
 
 def read_audio(path, start=0, frames=-1):
-    """An audio file (any rate, any channel count; frames from start, all by default) as float32 mono at 16 kHz,
-    (T,). ValueError naming the file when it cannot be decoded, is empty or holds a non-finite sample (one NaN would
-    poison an embedding, a feature or every later training step): the caller refuses or skips it."""
+    """An audio file (any rate and channels; frames from start, default all) as float32 mono at 16 kHz, (T,), or a
+    ValueError naming it: undecodable, empty, or a non-finite sample (one NaN poisons every later step)."""
     try:
         x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
@@ -979,6 +988,63 @@ def read_audio(path, start=0, frames=-1):
         import torchaudio
         x = torchaudio.functional.resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
     return x
+
+
+def encode(encoder, x, path):
+    """encoder(x) on a float32 (B, T) batch, checked where it is used: (B, D), D >= 1, finite. A failure is one
+    ValueError naming the encoder file, the batch and the encoder's own error (TorchScript's text ends with it)."""
+    import torch
+    what = f"encoder {path} on {x.shape[0]} clip(s) of {x.shape[-1] / SAMPLE_RATE:g} s"
+    try:
+        y = encoder(x)
+    except Exception as e:  # e.g. out of memory, or a model that takes no clip of this length
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        own = next((line for line in reversed(lines) if re.match(r"[\w.]*(Error|Exception)\b", line)), lines[0])
+        raise ValueError(f"{what} fails: {own}") from None
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] < 1:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{what} gives {shape}, not (B, D) with D >= 1")
+    if not torch.isfinite(y).all():
+        raise ValueError(f"{what} gives non-finite embeddings")
+    return y.float()
+
+
+class FolderLock:
+    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a
+    folder not made yet or replaced whole) holding the owner's pid. The OS drops an flock when its process dies, so
+    a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
+
+    def __init__(self, folder, beside=False):
+        name = os.path.basename(os.path.abspath(folder))
+        self.path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{name}.lock") if beside \
+            else os.path.join(folder, ".lock")
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ValueError(f"cannot write to {os.path.dirname(self.path)}: {e.strerror}") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self.fd, 32).decode(errors="replace").strip()
+                os.close(self.fd)
+                raise ValueError(f"{folder} is in use by another {os.path.basename(__file__)} (pid "
+                                 f"{owner or 'unknown'}); wait for it to end, or stop it first") from None
+            with contextlib.suppress(OSError):  # the owner before us removed the file as we opened it: take the new one
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    break
+            os.close(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self):
+        """Remove the lock file (while still holding it, so no one takes a file about to vanish) and let go."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
 
 # --- end of shared helpers ---
 
@@ -1067,13 +1133,15 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        run = Run(args.out)  # atomic_write creates --out with the first file
+        run = Run(args.out)
         section = args.run(args, run)
+        run.commit()
+        run.close(failed=False)
         if section:  # report's sections went to report.md
             print("\n".join(markdown(section)))
     except (KeyboardInterrupt, ValueError, OSError) as e:
         if run:
-            run.remove()
+            run.close(failed=True)
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM
             exit_interrupted(e)
         fail(f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else first_line(e))

@@ -17,7 +17,9 @@ One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params
 shape (pairs, m), synth, delta, seed, sample_rate; with --delta-group or --keep also delta_columns, each column's
 delta, delta_group and keep). Several synths or deltas write OUT/<synth>/delta_<delta>/ in that layout each."""
 import argparse
+import contextlib
 import errno
+import fcntl
 import functools
 import math
 import os
@@ -44,6 +46,7 @@ from synthax.modules.oscillators import Noise
 # sound. Each sound needs its own noise: one shared by a pair alone is a shortcut the encoder would learn instead.
 
 EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normalized value
+MAX_DELTA = 1.0  # beyond it most of theta_i sits on a clip bound, whatever delta is
 SYNTHS = ("voice", "voicefm", "parametric")
 CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
 
@@ -190,8 +193,8 @@ class PairSampler(Doppelgangers):
                 value = float(value) if eq else math.nan
             except ValueError:
                 value = math.nan
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"--delta-group takes NAME=VALUE with a finite VALUE >= 0, got {spec!r}")
+            if not 0 <= value <= MAX_DELTA:  # NaN too
+                raise ValueError(f"--delta-group takes NAME=VALUE with VALUE in [0, {MAX_DELTA}], got {spec!r}")
             if name not in self.groups and name not in self.columns:
                 valid = [g + "[." + "|".join(n.split(".")[1] for n in self.columns if n.split(".")[0] == g) + "]"
                          for g in self.groups]  # e.g. keyboard[.duration|midi_f0]
@@ -425,11 +428,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
-    p.add_argument("--delta", nargs="+", type=float, default=[0.25], help="perturbation size(s) >= 0 (default 0.25)")
+    p.add_argument("--delta", nargs="+", type=number(high=MAX_DELTA), default=[0.25],
+                   help=f"perturbation size(s) in [0, {MAX_DELTA}] (default 0.25)")
     p.add_argument("--pairs", type=int, default=1000, help="pairs per (synth, delta) (default 1000)")
     p.add_argument("--out", help="output folder; must be empty or absent unless --force")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     p.add_argument("--batch-size", type=int, default=64, help="sounds synthesized per JAX call (default 64)")
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--seconds", type=float, default=1.0)
@@ -452,9 +456,11 @@ def check_args(args):
     for s in args.synth:
         if s not in SYNTHS:
             raise ValueError(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")
-    for d in args.delta:
-        if not math.isfinite(d) or d < 0:
-            raise ValueError(f"delta must be a finite number >= 0, got {d}")
+    names = [f"{s}/delta_{d:g}" for s in args.synth for d in args.delta]  # the folders (and gallery files) written
+    if len(set(names)) < len(names):  # two values, one name: the second would overwrite the first
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"two --synth/--delta values would both write {dup}; give distinct values "
+                         f"(deltas differ only if they differ within 6 significant digits)")
     for flag in ("pairs", "batch_size", "sample_rate", "seconds", "benchmark_seconds"):
         if not 0 < getattr(args, flag) < math.inf:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0 and finite, got {getattr(args, flag)}")
@@ -506,31 +512,40 @@ def run(args):
     out = output_folder(args.gallery or args.out, "--gallery" if args.gallery else "--out")
     if os.path.isdir(out) and os.listdir(out) and not args.force:
         raise ValueError(f"{out} is not empty (use --force to replace it)")
-    # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing on disk
-    parent = os.path.dirname(out)
+    parent, tmp = os.path.dirname(out), None
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
     except OSError as e:
         raise OSError(f"cannot write to {parent}: {e.strerror}") from None
+    lock = FolderLock(out, beside=True)  # one job per output: a second would replace the first one's pairs unasked
     try:
-        write_outputs(tmp, args)
-        move_into_place(tmp, out)
-    except OSError as e:  # e.g. a full disk: the error names the file as the user would have seen it
-        name = str(e.filename or "")
-        where = os.path.join(out, os.path.relpath(name, tmp)) if name.startswith(tmp + os.sep) else name or out
-        raise OSError(f"cannot write {where}: {e.strerror or e}; nothing was written ({out} is as it was)") from None
+        if os.path.isdir(out) and os.listdir(out) and not args.force:  # again, now that it is ours
+            raise ValueError(f"{out} is not empty (use --force to replace it)")
+        # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing on disk
+        try:
+            tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
+        except OSError as e:
+            raise OSError(f"cannot write to {parent}: {e.strerror}") from None
+        try:
+            write_outputs(tmp, args)
+            move_into_place(tmp, out)
+        except OSError as e:  # e.g. a full disk: the error names the file as the user would have seen it
+            name = str(e.filename or "")
+            where = os.path.join(out, os.path.relpath(name, tmp)) if name.startswith(tmp + os.sep) else name or out
+            msg = f"cannot write {where}: {e.strerror or e}; nothing was written ({out} is as it was)"
+            raise OSError(msg) from None
     finally:  # after a successful move there is nothing left to remove
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        lock.release()
     print(f"wrote {os.path.join(out, 'index.html') if args.gallery else out}")
 
 
 # --- shared helpers: the same in every script that has them ---
-# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
-# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+# Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
 
 def fail(msg, code=2):
     """The one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr."""
@@ -549,10 +564,21 @@ def exit_interrupted(e, note=""):
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
+def number(kind=float, low=0, high=math.inf, above=False, below=False):
+    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
+    def check(text):
+        x = kind(text)
+        if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {'(' if above else '['}{low}, "
+                                             f"{high}{')' if below or high == math.inf else ']'}")
+        return x
+    check.__name__ = kind.__name__  # argparse names it in "invalid float value: 'x'"
+    return check
+
+
 def check_path(path, flag, kind="folder", must_exist=False):
-    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
-    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
-    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    """A path flag before any work: a link is followed; a broken or looping link, a file where a folder belongs (or
+    the reverse: kind 'file'), or a missing path that must exist, is a ValueError naming the flag."""
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
     except FileNotFoundError:
@@ -566,6 +592,44 @@ def check_path(path, flag, kind="folder", must_exist=False):
                          else f"{flag} {path}: {e.strerror}") from None
     if is_dir != (kind != "file"):
         raise ValueError(f"{flag} {path} is a {'folder' if is_dir else 'file'}, not a {kind}")
+
+
+class FolderLock:
+    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a
+    folder not made yet or replaced whole) holding the owner's pid. The OS drops an flock when its process dies, so
+    a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
+
+    def __init__(self, folder, beside=False):
+        name = os.path.basename(os.path.abspath(folder))
+        self.path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{name}.lock") if beside \
+            else os.path.join(folder, ".lock")
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise ValueError(f"cannot write to {os.path.dirname(self.path)}: {e.strerror}") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self.fd, 32).decode(errors="replace").strip()
+                os.close(self.fd)
+                raise ValueError(f"{folder} is in use by another {os.path.basename(__file__)} (pid "
+                                 f"{owner or 'unknown'}); wait for it to end, or stop it first") from None
+            with contextlib.suppress(OSError):  # the owner before us removed the file as we opened it: take the new one
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    break
+            os.close(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self):
+        """Remove the lock file (while still holding it, so no one takes a file about to vanish) and let go."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                    os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
 
 # --- end of shared helpers ---
 

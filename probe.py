@@ -33,6 +33,7 @@ table gathers every encoder x task probed into that folder; runs at the same tim
 """
 
 import argparse
+import collections
 import contextlib
 import csv
 import errno
@@ -69,7 +70,7 @@ WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory s
 # and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
 
 
-def embed(encoder, root, files, batch_size, device, desc):
+def embed(encoder, root, files, batch_size, device, desc, path):
     """Embeddings of the clips that decode, each whole, in one read pass -> (embeddings, their clip indices, the clips
     skipped with the reason). Clips up to 1 s are zero-padded to 1 s (as the encoder does) so they batch together;
     a longer clip waits for batch_size - 1 others of its length (or the end)."""
@@ -77,10 +78,12 @@ def embed(encoder, root, files, batch_size, device, desc):
     out, bad, waiting = {}, [], {}
 
     def run(batch):
-        y = encoder(torch.stack([x for _, x in batch]).to(device))
-        if y.dim() != 2 or y.shape[0] != len(batch):
-            raise ValueError(f"encoder output {tuple(y.shape)} is not (B, D) for a batch of {len(batch)} clips")
-        out.update(zip([i for i, _ in batch], y.float().cpu().numpy()))
+        y = encode(encoder, torch.stack([x for _, x in batch]).to(device), path).cpu().numpy()
+        if out and y.shape[1] != len(next(iter(out.values()))):  # every clip's embedding has one width
+            seconds = batch[0][1].shape[0] / SAMPLE_RATE
+            raise ValueError(f"encoder {path} gives {y.shape[1]}-d embeddings for clips of {seconds:g} s, "
+                             f"{len(next(iter(out.values())))}-d for others")
+        out.update(zip([i for i, _ in batch], y))
 
     with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
         for i, f in enumerate(files):
@@ -99,10 +102,7 @@ def embed(encoder, root, files, batch_size, device, desc):
     if not out:
         raise ValueError(f"none of the {len(files)} clips under {root} decodes (first: {bad[0]})")
     ok = sorted(out)
-    emb = np.stack([out[i] for i in ok]).astype(np.float32)
-    if not np.isfinite(emb).all():
-        raise ValueError(f"{desc}: the encoder gives {(~np.isfinite(emb).all(1)).sum()} clips non-finite embeddings")
-    return emb, ok, bad
+    return np.stack([out[i] for i in ok]).astype(np.float32), ok, bad
 
 
 def score(y_true, logits, multilabel):
@@ -273,6 +273,9 @@ def multiclass_task(name, root, files, values, folds):
             return (0, float(v), v)
         except ValueError:
             return (1, 0.0, v)
+    if len(set(files)) < len(files):  # the embedding cache holds one row per clip: a second row would be dropped
+        dup = next(f for f, n in collections.Counter(files).items() if n > 1)
+        raise ValueError(f"{name}: {dup} is listed {files.count(dup)} times; give every clip one row")
     classes = sorted(set(values), key=key)
     index = {c: i for i, c in enumerate(classes)}
     folds = np.array(folds, dtype=np.int64)
@@ -522,18 +525,16 @@ def read_encoder(path):
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
         raise ValueError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
-    dim = None
+    dims = []
     for b, t in [(2, SAMPLE_RATE), (1, SAMPLE_RATE // 2)]:
         try:
             with torch.no_grad():
-                y = encoder(torch.zeros(b, t))
-        except Exception as e:
-            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform fails: {first_line(e)})")
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != b or dim not in (None, y.shape[1]):
-            raise ValueError(f"{path} is not an exported encoder (a ({b}, {t}) waveform gives {shape}, not ({b}, D))")
-        dim = y.shape[1]
-    return encoder, dim
+                dims.append(encode(encoder, torch.zeros(b, t), path).shape[1])
+        except ValueError as e:
+            raise ValueError(f"{path} is not an exported encoder ({e})") from None
+    if dims[0] != dims[1]:
+        raise ValueError(f"{path} is not an exported encoder ({dims[0]}-d embeddings for 1 s, {dims[1]}-d for 0.5 s)")
+    return encoder, dims[0]
 
 
 def load_encoder(path, device):
@@ -602,7 +603,8 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
     except Exception as e:  # a damaged cache costs one more embedding pass, never the run
         warn(f"{path} is not a readable embedding cache ({first_line(e)}); embedding again")
     t0 = time.time()
-    emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, f"{task['name']} {encoder_path}")
+    emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, f"{task['name']} {encoder_path}",
+                         encoder_path)
     n, seconds = len(task["files"]), time.time() - t0
     print(f"{task['name']}: embedded {n} clips in {seconds:.1f} s ({n / seconds:.0f} clips/s)")
     buf = io.BytesIO()
@@ -727,8 +729,7 @@ def main(argv=None):
 
 
 # --- shared helpers: the same in every script that has them ---
-# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
-# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+# Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
 
 def first_line(e):
     """An error as one line: the first line of its message (its type's name if it has none), never cut."""
@@ -765,9 +766,8 @@ def number(kind=float, low=0, high=math.inf, above=False, below=False):
 
 
 def check_path(path, flag, kind="folder", must_exist=False):
-    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
-    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
-    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    """A path flag before any work: a link is followed; a broken or looping link, a file where a folder belongs (or
+    the reverse: kind 'file'), or a missing path that must exist, is a ValueError naming the flag."""
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
     except FileNotFoundError:
@@ -784,16 +784,15 @@ def check_path(path, flag, kind="folder", must_exist=False):
 
 
 def check_writable(path, flag):
-    """An output path this user can create or replace: its nearest existing ancestor must be writable (found now,
-    not after the work)."""
+    """An output path this user can create: its nearest existing ancestor is writable (found now, not after work)."""
     ancestor = next(d for d in [Path(path).absolute(), *Path(path).absolute().parents] if d.exists())
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
 
 
 def atomic_write(path, data):
-    """data (bytes) to path through a temporary twin and a rename: path is never half-written, and on any failure
-    (a full disk, SIGTERM) neither the twin nor a folder made for it is left. OSError names path, not the twin."""
+    """bytes to path through a hidden twin and a rename: never half-written; on any failure (a full disk, SIGTERM)
+    neither the twin nor a folder made for it is left. OSError names path, not the twin."""
     path = Path(path)
     made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -825,9 +824,8 @@ def read_json(path, what):
 
 
 def read_audio(path, start=0, frames=-1):
-    """An audio file (any rate, any channel count; frames from start, all by default) as float32 mono at 16 kHz,
-    (T,). ValueError naming the file when it cannot be decoded, is empty or holds a non-finite sample (one NaN would
-    poison an embedding, a feature or every later training step): the caller refuses or skips it."""
+    """An audio file (any rate and channels; frames from start, default all) as float32 mono at 16 kHz, (T,), or a
+    ValueError naming it: undecodable, empty, or a non-finite sample (one NaN poisons every later step)."""
     try:
         x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
@@ -842,6 +840,25 @@ def read_audio(path, start=0, frames=-1):
         import torchaudio
         x = torchaudio.functional.resample(torch.from_numpy(x), sr, SAMPLE_RATE).numpy()
     return x
+
+
+def encode(encoder, x, path):
+    """encoder(x) on a float32 (B, T) batch, checked where it is used: (B, D), D >= 1, finite. A failure is one
+    ValueError naming the encoder file, the batch and the encoder's own error (TorchScript's text ends with it)."""
+    import torch
+    what = f"encoder {path} on {x.shape[0]} clip(s) of {x.shape[-1] / SAMPLE_RATE:g} s"
+    try:
+        y = encoder(x)
+    except Exception as e:  # e.g. out of memory, or a model that takes no clip of this length
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        own = next((line for line in reversed(lines) if re.match(r"[\w.]*(Error|Exception)\b", line)), lines[0])
+        raise ValueError(f"{what} fails: {own}") from None
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0] or y.shape[1] < 1:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{what} gives {shape}, not (B, D) with D >= 1")
+    if not torch.isfinite(y).all():
+        raise ValueError(f"{what} gives non-finite embeddings")
+    return y.float()
 
 # --- end of shared helpers ---
 

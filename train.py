@@ -489,13 +489,14 @@ def parse_args(argv=None):
     p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     g = p.add_argument_group("data")
     g.add_argument("--synth", default="voice", help="voice (78 params), voicefm (130) or parametric (340)")
-    g.add_argument("--delta", type=number(), default=0.25, help="perturbation size delta for the doppelgänger pairs")
+    g.add_argument("--delta", type=number(high=1), default=0.25, help="perturbation size delta of the doppelgänger "
+                   "pairs, in [0, 1] (beyond 1 most of theta_i sits on a clip bound, whatever delta is)")
     g.add_argument("--delta-group", action="append", metavar="NAME=VALUE", help="delta VALUE for one synthax module "
                    "(keyboard, vco_1, ...) or parameter (keyboard.midi_f0) instead of --delta; repeatable")
     g.add_argument("--keep", action="append", metavar="SET", help="hold a set of parameters equal within a pair: "
                    "pitch (every keyboard's midi_f0 and oscillator's tuning)")
-    g.add_argument("--delta-schedule", type=number(), metavar="START", help="delta ramps linearly from START at step 0 "
-                   "to --delta at the run's last step (per-group values scale with it); validation uses --delta")
+    g.add_argument("--delta-schedule", type=number(high=1), metavar="START", help="delta ramps linearly from START "
+                   "at step 0 to --delta at the last step (per-group values scale with it); validation uses --delta")
     g.add_argument("--data", help="train on a folder of real audio instead of a synth (read recursively)")
     g.add_argument("--positives", default="aug", choices=["aug", "jitter", "mix5", "mix10"], help="real audio: "
                    "two augmentations of a crop, two crops of a file, or two layerings of 5 / 10 crops (VGGSound-Mix)")
@@ -523,7 +524,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/default", help="run folder")
     g.add_argument("--resume", metavar="RUN", help="continue RUN from its checkpoint (other flags may extend --epochs)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast of the ResNet (the "
                    "log-mel and the loss stay float32); auto: bf16 where the hardware has it natively (Ampere+ GPUs, "
@@ -822,8 +823,7 @@ def main(argv=None):
 
 
 # --- shared helpers: the same in every script that has them ---
-# A script holds the helpers it uses, each with the same text as in the other scripts (tests/test_structure.py).
-# They raise ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
+# Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
 
 def first_line(e):
     """An error as one line: the first line of its message (its type's name if it has none), never cut."""
@@ -860,9 +860,8 @@ def number(kind=float, low=0, high=math.inf, above=False, below=False):
 
 
 def check_path(path, flag, kind="folder", must_exist=False):
-    """A path flag, checked before any work: a link is followed; a broken or looping link, a file where a folder
-    belongs (kind 'folder', 'run folder') or a folder where a file belongs (kind 'file'), or a missing path that
-    must exist, is a ValueError naming the flag. A missing path is otherwise fine (named where it is read)."""
+    """A path flag before any work: a link is followed; a broken or looping link, a file where a folder belongs (or
+    the reverse: kind 'file'), or a missing path that must exist, is a ValueError naming the flag."""
     try:
         is_dir = stat.S_ISDIR(os.stat(path).st_mode)
     except FileNotFoundError:
@@ -879,8 +878,8 @@ def check_path(path, flag, kind="folder", must_exist=False):
 
 
 def atomic_write(path, data):
-    """data (bytes) to path through a temporary twin and a rename: path is never half-written, and on any failure
-    (a full disk, SIGTERM) neither the twin nor a folder made for it is left. OSError names path, not the twin."""
+    """bytes to path through a hidden twin and a rename: never half-written; on any failure (a full disk, SIGTERM)
+    neither the twin nor a folder made for it is left. OSError names path, not the twin."""
     path = Path(path)
     made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -901,9 +900,8 @@ def atomic_write(path, data):
 
 
 def read_audio(path, start=0, frames=-1):
-    """An audio file (any rate, any channel count; frames from start, all by default) as float32 mono at 16 kHz,
-    (T,). ValueError naming the file when it cannot be decoded, is empty or holds a non-finite sample (one NaN would
-    poison an embedding, a feature or every later training step): the caller refuses or skips it."""
+    """An audio file (any rate and channels; frames from start, default all) as float32 mono at 16 kHz, (T,), or a
+    ValueError naming it: undecodable, empty, or a non-finite sample (one NaN poisons every later step)."""
     try:
         x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
@@ -921,17 +919,19 @@ def read_audio(path, start=0, frames=-1):
 
 
 class FolderLock:
-    """One job owns a folder while it writes there: an flock on FOLDER/.lock that holds the owner's pid. The OS drops
-    an flock when its process dies, so even a kill -9 never blocks the next job. A second job gets a ValueError
-    naming the live one's pid."""
+    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a
+    folder not made yet or replaced whole) holding the owner's pid. The OS drops an flock when its process dies, so
+    a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
 
-    def __init__(self, folder):
-        self.path = os.path.join(folder, ".lock")
+    def __init__(self, folder, beside=False):
+        name = os.path.basename(os.path.abspath(folder))
+        self.path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{name}.lock") if beside \
+            else os.path.join(folder, ".lock")
         while True:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as e:
-                raise ValueError(f"cannot write to {folder}: {e.strerror}") from None
+                raise ValueError(f"cannot write to {os.path.dirname(self.path)}: {e.strerror}") from None
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -76,6 +76,25 @@ def good(t):
     return clips(t / "good", 3)
 
 
+def scripted(path, forward):
+    """An encoder.pt whose forward is the given TorchScript-able function of the batch."""
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            return forward(x)
+    torch.jit.script(Enc()).save(str(path))
+    return path
+
+
+def picky(x):
+    if x.shape[0] > 2:  # analyze.py's own check feeds 2 clips; a set feeds more
+        raise RuntimeError("batches of more than 2 clips are not supported")
+    return x[:, :4]
+
+
+def no_width(x):
+    return x[:, :0]
+
+
 # each case: a function of a fresh folder t that builds the inputs and returns the arguments (without --out)
 CASES = {
     "audio truncated": lambda t: (clips(t / "a", 1), (t / "a" / "0.wav").write_bytes(
@@ -124,7 +143,15 @@ CASES = {
     "--pca-pairs 0": lambda t: ["pairs", "--pairs", pair_folder(t / "p", dict(synth="voice", delta=0.1)),
                                 "--pca-pairs", "0"],
     "missing set folder": lambda t: ["features", "--set", f"a={t / 'nope'}"],
+    "encoder fails on a batch of 3": lambda t: ["fad", "--set", f"a={good(t)}", "--set", f"b={t / 'good'}",
+                                                "--embedder", f"encoder:{scripted(t / 'e.pt', picky)}"],
+    "encoder output has width 0": lambda t: ["fad", "--set", f"a={good(t)}", "--set", f"b={t / 'good'}",
+                                             "--embedder", f"encoder:{scripted(t / 'e.pt', no_width)}"],
+    "invariance with a failing encoder": lambda t: ["invariance", "--factors", pair_folder(t / "f" / "noise", dict(
+        synth="voice", delta=0.25, factor="noise")).parent, "--encoder", nan_encoder(t / "e.pt")],
 }
+NEEDLES = {"encoder fails on a batch of 3": "on 3 clip(s) of 0.25 s fails: builtins.RuntimeError: batches of more",
+           "encoder output has width 0": "gives (2, 0), not (B, D) with D >= 1"}
 
 
 def snapshot(root):
@@ -155,8 +182,52 @@ def test_fault_one_line_exit_2(name, outcomes):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2, (name, p.returncode, p.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("analyze.py: error:"), p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and NEEDLES.get(name, "") in lines[0]
     assert after == before  # inputs and earlier outputs byte-identical, no --out left behind
+
+
+def test_a_command_that_fails_late_leaves_an_existing_out_as_it_was(tmp_path):
+    """report computes its training section, then fails on invariance: training.csv, there before, is unchanged,
+    and none of the section's new files appear."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "training.csv").write_text("earlier output\n")
+    r = run_folder(tmp_path / "r", log=(LOG_HEAD + "4,1,0.001,2.7,0.6,-1.6,0.4,-3.0,100\n").encode())
+    f = pair_folder(tmp_path / "f" / "noise", dict(synth="voice", delta=0.25, factor="noise")).parent  # no negatives
+    enc = nan_encoder(tmp_path / "e.pt")
+    before = snapshot(tmp_path)
+    p = subprocess.run([sys.executable, str(SCRIPT), "report", "--runs", str(r), "--factors", str(f), "--encoder",
+                        str(enc), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "'negative' folder" in p.stderr, p.stderr[-2000:]
+    assert snapshot(tmp_path) == before
+
+
+def test_training_on_runs_without_validation_writes_the_table(tmp_path):
+    """runs/random alone (the README's baseline) has no validation row: the table, and no empty figure."""
+    r = run_folder(tmp_path / "random", config=json.dumps(dict(synth="voice", delta=0.25, epochs=0, **PAPER_SAMPLER)),
+                   log=LOG_HEAD.encode())
+    p = subprocess.run([sys.executable, str(SCRIPT), "training", "--runs", str(r), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["training.csv"]
+
+
+def test_a_second_job_on_one_out_is_refused_while_the_first_writes(tmp_path):
+    data = clips(tmp_path / "a", 400)
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, str(SCRIPT), "features", "--set", f"a={data}", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / ".out.lock").exists():  # the first job owns --out
+        assert first.poll() is None and time.time() < deadline, first.stderr.read()
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, str(SCRIPT), "fad", "--set", f"a={good(tmp_path)}", "--set",
+                             f"b={tmp_path / 'good'}", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1 and f"in use by another analyze.py (pid {first.pid})" in lines[0]
+    assert not out.exists() and not (tmp_path / ".out.lock").exists()
 
 
 def test_non_finite_clips_skipped_and_counted(tmp_path):

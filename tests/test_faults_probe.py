@@ -38,6 +38,29 @@ class Slow(torch.nn.Module):
         return torch.stack([wave.mean(1), wave.std(1)], 1)
 
 
+class Picky(torch.nn.Module):
+    """Fails on real inputs only: probe.py's own check feeds batches of 2 and 1 clips, the task a batch of 4."""
+
+    def forward(self, wave):
+        if wave.shape[0] > 2:
+            raise RuntimeError("batches of more than 2 clips are not supported")
+        return torch.stack([wave.mean(1), wave.std(1)], 1)
+
+
+class LongClipsFail(torch.nn.Module):
+    """Fails on clips longer than 1 s, which the task has and probe.py's own check does not feed."""
+
+    def forward(self, wave):
+        if wave.shape[1] > 16000:
+            raise ValueError("clips longer than 1 s are not supported")
+        return torch.stack([wave.mean(1), wave.std(1)], 1)
+
+
+class NoWidth(torch.nn.Module):
+    def forward(self, wave):
+        return wave[:, :0]
+
+
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
@@ -100,6 +123,18 @@ def _encoder_file(tmp, data):
     return ["--encoder", tmp / "bad.pt", *csv_args(folder(tmp / "d", "aabb"))], "bad.pt"
 
 
+def _module(tmp, module, root=None):
+    torch.jit.save(torch.jit.script(module), str(tmp / "bad.pt"))
+    return ["--encoder", tmp / "bad.pt", *csv_args(root or folder(tmp / "d", "aabb"))]
+
+
+def _long_clips(tmp):
+    root = folder(tmp / "d", "aabb")
+    for i in range(4):
+        tone(root / f"{i}.wav", i % 2, seconds=2.0)
+    return _module(tmp, LongClipsFail(), root), "on 4 clip(s) of 2 s fails: builtins.ValueError: clips longer than 1 s"
+
+
 def _results(tmp, text):
     (tmp / "out").mkdir()
     (tmp / "out" / "results.json").write_text(text)
@@ -125,6 +160,13 @@ CASES = {
     "test fold classes not in training": lambda tmp: (csv_args(folder(tmp / "d", "aabbcc", folds=[0, 0, 1, 1, 1, 1])),
                                                       "fold 0"),
     "all audio non-finite": _nonfinite_audio,
+    "meta.csv lists a clip twice": lambda tmp: (csv_args(folder(tmp / "d", "aabb", meta=b"file,kind,fold\n0.wav,a,0\n"
+                                                              b"1.wav,a,1\n2.wav,b,0\n3.wav,b,1\n0.wav,b,1\n")),
+                                                "0.wav is listed 2 times"),
+    "encoder fails on a batch of 4": lambda tmp: (_module(tmp, Picky()), "on 4 clip(s) of 1 s fails: builtins.RuntimeError: "
+                                                  "batches of more than 2 clips are not supported"),
+    "encoder fails on 2-s clips": _long_clips,
+    "encoder output has width 0": lambda tmp: (_module(tmp, NoWidth()), "gives (2, 0), not (B, D) with D >= 1"),
     "--out is a file": lambda tmp: ((tmp / "out").write_text("mine\n"), csv_args(folder(tmp / "d", "aabb")))[1:] + ("--out",),
     "--cache-dir is a file": lambda tmp: ((tmp / "c").write_text("mine\n"),
                                           csv_args(folder(tmp / "d", "aabb"), "--cache-dir", tmp / "c"))[1:] + ("--cache-dir",),

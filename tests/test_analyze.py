@@ -398,10 +398,11 @@ def test_bad_input_one_line_exit_2(tmp_path, encoder):
     np.savez(tmp_path / "params.npz", synth="voice", delta=0.1)
     sf.write(tmp_path / "000000_a.wav", np.zeros(SR, np.float32), SR)
     sf.write(tmp_path / "000000_b.wav", np.zeros(SR, np.float32), SR)
-    # all at once: each case is a fresh interpreter that mostly waits on imports
-    procs = {what: subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(tmp_path / "out")],
+    # all at once: each case is a fresh interpreter that mostly waits on imports, with its own --out (one job owns
+    # an --out, so cases sharing one would refuse each other)
+    procs = {what: subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(tmp_path / f"out{i}")],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for what, args in cases.items()}
+             for i, (what, args) in enumerate(cases.items())}
     for what, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         lines = err.strip().splitlines()

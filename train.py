@@ -810,10 +810,12 @@ def main(argv=None):
             del net  # free DDP's reducer (and its hold on the process group) while every rank is still here
             dist.all_reduce(torch.zeros(1, device=device))  # leave together: no rank tears down while another exports
             dist.destroy_process_group()
-    except (KeyboardInterrupt, FloatingPointError, ValueError, OSError) as e:
+    except (KeyboardInterrupt, FloatingPointError, ValueError, OSError, torch.OutOfMemoryError) as e:
         run.abandon()  # a new run that has no checkpoint yet is removed, so it blocks no retry
         if isinstance(e, KeyboardInterrupt):
             exit_interrupted(e, "what was written is whole (continue a run with --resume RUN)")
+        if isinstance(e, torch.OutOfMemoryError):  # e.g. a batch too large for the GPU; what is on disk is whole
+            fail(f"out of memory ({first_line(e)}); lower --batch-size, or --resume on a larger device", 1)
         if isinstance(e, OSError):  # e.g. a full disk or a folder made read-only mid-run; what is on disk is whole
             fail(f"{e.filename}: {e.strerror}" if e.filename else first_line(e))
         fail(e, 1 if isinstance(e, FloatingPointError) else 2)  # 1: a non-finite loss

@@ -211,8 +211,8 @@ def test_a_log_saved_by_a_spreadsheet_resumes_as_the_original(three_steps, tmp_p
     assert log_rows(a) == log_rows(b) and len(log_rows(a)) == 5  # header, steps 1-4
 
 
-@pytest.mark.parametrize("text", ["not,a,log\n1,2,3\n", "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
-                                  "three,0,0.1,0,0,0,,,1\n", "\xff\xfe garbage"])
+@pytest.mark.parametrize("text", ["not,a,log\n1,2,3\n", "\xff\xfe garbage",
+                                  "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\nthree,0,0.1,0,0,0,,,1\n"])
 def test_a_damaged_log_is_refused_by_name_and_nothing_is_rewritten(three_steps, tmp_path, text):
     d = tmp_path / "run"
     shutil.copytree(three_steps, d)
@@ -231,3 +231,30 @@ def test_a_folder_named_like_audio_is_a_folder_not_a_file(tmp_path):
     run(ROOT / "train.py", "--data", audio, "--positives", "jitter", "--batch-size", "2", "--epochs", "1",
         "--sounds-per-epoch", "4", "--out", tmp_path / "run")
     assert (tmp_path / "run" / "encoder.pt").is_file()
+
+
+def test_out_of_memory_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    """A GPU that runs out of memory mid-run (simulated: the third loss raises torch's OutOfMemoryError): one line,
+    exit 1, the checkpoint of the steps before is kept and resumes."""
+    script = tmp_path / "oom.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        sys.argv = ["train.py", *sys.argv[2:]]
+        import train
+        loss, calls = train.contrastive_loss, []
+        def oom(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return loss(*a, **k)
+        train.contrastive_loss = oom
+        train.main()
+    """))
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, script, ROOT, *TINY, "--epochs", "1", "--save-every", "0", "--out", out],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "train.py: error: out of memory (CUDA out of memory" in lines[0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    run(ROOT / "train.py", "--resume", out)

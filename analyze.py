@@ -363,8 +363,8 @@ def cmd_invariance(args, run):
 
 # training (Fig. 5, Fig. 3)
 def recipe(cfg, path):
-    """How a run drew its pairs besides one delta (train.py --keep, --delta-group, --delta-schedule), e.g.
-    'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler (all three null in config.json)."""
+    """How a run drew its pairs besides one delta (train.py --noise-curve, --keep, --delta-group, --delta-schedule),
+    e.g. 'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler (all null or false in config.json)."""
     try:
         keep, groups, start = cfg["keep"] or [], cfg["delta_group"] or [], cfg["delta_schedule"]
         if not (isinstance(keep, list) and isinstance(groups, list)):
@@ -373,7 +373,8 @@ def recipe(cfg, path):
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{path} has a malformed keep, delta_group or delta_schedule, or lacks one "
                          "(a config.json of train.py before --keep, --delta-group, --delta-schedule)") from None
-    return ", ".join([f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
+    curve = ["noise curve"] * bool(cfg.get("noise_curve"))  # absent before train.py had --noise-curve: not given
+    return ", ".join(curve + [f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
 
 
 def read_run(d):
@@ -427,7 +428,8 @@ def read_results(path, runs):
         if run is None:
             skipped.add(str(enc))
             continue
-        out.append(dict(run=run["run"], synth=run["synth"], recipe=run["recipe"], delta=run["delta"], **s))
+        out.append(dict(run=run["run"], synth=run["synth"], recipe=run["recipe"], delta=run["delta"],
+                        steps=run["steps"], **s))
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
@@ -437,23 +439,35 @@ def label(r):
     return f"{r['synth']}, {r['recipe']}" if r["recipe"] else r["synth"]
 
 
-def by_synth(ax, rows, key, err=None, series=None):
-    """One line per synth and recipe; runs that share (synth, recipe, delta), e.g. seeds, are averaged. series: the
-    labels of the whole figure, so that a line has one color in every panel."""
-    series = series or sorted({label(r) for r in rows})
-    for sy in sorted({label(r) for r in rows}):
+def budget_label(r):  # against steps, runs of one recipe at two deltas are two lines
+    return f"{label(r)}, δ = {r['delta']:g}" if np.isfinite(r["delta"]) else label(r)
+
+
+def by_synth(ax, rows, key, err=None, series=None, x="delta"):
+    """One line per synth and recipe (and delta, when x is "steps"); runs that share (synth, recipe, delta, x), e.g.
+    seeds, are averaged. series: the labels of the whole figure, so that a line has one color in every panel."""
+    name = label if x == "delta" else budget_label
+    series = series or sorted({name(r) for r in rows})
+    for sy in sorted({name(r) for r in rows}):
         i = series.index(sy)
-        rs = [r for r in rows if label(r) == sy and np.isfinite(r[key])]
+        rs = [r for r in rows if name(r) == sy and np.isfinite(r[key])]
         if not rs:
             continue
         if not np.isfinite(rs[0]["delta"]):  # a baseline without delta: a reference line
             ax.axhline(np.mean([r[key] for r in rs]), ls="--", color=f"C{i}", label=sy)
             continue
-        ds = sorted({r["delta"] for r in rs})
-        y = [np.mean([r[key] for r in rs if r["delta"] == d]) for d in ds]
-        e = [np.mean([r[err] for r in rs if r["delta"] == d]) for d in ds] if err else None
+        ds = sorted({r[x] for r in rs})
+        y = [np.mean([r[key] for r in rs if r[x] == d]) for d in ds]
+        e = [np.mean([r[err] for r in rs if r[x] == d]) for d in ds] if err else None
         ax.errorbar(ds, y, yerr=e, marker="o", capsize=3, color=f"C{i}", label=sy)
-    delta_axis(ax, sorted({r["delta"] for r in rows if np.isfinite(r["delta"])}))
+    if x == "delta":
+        delta_axis(ax, sorted({r["delta"] for r in rows if np.isfinite(r["delta"])}))
+    else:
+        steps = sorted({r["steps"] for r in rows if np.isfinite(r["delta"])})
+        ax.set_xscale("log", base=2)  # budgets grow by factors
+        ax.set_xticks(steps, [f"{s:,}" for s in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("training steps")
 
 
 def legend_below(fig, axes):
@@ -470,11 +484,14 @@ def legend_below(fig, axes):
 
 def cmd_training(args, run):
     """Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
-    line per synth and recipe (train.py's --keep, --delta-group, --delta-schedule; a ramped run sits at its final
+    line per synth and recipe (train.py's --noise-curve, --keep, --delta-group, --delta-schedule; a ramped run sits
+    at its final delta), or with --against steps vs each run's training steps (a budget curve, a line per recipe and
     delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
     in %), training_align_unif.png, training_probe.png
 
       python analyze.py training --runs runs/* --results probes/results.json --out figs/training
+      python analyze.py training --runs runs/cpu25 runs/e16 runs/random --results probes/results.json \
+          --against steps --out figs/budget
     """
     runs = {r["run"]: r for r in map(read_run, args.runs)}
     probes = [p for f in args.results for p in read_results(f, runs)]
@@ -491,7 +508,7 @@ def cmd_training(args, run):
     if any(np.isfinite(r["val_align"]) for r in rows):  # e.g. runs/random alone has no validation to draw
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, k in zip(axes, ["val_align", "val_unif"]):
-            by_synth(ax, rows, k)
+            by_synth(ax, rows, k, x=args.against)
             ax.set_title(f"final {k.replace('val_', 'validation ')}")
         legend_below(fig, axes)
         figures.append(save_fig(run, fig, "training_align_unif.png"))
@@ -513,12 +530,14 @@ def cmd_training(args, run):
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
         for ax, t in zip(axes[0], tasks):
             rs = [r for r in probes if r["task"] == t]
-            by_synth(ax, rs, "mean", err="std", series=sorted({label(r) for r in probes}))
+            name = label if args.against == "delta" else budget_label
+            by_synth(ax, rs, "mean", err="std", series=sorted({name(r) for r in probes}), x=args.against)
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         legend_below(fig, axes[0])
         figures.append(save_fig(run, fig, "training_probe.png"))
-    return Section("Training: alignment, uniformity and probe scores vs δ (Fig. 5, Fig. 3)", figures, tables)
+    against = "δ (Fig. 5, Fig. 3)" if args.against == "delta" else "training steps"
+    return Section(f"Training: alignment, uniformity and probe scores vs {against}", figures, tables)
 
 
 # report
@@ -1071,6 +1090,8 @@ FLAGS = {
     "--pca-pairs": dict(type=number(int, 1), default=40, help="pairs drawn per PCA panel"),
     "--runs": dict(nargs="+", default=[], help="train.py run folders (config.json + log.csv)"),
     "--results": dict(nargs="+", default=[], help="probe.py results.json files"),
+    "--against": dict(choices=["delta", "steps"], default="delta", help="training's x axis: each run's delta (Fig. 3, "
+                      "5) or its training steps (a budget curve)"),
     "--factors": dict(help="generate.py --factors output (one folder per factor)"),
     "--encoder": dict(nargs="+", default=[], metavar="PATH", help="train.py encoder.pt file(s)"),
 }
@@ -1083,7 +1104,7 @@ SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help
     "uncertainty": (cmd_uncertainty, ["--set", "--classifier-path", "--out"],
                     ["--max-files", "--activation", "--batch-size"]),
     "fad": (cmd_fad, ["--set", "--out"], ["--target", "--max-files", *EMBEDDER, "--batch-size"]),
-    "training": (cmd_training, ["--out"], ["--runs", "--results"]),
+    "training": (cmd_training, ["--out"], ["--runs", "--results", "--against"]),
     "invariance": (cmd_invariance, ["--factors", "--encoder", "--out"], ["--max-pairs", "--batch-size"]),
     "report": (cmd_report, ["--out"], [f for f in FLAGS if f != "--out"]),
 }

@@ -12,14 +12,17 @@ train.py imports `PairSampler` for on-the-fly synthesis; the command line writes
     python generate.py --gallery gallery/ --synth voice --delta 0 0.01 0.05 0.1 0.25 0.5 --pairs 4
     python generate.py --factors --synth voice --delta 0.25 --pairs 200 --out factors/
     python generate.py --synth voice --delta 0.25 --keep pitch --delta-group vco_1=0.1 --pairs 200 --out pairs_keep/
+    python generate.py --gallery gallery_noise_curve/ --synth voice --delta 0 0.25 --pairs 4 --noise-curve
 
 One (synth, delta) writes OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz (theta, theta_a, theta_b of
 shape (pairs, m), synth, delta, seed, sample_rate; with --delta-group or --keep also delta_columns, each column's
-delta, delta_group and keep). Several synths or deltas write OUT/<synth>/delta_<delta>/ in that layout each."""
+delta, delta_group and keep; with --noise-curve also noise_curve). Several synths or deltas write
+OUT/<synth>/delta_<delta>/ in that layout each."""
 import argparse
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import functools
 import math
 import os
@@ -37,6 +40,7 @@ import numpy as np
 import synthax.modules.mixers
 import synthax.synth
 from synthax.config import SynthConfig
+from synthax.parameter import ModuleParameterRange
 from synthax.modules.oscillators import Noise
 
 # === 1. the paper ===
@@ -144,9 +148,10 @@ class Doppelgangers:
 
 # === 2. beyond the paper ===
 FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
-# --keep SET: parameters held equal within a pair (delta 0), matched by name in every module. A sound's notes are
-# each keyboard's midi_f0 plus each oscillator's tuning; vibrato and FM (mod_depth, mod_matrix, LFO rates) still move.
-KEEP = {"pitch": ("midi_f0", "tuning")}
+# --keep SET: parameters held equal within a pair (delta 0), MODULE.PARAM patterns. A sound's notes are each keyboard's
+# midi_f0 plus each oscillator's tuning; pitch-mod also holds each oscillator's vibrato or FM depth (mod_depth, ±96
+# semitones); the LFOs' own mod_depth (their rate) and mod_matrix still move.
+KEEP = {"pitch": ("*.midi_f0", "*.tuning"), "pitch-mod": ("*.midi_f0", "*.tuning", "vco_*.mod_depth")}
 
 
 def leave_the_gpu_to_torch():  # read when JAX starts a backend; else it takes 75% of the GPU train.py shares with torch
@@ -163,14 +168,15 @@ def synthesis_device(local_rank=0, devices=None):
 
 
 class PairSampler(Doppelgangers):
-    """The paper's sampler plus this project's recipes (set_recipe), pairs that differ in one factor (factor_pair)
-    and the JAX device to synthesize on (None: JAX's default; see synthesis_device)."""
+    """The paper's sampler plus this project's recipes (set_recipe), pairs that differ in one factor (factor_pair),
+    the JAX device to synthesize on (None: JAX's default; see synthesis_device) and, with noise_curve, the synth's
+    level curves as its authors meant them (see dropped_curves)."""
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
-                 delta_schedule=None, device=None):
+                 delta_schedule=None, device=None, noise_curve=False):
         leave_the_gpu_to_torch()  # before the first JAX array
         super().__init__(synth, delta, batch_size, sample_rate, seconds, seed)
-        self.device = device
+        self.device, self.noise_curve = device, bool(noise_curve)
         # theta's column indices per synthax module (groups: vco_1, mixer, ...) and parameter (columns: MODULE.PARAM)
         self.groups, self.columns, start = {}, {}, 0
         for (path, _), size in zip(self.paths, self.sizes):
@@ -179,6 +185,34 @@ class PairSampler(Doppelgangers):
             self.columns[f"{module}.{path[-1].key}"] = list(range(start, start + size))
             start += size
         self.set_recipe(delta_group, keep, delta_schedule)
+        self.curves = self.dropped_curves() if self.noise_curve else []  # read when _pair is first traced
+
+    def dropped_curves(self):
+        """synthax 0.2.2's from_0to1 applies a parameter's curve only if every entry differs from 1, so a vector curve
+        with a 1 in it is dropped whole: Voice's mixer level [1, 1, 0.025] leaves the noise level linear in theta,
+        not theta^40, and most random Voice sounds noise-like (the paper's data; no other synth has such a curve).
+        -> [(columns, curve, symmetric)] for the entries that differ from 1, to apply before synthax maps linearly."""
+        params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
+        curves = []
+        for module, mod in self.synth.bind(params).modules.items():
+            for name, cols in self.columns.items():
+                spec = getattr(mod, name.split(".")[1], None) if name.split(".")[0] == module else None
+                curve = np.asarray(getattr(spec, "curve", 1.0), np.float32)
+                if isinstance(spec, ModuleParameterRange) and curve.ndim and (curve == 1).any():
+                    bent = np.flatnonzero(curve != 1)
+                    curves.append(([cols[i] for i in bent], curve[bent], bool(spec.symmetric)))
+        return curves
+
+    def render(self, theta, noise_key):
+        for cols, curve, symmetric in self.curves:  # synthax's own curve formulas, per element
+            x = theta[:, cols]
+            if symmetric:
+                d = 2 * x - 1
+                x = (jnp.where(d == 0, d, jnp.exp2(jnp.log2(jnp.abs(d)) / curve) * jnp.sign(d)) + 1) / 2
+            else:
+                x = jnp.exp2(jnp.log2(x) / curve)
+            theta = theta.at[:, cols].set(x)
+        return super().render(theta, noise_key)
 
     def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
         """Which delta each column of theta gets (default: self.delta for all); ValueError names the valid choices.
@@ -217,7 +251,8 @@ class PairSampler(Doppelgangers):
 
     def kept_columns(self, keep="pitch"):
         """Column indices of a KEEP set in this synth's theta."""
-        return [i for name, cols in self.columns.items() if name.split(".")[-1] in KEEP[keep] for i in cols]
+        return [i for name, cols in self.columns.items()
+                if any(fnmatch.fnmatchcase(name, pattern) for pattern in KEEP[keep]) for i in cols]
 
     def delta_at(self, step=0, stream=0):
         """The delta of batch (step, stream): a float32 scalar while no column has its own (the paper's sampler, bit
@@ -237,7 +272,8 @@ class PairSampler(Doppelgangers):
 
     def recipe(self):
         """What differs from the paper's single delta, e.g. 'keep pitch, vco_1=0.1' ('' for nothing)."""
-        parts = [f"keep {k}" for k in self.keep] + [f"{n}={v:g}" for n, v in self.delta_group.items()]
+        parts = ["noise curve"] * self.noise_curve + [f"keep {k}" for k in self.keep]
+        parts += [f"{n}={v:g}" for n, v in self.delta_group.items()]
         if self.delta_schedule is not None:
             parts.append(f"delta ramp from {self.delta_schedule[0]:g} over {self.delta_schedule[1]} steps")
         return ", ".join(parts)
@@ -305,7 +341,7 @@ def write_gallery(out, args):
     sections = []
     for synth in args.synth:
         sampler = PairSampler(synth, 0.0, args.pairs, args.sample_rate, args.seconds, args.seed, args.delta_group,
-                              args.keep)
+                              args.keep, noise_curve=args.noise_curve)
         recipe = f" ({html.escape(sampler.recipe())})" if sampler.recipe() else ""
         for delta in args.delta:
             sampler.delta = delta  # same theta and noise for every delta: only the perturbation grows
@@ -349,7 +385,7 @@ def benchmark(args):
     for synth in args.synth:
         t0 = time.time()
         sampler = PairSampler(synth, args.delta[0], args.batch_size, args.sample_rate, args.seconds, args.seed,
-                              args.delta_group, args.keep)
+                              args.delta_group, args.keep, noise_curve=args.noise_curve)
         sampler.sample(0)
         compile_s = time.time() - t0
         steps, t0 = 0, time.time()
@@ -421,6 +457,8 @@ def write_pairs(out, sampler, n_pairs, progress, factor=None):
     if factor is None and (sampler.delta_group or sampler.keep):  # a default params.npz stays as it was
         meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
                     delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
+    if sampler.noise_curve:
+        meta.update(noise_curve=True)
     np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
 
 
@@ -446,6 +484,8 @@ def parse_args(argv=None):
                         "repeatable; a parameter's value beats its module's (an unknown NAME lists the names)")
     p.add_argument("--keep", action="append", metavar="SET",
                    help=f"hold a set equal within a pair (delta 0, beats --delta-group; repeatable): {', '.join(KEEP)}")
+    p.add_argument("--noise-curve", action="store_true", help="apply the synth's level curves per element, as its "
+                   "authors meant (synthax 0.2.2 drops Voice's noise-level curve: the paper's data have it dropped)")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
     p.add_argument("--benchmark-seconds", type=float, default=10.0)
     return p.parse_args(argv)
@@ -482,7 +522,7 @@ def write_outputs(tmp, args):
         return write_gallery(tmp, args)
     if args.factors is not None:
         sampler = PairSampler(args.synth[0], args.delta[0], min(args.batch_size, args.pairs), args.sample_rate,
-                              args.seconds, args.seed, args.delta_group, args.keep)
+                              args.seconds, args.seed, args.delta_group, args.keep, noise_curve=args.noise_curve)
         factors = args.factors or sampler.factors()
         unknown = sorted(set(factors) - set(sampler.factors()))
         if unknown:
@@ -497,7 +537,7 @@ def write_outputs(tmp, args):
     with tqdm(total=len(combos) * args.pairs, unit="pair", desc="generate") as progress:
         for synth in args.synth:
             sampler = PairSampler(synth, 0.0, min(args.batch_size, args.pairs), args.sample_rate, args.seconds,
-                                  args.seed, args.delta_group, args.keep)
+                                  args.seed, args.delta_group, args.keep, noise_curve=args.noise_curve)
             for delta in args.delta:
                 sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
                 d = tmp if len(combos) == 1 else os.path.join(tmp, synth, f"delta_{delta:g}")

@@ -16,6 +16,9 @@ their code). The same script trains on real audio (--data) for the paper's basel
     # pairs that keep their pitch; delta ramped from 0.05 at step 0 to --delta at the last step
     python train.py --synth voice --delta 0.25 --keep pitch --out runs/voice_keep_pitch
     python train.py --synth voice --delta 0.25 --delta-schedule 0.05 --out runs/voice_ramp
+    # pitch and each oscillator's pitch modulation held; Voice's noise level with its curve (see generate.py)
+    python train.py --synth voice --delta 0.25 --keep pitch-mod --out runs/voice_keep_pitch_mod
+    python train.py --synth voice --delta 0.25 --noise-curve --out runs/voice_noise_curve
     python train.py --resume runs/cpu --epochs 4  # continue a run exactly where its last checkpoint stopped
     python train.py --epochs 0 --out runs/random  # the paper's "Random Init." baseline: an untrained encoder
     # real audio baselines (VGGSound-style folder), positives from augmentation or mixing
@@ -250,7 +253,8 @@ def make_source(args, ckpt, steps_per_epoch):
     if args.data is not None:
         return RealAudio(args.data, args.positives, args.batch_size, args.seed), augment, schedule
     return PairSampler(args.synth, args.delta, args.batch_size, SAMPLE_RATE, 1.0, args.seed, args.delta_group,
-                       args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0)))), augment, schedule
+                       args.keep, schedule, synthesis_device(int(os.environ.get("LOCAL_RANK", 0))),
+                       noise_curve=args.noise_curve), augment, schedule
 
 
 def choose_precision(amp, device):
@@ -493,8 +497,11 @@ def parse_args(argv=None):
                    "pairs, in [0, 1] (beyond 1 most of theta_i sits on a clip bound, whatever delta is)")
     g.add_argument("--delta-group", action="append", metavar="NAME=VALUE", help="delta VALUE for one synthax module "
                    "(keyboard, vco_1, ...) or parameter (keyboard.midi_f0) instead of --delta; repeatable")
-    g.add_argument("--keep", action="append", metavar="SET", help="hold a set of parameters equal within a pair: "
-                   "pitch (every keyboard's midi_f0 and oscillator's tuning)")
+    g.add_argument("--keep", action="append", metavar="SET", help="hold a set of parameters equal within a pair "
+                   "(repeatable): pitch (every keyboard's midi_f0 and oscillator's tuning), pitch-mod (pitch and "
+                   "every oscillator's mod_depth)")
+    g.add_argument("--noise-curve", action="store_true", help="apply the synth's level curves per element (synthax "
+                   "0.2.2 drops Voice's noise-level curve, as in the paper's data; see generate.py)")
     g.add_argument("--delta-schedule", type=number(high=1), metavar="START", help="delta ramps linearly from START "
                    "at step 0 to --delta at the last step (per-group values scale with it); validation uses --delta")
     g.add_argument("--data", help="train on a folder of real audio instead of a synth (read recursively)")
@@ -586,8 +593,9 @@ def check_args(args, given, run):
         raise ValueError(f"unknown synth {args.synth!r} (choose from {', '.join(SYNTHS)})")
     if args.data is not None:
         check_path(args.data, "--data", must_exist=True)
-        if args.delta_group or args.keep or args.delta_schedule is not None:
-            raise ValueError("--delta-group, --keep and --delta-schedule shape synthetic pairs, not --data")
+        if args.delta_group or args.keep or args.delta_schedule is not None or args.noise_curve:
+            raise ValueError("--delta-group, --keep, --delta-schedule and --noise-curve shape synthetic pairs, "
+                             "not --data")
     if args.delta_schedule is not None and not args.delta > 0:
         raise ValueError("--delta-schedule START must be >= 0 and --delta > 0 (delta ramps from START to --delta)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -328,6 +328,62 @@ def test_training_draws_one_line_per_recipe(tmp_path):
     assert p.returncode == 2 and "malformed keep" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
+def test_training_against_steps_draws_a_budget_curve(tmp_path):
+    """--against steps: one line per recipe and delta over the runs' training steps, random init a reference line;
+    --noise-curve is part of a run's recipe."""
+    root = tmp_path / "exp"
+    recipes = {"": {}, "noise curve, keep pitch-mod": dict(noise_curve=True, keep=["pitch-mod"])}
+    summary = []
+    for i, (how, extra) in enumerate(recipes.items()):
+        for epochs in (4, 16):
+            name = f"r{i}_e{epochs}"
+            (root / "runs" / name).mkdir(parents=True)
+            config = dict(synth="voice", delta=0.25, data=None, epochs=epochs, **PAPER_SAMPLER, noise_curve=False)
+            (root / "runs" / name / "config.json").write_text(json.dumps({**config, **extra}))
+            (root / "runs" / name / "log.csv").write_text(
+                "step,epoch,lr,loss,align,unif,val_align,val_unif,sounds_per_s\n"
+                f"{168 * epochs},{epochs - 1},0.03,0.1,1.2,-2.0,{1 + i},{-3 - epochs / 16},40.0\n")
+            summary.append(dict(encoder=f"runs/{name}/encoder.pt", task="csv:gm_notes:pitch", metric="accuracy",
+                                mean=0.3 + 0.1 * i + epochs / 100, std=0.01, folds=5))
+    (root / "runs" / "random").mkdir()
+    (root / "runs" / "random" / "config.json").write_text(json.dumps(dict(synth="voice", delta=0.25, data=None,
+                                                                           epochs=0, **PAPER_SAMPLER)))
+    summary.append(dict(encoder="runs/random/encoder.pt", task="csv:gm_notes:pitch", metric="accuracy", mean=0.65,
+                        std=0.04, folds=5))
+    rows = [dict(s, fold=k, score=s["mean"]) for s in summary for k in range(5)]
+    (root / "results.json").write_text(json.dumps(dict(rows=rows, summary=summary, skipped_files={})))
+    runs = sorted((root / "runs").iterdir())
+    outs = {x: tmp_path / x for x in ("delta", "steps")}
+    for x, out in outs.items():
+        p = ok("training", "--runs", *runs, "--results", root / "results.json", "--against", x, "--out", out, cwd=root)
+        pngs_ok(out, ["training_align_unif.png", "training_probe.png"])
+    assert "probe scores vs training steps" in p.stdout
+    training = {r["run"]: r for r in read_csv(outs["steps"] / "training.csv")}
+    assert training["r1_e16"]["recipe"] == "noise curve, keep pitch-mod" and training["r1_e16"]["steps"] == "2688"
+    assert training["r0_e4"]["recipe"] == "" and training["random"]["steps"] == "0"
+    for png in ("training_align_unif.png", "training_probe.png"):  # the x axis and the lines differ
+        assert (outs["delta"] / png).read_bytes() != (outs["steps"] / png).read_bytes()
+    lines = by_steps_lines(root, runs)
+    assert lines == {"voice, δ = 0.25": [(672, 0.34), (2688, 0.46)],
+                     "voice, noise curve, keep pitch-mod, δ = 0.25": [(672, 0.44), (2688, 0.56)],
+                     "random init": "reference 0.65"}
+
+
+def by_steps_lines(root, runs):
+    """What by_synth draws against steps for these runs' pitch scores: {label: [(steps, score)] or a reference}."""
+    import matplotlib.pyplot as plt
+    rows = analyze.read_results(root / "results.json", {r["run"]: r for r in map(analyze.read_run, runs)})
+    fig, ax = plt.subplots()
+    analyze.by_synth(ax, rows, "mean", x="steps")
+    lines = {c.get_label(): [(int(a), round(float(b), 4)) for a, b in zip(*c.lines[0].get_data())]
+             for c in ax.containers}  # errorbar's
+    lines.update({ln.get_label(): f"reference {ln.get_ydata()[0]:g}" for ln in ax.get_lines()
+                  if ln.get_linestyle() == "--"})
+    assert ax.get_xlabel() == "training steps"
+    plt.close(fig)
+    return lines
+
+
 def test_invariance_per_factor(factors, encoder, random_run, tmp_path):
     out = tmp_path / "inv"
     p = ok("invariance", "--factors", factors, "--encoder", encoder, random_run / "encoder.pt", "--out", out)

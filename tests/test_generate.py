@@ -325,12 +325,69 @@ def test_cli_keep_pitch_and_delta_group_write_params(tmp_path):
     assert d[s.columns["mixer.level"]].min() == 0.25
 
 
+@pytest.mark.parametrize("synth", sorted(PITCH))
+def test_keep_pitch_mod_also_holds_every_oscillators_modulation_depth(synth):
+    s = generate.PairSampler(synth, 0.25, 2, keep=["pitch-mod"])
+    vco_mod = [n for n in s.columns if n.startswith("vco_") and n.endswith(".mod_depth")]
+    assert len(vco_mod) == len(PITCH[synth]) - sum(n.endswith("midi_f0") for n in PITCH[synth])  # one per VCO
+    names = [n for n in s.columns if set(s.columns[n]) <= set(s.kept_columns("pitch-mod"))]
+    assert sorted(names) == sorted(PITCH[synth] + vco_mod)  # the LFOs' own mod_depth (their rate) still moves
+    # the same pairs as --keep pitch with each oscillator's mod_depth at delta 0, and --keep takes several sets
+    same = generate.PairSampler(synth, 0.25, 2, keep=["pitch"], delta_group=[f"{n}=0" for n in vco_mod])
+    np.testing.assert_array_equal(s.delta_at(), same.delta_at())
+    both = generate.PairSampler(synth, 0.25, 2, keep=["pitch", "pitch-mod"])
+    np.testing.assert_array_equal(both.delta_at(), s.delta_at())
+    assert both.recipe() == "keep pitch, keep pitch-mod"
+
+
+def flatness(audio):
+    """Spectral flatness of each whole sound: 1 for white noise, near 0 for a few partials."""
+    power = np.abs(np.fft.rfft(audio, axis=1)) ** 2 + 1e-12
+    return np.exp(np.log(power).mean(axis=1)) / power.mean(axis=1)
+
+
+def test_noise_curve_restores_the_mixers_dropped_noise_curve_on_the_sounds():
+    """synthax 0.2.2's from_0to1 drops a vector curve with any entry equal to 1, so Voice's mixer level curve
+    [1, 1, 0.025] never bends the noise level: it is linear in theta, and most random Voice sounds are noise."""
+    paper, curved = (generate.PairSampler("voice", 0.25, 64, noise_curve=c) for c in (False, True))
+    level = paper.columns["mixer.level"]  # (vco_1, vco_2, noise)
+    assert paper.curves == [] and [(c, list(k), s) for c, k, s in curved.curves] == [([level[2]], [0.025], False)]
+    assert all(generate.PairSampler(s, 0.25, 1, noise_curve=True).curves == [] for s in ("voicefm", "parametric"))
+    # sounds of noise alone at level 0.5 (the oscillators at EPS): audible as released, 0.5^40 with the curve
+    theta = np.array(jax.random.uniform(jax.random.PRNGKey(1), (64, paper.m), minval=generate.EPS, maxval=1.0))
+    theta[:, level] = [generate.EPS, generate.EPS, 0.5]
+    noise_only = [np.asarray(s._render(jnp.asarray(theta), jax.random.PRNGKey(0))) for s in (paper, curved)]
+    assert np.sqrt((noise_only[0] ** 2).mean()) > 0.01 and np.abs(noise_only[1]).max() < 1e-4
+    theta[:, level] = [0.5, 0.5, 1.0]  # the oscillators' levels and a full noise level are the same either way
+    full = [np.asarray(s._render(jnp.asarray(theta), jax.random.PRNGKey(0))) for s in (paper, curved)]
+    np.testing.assert_allclose(full[0], full[1], atol=1e-6)
+    # over random pairs: most sounds are noise-like as released (the paper's data), few with the curve
+    noisy = [(flatness(np.concatenate(s.batch(0))) > 0.1).mean() for s in (paper, curved)]
+    assert noisy[0] > 0.45 and noisy[1] < 0.3, noisy
+    # without the flag the sampler is the paper's, bit for bit
+    plain = generate.Doppelgangers("voice", 0.25, 64).sample(0)
+    for x, y in zip(plain, paper.sample(0)):
+        np.testing.assert_array_equal(x, y)
+    assert curved.recipe() == "noise curve"
+
+
+def test_cli_noise_curve_is_recorded_in_params_and_the_default_params_are_unchanged(tmp_path):
+    for name, flags in (("paper", []), ("curve", ["--noise-curve"])):
+        run(ROOT / "generate.py", "--synth", "voice", "--pairs", "2", "--batch-size", "2", *flags,
+            "--out", tmp_path / name)
+    paper, curve = (np.load(tmp_path / n / "params.npz") for n in ("paper", "curve"))
+    assert "noise_curve" not in paper.files and bool(curve["noise_curve"])
+    np.testing.assert_array_equal(paper["theta_a"], curve["theta_a"])  # the same theta: only the rendering differs
+    a, b = (sf.read(tmp_path / n / "000000_a.wav")[0] for n in ("paper", "curve"))
+    assert not np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("args,needles", [
     (["--delta-group", "nope=0.1"], ["unknown --delta-group name 'nope' for voice", "keyboard[.duration|midi_f0]",
                                      "vco_1[.initial_phase|mod_depth|tuning]"]),
     (["--synth", "voice", "parametric", "--delta-group", "keyboard=0"], ["'keyboard' for parametric", "keyboard_1["]),
     (["--delta-group", "keyboard=x"], ["NAME=VALUE"]),
-    (["--keep", "tone"], ["unknown --keep set 'tone' (choose from pitch)"]),
+    (["--keep", "tone"], ["unknown --keep set 'tone' (choose from pitch, pitch-mod)"]),
 ])
 def test_cli_unknown_group_or_set_is_one_line_exit_2(tmp_path, args, needles):
     p = run(ROOT / "generate.py", "--out", tmp_path / "o", *args, check=False)

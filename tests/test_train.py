@@ -276,10 +276,10 @@ def test_recipe_is_recorded_and_a_resumed_run_keeps_it(tmp_path):
     assert config["delta_schedule_steps"] == 18
     # the run's own recipe wins over flags given on --resume, and more epochs do not stretch the ramp
     run(ROOT / "train.py", "--resume", tmp_path / "stopped", "--max-steps", "3", "--epochs", "3",
-        "--keep", "nope", "--delta-group", "keyboard=0", "--delta-schedule", "0.2")
+        "--keep", "nope", "--delta-group", "keyboard=0", "--delta-schedule", "0.2", "--noise-curve")
     resumed = json.loads((tmp_path / "stopped" / "config.json").read_text())
-    assert {k: resumed[k] for k in ("keep", "delta_group", "delta_schedule", "delta_schedule_steps")} == \
-        {k: config[k] for k in ("keep", "delta_group", "delta_schedule", "delta_schedule_steps")}
+    recipe = ("keep", "delta_group", "delta_schedule", "delta_schedule_steps", "noise_curve")
+    assert {k: resumed[k] for k in recipe} == {k: config[k] for k in recipe} and resumed["noise_curve"] is False
     assert resumed["epochs"] == 3
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
@@ -310,6 +310,8 @@ def test_resume_of_a_run_from_before_the_recipe_flags_is_refused():
     (["--delta-schedule", "-0.1"], "--delta-schedule"),
     (["--delta", "0", "--delta-schedule", "0.1"], "--delta > 0"),
     (["--data", "DATA", "--keep", "pitch"], "not --data"),
+    (["--data", "DATA", "--noise-curve"], "not --data"),
+    (["--keep", "pitch", "--keep", "pitch-modulation"], "choose from pitch, pitch-mod"),
 ])
 def test_bad_recipe_is_one_line_exit_2(tmp_path, args, needle):
     args = [str(tmp_path) if a == "DATA" else a for a in args]

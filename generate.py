@@ -44,10 +44,9 @@ from synthax.parameter import ModuleParameterRange
 from synthax.modules.oscillators import Noise
 
 # === 1. the paper ===
-# Algorithm 1 (the module docstring) as the method means it, despite three faults of synthax 0.2.2: synth.init's
-# normalized values are not U(0,1) (uniform in the human range, then each parameter's curve), so theta is sampled
-# here; AudioMixer's normalize_if_clipping divides the batch by sound 0's peak; Noise renders one buffer for every
-# sound. Each sound needs its own noise: one shared by a pair alone is a shortcut the encoder would learn instead.
+# Algorithm 1 despite three faults of synthax 0.2.2: synth.init's normalized values are not U(0,1) (uniform in the
+# human range, then curved), so theta is sampled here; AudioMixer's normalize_if_clipping divides the batch by sound
+# 0's peak; Noise renders one buffer for every sound, and noise shared by a pair is a shortcut the encoder would learn.
 
 EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normalized value
 MAX_DELTA = 1.0  # beyond it most of theta_i sits on a clip bound, whatever delta is
@@ -55,8 +54,7 @@ SYNTHS = ("voice", "voicefm", "parametric")
 CONTROL_RATE = 480  # as the authors' code, for 16 kHz synthesis
 
 
-def normalize_if_clipping(signal):
-    """Scale each sound by its own peak, and only if it clips."""
+def normalize_if_clipping(signal):  # each sound by its own peak, and only if it clips
     peak = jnp.max(jnp.abs(signal), axis=1, keepdims=True)
     return jnp.where(peak > 1.0, signal / jnp.maximum(peak, 1e-12), signal)
 
@@ -85,9 +83,8 @@ def make_synth(name, config):
 
 
 class Doppelgangers:
-    """Algorithm 1, one delta for every parameter; a batch is a pure function of (seed, stream, rank, step). sample()
-    -> float32 numpy (audio_a, audio_b, theta, theta_a, theta_b), (B, T) and (B, m); batch() -> the audio only.
-    Stream 0 trains; others (1 for validation, FACTOR_STREAM) are key spaces that training never draws from."""
+    """Algorithm 1, one delta for every parameter; a batch is a pure function of (seed, stream, rank, step): stream 0
+    trains, 1 validates. sample() -> float32 numpy (audio_a, audio_b, theta, theta_a, theta_b), (B, T) and (B, m)."""
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0):
         use_synthax_fixes()
@@ -123,8 +120,7 @@ class Doppelgangers:
         theta_b = jnp.clip(theta + delta * z[1], EPS, 1.0)
         return theta, theta_a, theta_b
 
-    def _make_pair(self, key, delta):
-        # delta is an argument, not a constant: a new delta (or delta(step) of a schedule) needs no recompile
+    def _make_pair(self, key, delta):  # delta is an argument, not a constant: no recompile per delta or schedule step
         theta, theta_a, theta_b = self.perturb(key, delta)
         k_noise_a, k_noise_b = jax.random.split(key, 4)[2:]
         # each side its own noise (see above); vmap over the two sides compiles one synth graph
@@ -148,9 +144,8 @@ class Doppelgangers:
 
 # === 2. beyond the paper ===
 FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
-# --keep SET: parameters held equal within a pair (delta 0), MODULE.PARAM patterns. A sound's notes are each keyboard's
-# midi_f0 plus each oscillator's tuning; pitch-mod also holds each oscillator's vibrato or FM depth (mod_depth, ±96
-# semitones); the LFOs' own mod_depth (their rate) and mod_matrix still move.
+# --keep SET: MODULE.PARAM patterns held equal within a pair (delta 0). A note is each keyboard's midi_f0 plus each
+# oscillator's tuning; pitch-mod adds vibrato/FM depth (vco_*.mod_depth, ±96 semitones), not LFO rates or mod_matrix.
 KEEP = {"pitch": ("*.midi_f0", "*.tuning"), "pitch-mod": ("*.midi_f0", "*.tuning", "vco_*.mod_depth")}
 
 
@@ -168,17 +163,15 @@ def synthesis_device(local_rank=0, devices=None):
 
 
 class PairSampler(Doppelgangers):
-    """The paper's sampler plus this project's recipes (set_recipe), pairs that differ in one factor (factor_pair),
-    the JAX device to synthesize on (None: JAX's default; see synthesis_device) and, with noise_curve, the synth's
-    level curves as its authors meant them (see dropped_curves)."""
+    """The paper's sampler plus recipes (set_recipe), one-factor pairs (factor_pair), a JAX device (None: default; see
+    synthesis_device) and, with noise_curve, the synth's level curves as its authors meant them (see dropped_curves)."""
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
                  delta_schedule=None, device=None, noise_curve=False):
         leave_the_gpu_to_torch()  # before the first JAX array
         super().__init__(synth, delta, batch_size, sample_rate, seconds, seed)
         self.device, self.noise_curve = device, bool(noise_curve)
-        # theta's column indices per synthax module (groups: vco_1, mixer, ...) and parameter (columns: MODULE.PARAM)
-        self.groups, self.columns, start = {}, {}, 0
+        self.groups, self.columns, start = {}, {}, 0  # theta's columns per module (vco_1, ...) and per MODULE.PARAM
         for (path, _), size in zip(self.paths, self.sizes):
             module = str(path[-2].key).removeprefix("modules_")
             self.groups.setdefault(module, []).extend(range(start, start + size))
@@ -188,10 +181,9 @@ class PairSampler(Doppelgangers):
         self.curves = self.dropped_curves() if self.noise_curve else []  # read when _pair is first traced
 
     def dropped_curves(self):
-        """synthax 0.2.2's from_0to1 applies a parameter's curve only if every entry differs from 1, so a vector curve
-        with a 1 in it is dropped whole: Voice's mixer level [1, 1, 0.025] leaves the noise level linear in theta,
-        not theta^40, and most random Voice sounds noise-like (the paper's data; no other synth has such a curve).
-        -> [(columns, curve, symmetric)] for the entries that differ from 1, to apply before synthax maps linearly."""
+        """synthax 0.2.2 applies a curve only if no entry is 1, so Voice's mixer level [1, 1, 0.025] is dropped whole:
+        the noise level is linear in theta, not theta^40, and most random Voice sounds noise-like (the paper's data; no
+        other synth has one). -> [(columns, curve, symmetric)] of the entries other than 1, to apply to theta."""
         params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
         curves = []
         for module, mod in self.synth.bind(params).modules.items():
@@ -215,10 +207,9 @@ class PairSampler(Doppelgangers):
         return super().render(theta, noise_key)
 
     def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
-        """Which delta each column of theta gets (default: self.delta for all); ValueError names the valid choices.
-        delta_group: "NAME=VALUE" strings as --delta-group takes them (a parameter's own value beats its module's);
-        keep: names of KEEP sets, delta 0, beating every delta_group; delta_schedule: (start, steps), training batches
-        (stream 0) ramp from start at step 0 to self.delta at step steps - 1, each column scaled alike."""
+        """Which delta each column of theta gets (default self.delta); ValueError names the valid choices. delta_group:
+        "NAME=VALUE"s as --delta-group takes (a parameter's beats its module's); keep: KEEP names, delta 0, beating all;
+        delta_schedule: (start, steps), stream 0 ramps from start to self.delta at step steps - 1, columns alike."""
         delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
@@ -249,8 +240,7 @@ class PairSampler(Doppelgangers):
         self._fixed += [(self.columns[n], v) for n, v in self.delta_group.items() if n not in self.groups]
         self._fixed += [(self.kept_columns(k), 0.0) for k in self.keep]
 
-    def kept_columns(self, keep="pitch"):
-        """Column indices of a KEEP set in this synth's theta."""
+    def kept_columns(self, keep="pitch"):  # theta's columns of a KEEP set
         return [i for name, cols in self.columns.items()
                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in KEEP[keep]) for i in cols]
 
@@ -283,10 +273,9 @@ class PairSampler(Doppelgangers):
             return super().sample(step, rank, stream)
 
     def factor_pair(self, factor, step, stream=FACTOR_STREAM):
-        """Pairs that differ in ONE factor: 'noise' (same theta, two noise realizations), a parameter group (only that
-        synthax module's parameters perturbed by delta, same noise), 'gain' (b is a 0-20 dB quieter copy of a),
-        'shift' (b is a delayed by 50-250 ms), 'doppelganger' (the training pair) and 'negative' (independent theta
-        and noise). -> (audio_a, audio_b)"""
+        """-> (audio_a, audio_b) differing in ONE factor: 'noise' (same theta, two noise draws), a synthax module (only
+        its parameters perturbed by delta, same noise), 'gain' (b is a 0-20 dB quieter copy of a), 'shift' (b is a
+        delayed by 50-250 ms), 'doppelganger' (the training pair) and 'negative' (independent theta and noise)."""
         k_theta, k_z, k_na, k_nb, k_x = jax.random.split(self.key(step, 0, stream), 5)
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
@@ -424,8 +413,7 @@ def output_folder(path, flag):
 
 
 def move_into_place(tmp, out):
-    """tmp becomes out. An old out moves aside in one rename and goes only once the new one is in place:
-    whatever stops this leaves the old output or the new one, never neither."""
+    """tmp becomes out; an old out is renamed aside and removed only once the new one is in place: never neither."""
     if not os.path.isdir(out):
         return os.replace(tmp, out)
     old = tmp + "-old"
@@ -476,12 +464,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-rate", type=int, default=16000)
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--gallery", metavar="DIR", help="write a listening page DIR/index.html instead of pairs")
-    p.add_argument("--factors", nargs="*", metavar="FACTOR",
-                   help="pairs that differ in one factor, OUT/<factor>/ each: noise, gain, shift, each synthax module "
-                        "(perturbed by delta), doppelganger, negative; no names = all (for analyze.py invariance)")
-    p.add_argument("--delta-group", action="append", metavar="NAME=VALUE",
-                   help="delta VALUE for one synthax module (keyboard, vco_1, ...) or parameter (keyboard.midi_f0); "
-                        "repeatable; a parameter's value beats its module's (an unknown NAME lists the names)")
+    p.add_argument("--factors", nargs="*", metavar="FACTOR", help="one-factor pairs, OUT/<factor>/ each: noise, gain, "
+                   "shift, each synthax module (perturbed by delta), doppelganger, negative; none = all (analyze.py)")
+    p.add_argument("--delta-group", action="append", metavar="NAME=VALUE", help="delta VALUE for a module (vco_1, ...) "
+                   "or parameter (keyboard.midi_f0, beating its module's); repeatable; a wrong NAME lists the names")
     p.add_argument("--keep", action="append", metavar="SET",
                    help=f"hold a set equal within a pair (delta 0, beats --delta-group; repeatable): {', '.join(KEEP)}")
     p.add_argument("--noise-curve", action="store_true", help="apply the synth's level curves per element, as its "
@@ -515,8 +501,7 @@ def check_args(args):
         raise ValueError("give --out DIR (or --gallery DIR, or --benchmark)")
 
 
-def write_outputs(tmp, args):
-    """The gallery, the --factors pairs or the pairs of every (synth, delta), into the folder tmp."""
+def write_outputs(tmp, args):  # into the temporary folder that run() moves into place
     from tqdm import tqdm
     if args.gallery:
         return write_gallery(tmp, args)
@@ -561,8 +546,7 @@ def run(args):
     try:
         if os.path.isdir(out) and os.listdir(out) and not args.force:  # again, now that it is ours
             raise ValueError(f"{out} is not empty (use --force to replace it)")
-        # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing on disk
-        try:
+        try:  # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing
             tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
             umask = os.umask(0)
             os.umask(umask)

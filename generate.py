@@ -122,9 +122,8 @@ class Doppelgangers:
 
     def _make_pair(self, key, delta):  # delta is an argument, not a constant: no recompile per delta or schedule step
         theta, theta_a, theta_b = self.perturb(key, delta)
-        k_noise_a, k_noise_b = jax.random.split(key, 4)[2:]
-        # each side its own noise (see above); vmap over the two sides compiles one synth graph
-        audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jnp.stack([k_noise_a, k_noise_b]))
+        # each side its own noise (see above), keys 2 and 3 of 4; vmap over the two sides compiles one synth graph
+        audio_a, audio_b = jax.vmap(self.render)(jnp.stack([theta_a, theta_b]), jax.random.split(key, 4)[2:])
         return audio_a, audio_b, theta, theta_a, theta_b
 
     def key(self, step, rank=0, stream=0):  # the seed's key, folded with stream, rank and step in turn
@@ -213,11 +212,10 @@ class PairSampler(Doppelgangers):
         delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
-            name, eq, value = str(spec).partition("=")
-            try:
-                value = float(value) if eq else math.nan
-            except ValueError:
-                value = math.nan
+            name, _, text = str(spec).partition("=")
+            value = math.nan  # also with no "=": float("") fails
+            with contextlib.suppress(ValueError):
+                value = float(text)
             if not 0 <= value <= MAX_DELTA:  # NaN too
                 raise ValueError(f"--delta-group takes NAME=VALUE with VALUE in [0, {MAX_DELTA}], got {spec!r}")
             if name not in self.groups and name not in self.columns:
@@ -281,11 +279,9 @@ class PairSampler(Doppelgangers):
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
         if factor == "doppelganger":
             return tuple(np.array(x) for x in self._pair(self.key(step, 0, stream), self.delta_at(step, stream))[:2])
-        if factor == "negative":
-            theta_b = jax.random.uniform(k_x, (B, m), minval=EPS, maxval=1.0)
+        if factor in ("negative", "noise"):
+            theta_b = jax.random.uniform(k_x, (B, m), minval=EPS, maxval=1.0) if factor == "negative" else theta
             return np.array(self._render(theta, k_na)), np.array(self._render(theta_b, k_nb))
-        if factor == "noise":
-            return np.array(self._render(theta, k_na)), np.array(self._render(theta, k_nb))
         if factor in self.groups:
             mask = np.zeros(m, np.float32)
             mask[self.groups[factor]] = 1.0
@@ -483,8 +479,8 @@ def check_args(args):
         if s not in SYNTHS:
             raise ValueError(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")
     names = [f"{s}/delta_{d:g}" for s in args.synth for d in args.delta]  # the folders (and gallery files) written
-    if len(set(names)) < len(names):  # two values, one name: the second would overwrite the first
-        dup = next(n for n in names if names.count(n) > 1)
+    dup = next((n for n in names if names.count(n) > 1), None)  # two values, one name: the second would overwrite
+    if dup:
         raise ValueError(f"two --synth/--delta values would both write {dup}; give distinct values "
                          f"(deltas differ only if they differ within 6 significant digits)")
     for flag in ("pairs", "batch_size", "sample_rate", "seconds", "benchmark_seconds"):

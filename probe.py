@@ -1,10 +1,9 @@
 """Linear probe of exported encoders on labelled audio (the paper's downstream evaluation).
 
-Every encoder (train.py's TorchScript encoder.pt: (B, T) 16 kHz mono waveform -> (B, 512)) embeds each clip of a
-task once, whole; the embeddings are cached per (encoder, clip list), so every label of a folder reuses them. A
-linear layer on the standardized embeddings (Adam, lr 1e-3, batch 32, early stopping on a validation split carved
-from the training folds) is trained per fold, leaving one fold out; the table reports mean ± std over folds of
-accuracy (multiclass) or mAP (multilabel), in percent.
+Every encoder (train.py's TorchScript encoder.pt: (B, T) 16 kHz mono -> (B, 512)) embeds each clip of a task once,
+whole; the embeddings are cached per (encoder, clip list), so every label of a folder reuses them. A linear layer on
+the standardized embeddings (Adam, lr 1e-3, batch 32, early stopping on a split of the training folds) is trained per
+fold, leaving one fold out; the table reports mean ± std over folds of accuracy (multiclass) or mAP (multilabel), in %.
 
   # ESC-50, official 5 folds (downloaded into --data-dir when it is missing and the machine is online)
   python probe.py --task esc50 --data-dir data/ESC-50 --encoder runs/voice/encoder.pt --out probes/
@@ -65,24 +64,21 @@ WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory s
 
 
 # === 1. the paper ===
-# A task is a dict: name, root (folder the files are relative to), files, labels ((N,) class index
-# or (N, C) multi-hot), folds ((N,) int), classes, multilabel, test_folds (folds left out in turn)
-# and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
+# A task is a dict: name, root (the files' folder), files, classes, multilabel, labels ((N,) class index or (N, C)
+# multi-hot), folds ((N,) int), test_folds (each left out), valid_fold (early stopping only; None: carve from training)
 
 
 def embed(encoder, root, files, batch_size, device, desc, path):
-    """Embeddings of the clips that decode, each whole, in one read pass -> (embeddings, their clip indices, the clips
-    skipped with the reason). Clips up to 1 s are zero-padded to 1 s (as the encoder does) so they batch together;
-    a longer clip waits for batch_size - 1 others of its length (or the end)."""
+    """(embeddings, their clip indices, the clips skipped with why) of the clips that decode, each whole, read once.
+    Clips up to 1 s are zero-padded to 1 s (as the encoder does) to batch together; longer ones batch by length."""
     from tqdm import tqdm
     out, bad, waiting = {}, [], {}
 
     def run(batch):
         y = encode(encoder, torch.stack([x for _, x in batch]).to(device), path).cpu().numpy()
         if out and y.shape[1] != len(next(iter(out.values()))):  # every clip's embedding has one width
-            seconds = batch[0][1].shape[0] / SAMPLE_RATE
-            raise ValueError(f"encoder {path} gives {y.shape[1]}-d embeddings for clips of {seconds:g} s, "
-                             f"{len(next(iter(out.values())))}-d for others")
+            raise ValueError(f"encoder {path} gives {y.shape[1]}-d embeddings for clips of "
+                             f"{len(batch[0][1]) / SAMPLE_RATE:g} s, {len(next(iter(out.values())))}-d for others")
         out.update(zip([i for i, _ in batch], y))
 
     with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
@@ -142,15 +138,13 @@ def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patienc
 
 
 def cv_splits(task, valid_frac, seed):
-    """(fold, train, valid, test) index arrays, each test fold left out in turn; validation clips come from
-    valid_fold when the task has one, else a stratified valid_frac of the training folds."""
+    """(fold, train, valid, test) indices per test fold; valid is valid_fold or a stratified valid_frac of the rest."""
     folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
         if task["valid_fold"] is not None:
             valid = np.flatnonzero(folds == task["valid_fold"])
-            train = np.flatnonzero((folds != k) & (folds != task["valid_fold"]))
-            yield k, train, valid, test
+            yield k, np.flatnonzero((folds != k) & (folds != task["valid_fold"])), valid, test
             continue
         rest = np.flatnonzero(folds != k)
         rng = np.random.default_rng(seed + k)
@@ -158,22 +152,18 @@ def cv_splits(task, valid_frac, seed):
         for c in np.unique(y[rest]):
             members = rng.permutation(rest[y[rest] == c])
             valid += members[:min(round(valid_frac * len(members)), len(members) - 1)].tolist()
-        if not valid:  # tiny tasks: still early-stop on something
-            valid = [int(rng.choice(rest))]
-        valid = np.sort(valid)
+        valid = np.sort(valid or [int(rng.choice(rest))])  # tiny tasks: still early-stop on something
         yield k, np.setdiff1d(rest, valid), valid, test
 
 
 def probe_task(emb, task, args):
-    """Leave-one-fold-out linear probe; one result row per fold."""
     x = torch.from_numpy(emb)
     y = torch.from_numpy(task["labels"]).float() if task["multilabel"] else torch.from_numpy(task["labels"])
     rows, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # a small linear layer trains faster without thread syncs, and the same on any machine
     for k, train, valid, test in cv_splits(task, args.valid_frac, args.seed):
         t0 = time.time()
-        # standardize with statistics of the clips the probe is fit on only
-        mean, std = x[train].mean(0), x[train].std(0)
+        mean, std = x[train].mean(0), x[train].std(0)  # standardized by the clips the probe is fit on only
         xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
         model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
                                         args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
@@ -186,7 +176,6 @@ def probe_task(emb, task, args):
 
 
 def probe(args):
-    """Load the task, embed it with every encoder (or read the runner's embeddings), probe, merge into results.json."""
     task = load_task(args)
     task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
     task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds

@@ -231,9 +231,8 @@ def read_table(path, columns):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
-            for c in columns:
-                if c not in header:
-                    raise ValueError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
+            if missing := [c for c in columns if c not in header]:
+                raise ValueError(f"{path} has no column {missing[0]!r} (columns: {', '.join(header)})")
             rows = list(reader)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
@@ -241,8 +240,7 @@ def read_table(path, columns):
         raise ValueError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
     except FileNotFoundError:
         raise ValueError(f"no {path.name} in {path.parent}")
-    short = [i for i, r in enumerate(rows) if None in r.values()]
-    if short:
+    if short := [i for i, r in enumerate(rows) if None in r.values()]:
         raise ValueError(f"{path}: row {short[0] + 2} has fewer fields than the header")
     if not rows:
         raise ValueError(f"{path} lists no clips")
@@ -367,8 +365,7 @@ def load_hear(data_dir):
             if not isinstance(entries[name], list):
                 raise ValueError(f"{path}: the labels of {name} are not a list")
             names = [str(x) for x in entries[name]]
-            unknown = [x for x in names if x not in index]
-            if unknown:
+            if unknown := [x for x in names if x not in index]:
                 raise ValueError(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
             if kind == "multiclass" and len(names) != 1:
                 raise ValueError(f"{path}: {name} has {len(names)} labels in a multiclass task")
@@ -381,8 +378,7 @@ def load_hear(data_dir):
 
 
 def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
-    """Any folder with meta.csv: `file` (relative to the folder), the --label column, optional fold column
-    (default `fold`; without one, a seeded stratified n_folds split)."""
+    """meta.csv: `file` (relative to data_dir), label, fold column (default `fold`, else a seeded stratified split)."""
     data_dir = Path(data_dir)
     path = data_dir / "meta.csv"
     rows = read_table(path, ["file", label] + ([fold_column] if fold_column else []))
@@ -471,7 +467,6 @@ def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
 
 
 def hear_audio(audio, model):
-    """(n_sounds, n_samples) float32 on the model's device, whatever came in."""
     audio = torch.as_tensor(audio)
     if audio.dim() != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples), not {tuple(audio.shape)}")
@@ -488,9 +483,8 @@ def get_scene_embeddings(audio, model):
 
 @torch.no_grad()
 def get_timestamp_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds,
-    n_frames) in ms). Frame k embeds the 1-s window centred on k * hop_ms, the clip zero-padded by
-    half a window at both ends, for every k * hop_ms within the clip: a 0.3-s clip gets 7 frames."""
+    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds, n_frames) in ms).
+    Frame k: the 1-s window centred on k * hop_ms (zero-padded), for every k * hop_ms in the clip (0.3 s: 7 frames)."""
     audio = hear_audio(audio, model)
     n_sounds, n_samples = audio.shape
     hop = model.hop_ms * SAMPLE_RATE / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift

@@ -508,13 +508,11 @@ def read_encoder(path):
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
         raise ValueError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
-    dims = []
-    for b, t in [(2, SAMPLE_RATE), (1, SAMPLE_RATE // 2)]:
-        try:
-            with torch.no_grad():
-                dims.append(encode(encoder, torch.zeros(b, t), path).shape[1])
-        except ValueError as e:
-            raise ValueError(f"{path} is not an exported encoder ({e})") from None
+    try:
+        with torch.no_grad():
+            dims = [encode(encoder, torch.zeros(s), path).shape[1] for s in [(2, SAMPLE_RATE), (1, SAMPLE_RATE // 2)]]
+    except ValueError as e:
+        raise ValueError(f"{path} is not an exported encoder ({e})") from None
     if dims[0] != dims[1]:
         raise ValueError(f"{path} is not an exported encoder ({dims[0]}-d embeddings for 1 s, {dims[1]}-d for 0.5 s)")
     return encoder, dims[0]
@@ -571,8 +569,7 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
         st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
         h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
     data_hash = h.hexdigest()
-    with open(encoder_path, "rb") as f:
-        encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
+    encoder_hash = hashlib.sha256(Path(encoder_path).read_bytes()).hexdigest()
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
@@ -598,7 +595,6 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
 
 
 def read_results(path):
-    """The results.json that this run adds to, checked before anything is embedded."""
     empty = dict(rows=[], summary=[], skipped_files={})
     results = dict(empty, **read_json(path, "probe.py results.json")) if path.exists() else empty
     rows_of = lambda x, *keys: isinstance(x, list) and all(isinstance(r, dict) and {*keys} <= r.keys() for r in x)
@@ -622,9 +618,8 @@ def encoder_paths(args, runs):
 
 
 def merge_results(path, rows, summary, skipped):
-    """results.json with rows and summary in place of those of the same encoder and task, merged under an exclusive
-    flock on .results.json.lock: other probes may have written since, so it is re-read, merged and replaced, and no
-    run's rows replace another's. A local lock, not the shared FolderLock, which refuses a second job: here it waits."""
+    """results.json with rows and summary in place of those of the same encoder and task, re-read and merged under a
+    flock since other probes may write meanwhile. Not the shared FolderLock, which refuses a second job: this waits."""
     same = lambda r: (r["encoder"], r["task"]) == (summary["encoder"], summary["task"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
@@ -654,8 +649,7 @@ def parse_args(argv=None):
     p.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR", help="hear: the embeddings that "
                    "heareval's runner wrote for this task (embeddings/MODULE/TASK), one row each beside the encoders")
     p.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
-    p.add_argument("--data-dir", type=Path,
-                   help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
+    p.add_argument("--data-dir", type=Path, help="task folder (default: probe.py's data/ESC-50 or data/UrbanSound8K)")
     p.add_argument("--label", help="csv: label column of meta.csv")
     p.add_argument("--fold-column", help="csv: fold column (default: fold if present, else seeded stratified 5 folds)")
     p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
@@ -676,9 +670,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """What argparse cannot check, before anything is read or written: a broken or looping link, a file where a folder
-    belongs (or the reverse), an --out this user cannot write, a missing input (esc50's --data-dir is downloaded into
-    and us8k's says where to get it, so only a csv or hear --data-dir must exist)."""
+    """What argparse cannot check, before any read or write: a broken or looping link, a file for a folder (or the
+    reverse), an unwritable --out, a missing csv or hear --data-dir (esc50 downloads, us8k says where to get it)."""
     if args.task == "csv" and not args.label:
         raise ValueError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:

@@ -1,10 +1,9 @@
 """Linear probe of exported encoders on labelled audio (the paper's downstream evaluation).
 
-Every encoder (train.py's TorchScript encoder.pt: (B, T) 16 kHz mono waveform -> (B, 512)) embeds each clip of a
-task once, whole; the embeddings are cached per (encoder, clip list), so every label of a folder reuses them. A
-linear layer on the standardized embeddings (Adam, lr 1e-3, batch 32, early stopping on a validation split carved
-from the training folds) is trained per fold, leaving one fold out; the table reports mean ± std over folds of
-accuracy (multiclass) or mAP (multilabel), in percent.
+Every encoder (train.py's TorchScript encoder.pt: (B, T) 16 kHz mono -> (B, 512)) embeds each clip of a task once,
+whole; the embeddings are cached per (encoder, clip list), so every label of a folder reuses them. A linear layer on
+the standardized embeddings (Adam, lr 1e-3, batch 32, early stopping on a split of the training folds) is trained per
+fold, leaving one fold out; the table reports mean ± std over folds of accuracy (multiclass) or mAP (multilabel), in %.
 
   # ESC-50, official 5 folds (downloaded into --data-dir when it is missing and the machine is online)
   python probe.py --task esc50 --data-dir data/ESC-50 --encoder runs/voice/encoder.pt --out probes/
@@ -65,24 +64,21 @@ WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory s
 
 
 # === 1. the paper ===
-# A task is a dict: name, root (folder the files are relative to), files, labels ((N,) class index
-# or (N, C) multi-hot), folds ((N,) int), classes, multilabel, test_folds (folds left out in turn)
-# and valid_fold (a fold used only for early stopping, or None: carve it from the training folds).
+# A task is a dict: name, root (the files' folder), files, classes, multilabel, labels ((N,) class index or (N, C)
+# multi-hot), folds ((N,) int), test_folds (each left out), valid_fold (early stopping only; None: carve from training)
 
 
 def embed(encoder, root, files, batch_size, device, desc, path):
-    """Embeddings of the clips that decode, each whole, in one read pass -> (embeddings, their clip indices, the clips
-    skipped with the reason). Clips up to 1 s are zero-padded to 1 s (as the encoder does) so they batch together;
-    a longer clip waits for batch_size - 1 others of its length (or the end)."""
+    """(embeddings, their clip indices, the clips skipped with why) of the clips that decode, each whole, read once.
+    Clips up to 1 s are zero-padded to 1 s (as the encoder does) to batch together; longer ones batch by length."""
     from tqdm import tqdm
     out, bad, waiting = {}, [], {}
 
     def run(batch):
         y = encode(encoder, torch.stack([x for _, x in batch]).to(device), path).cpu().numpy()
         if out and y.shape[1] != len(next(iter(out.values()))):  # every clip's embedding has one width
-            seconds = batch[0][1].shape[0] / SAMPLE_RATE
-            raise ValueError(f"encoder {path} gives {y.shape[1]}-d embeddings for clips of {seconds:g} s, "
-                             f"{len(next(iter(out.values())))}-d for others")
+            raise ValueError(f"encoder {path} gives {y.shape[1]}-d embeddings for clips of "
+                             f"{len(batch[0][1]) / SAMPLE_RATE:g} s, {len(next(iter(out.values())))}-d for others")
         out.update(zip([i for i, _ in batch], y))
 
     with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
@@ -142,15 +138,13 @@ def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patienc
 
 
 def cv_splits(task, valid_frac, seed):
-    """(fold, train, valid, test) index arrays, each test fold left out in turn; validation clips come from
-    valid_fold when the task has one, else a stratified valid_frac of the training folds."""
+    """(fold, train, valid, test) indices per test fold; valid is valid_fold or a stratified valid_frac of the rest."""
     folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
         if task["valid_fold"] is not None:
             valid = np.flatnonzero(folds == task["valid_fold"])
-            train = np.flatnonzero((folds != k) & (folds != task["valid_fold"]))
-            yield k, train, valid, test
+            yield k, np.flatnonzero((folds != k) & (folds != task["valid_fold"])), valid, test
             continue
         rest = np.flatnonzero(folds != k)
         rng = np.random.default_rng(seed + k)
@@ -158,22 +152,18 @@ def cv_splits(task, valid_frac, seed):
         for c in np.unique(y[rest]):
             members = rng.permutation(rest[y[rest] == c])
             valid += members[:min(round(valid_frac * len(members)), len(members) - 1)].tolist()
-        if not valid:  # tiny tasks: still early-stop on something
-            valid = [int(rng.choice(rest))]
-        valid = np.sort(valid)
+        valid = np.sort(valid or [int(rng.choice(rest))])  # tiny tasks: still early-stop on something
         yield k, np.setdiff1d(rest, valid), valid, test
 
 
 def probe_task(emb, task, args):
-    """Leave-one-fold-out linear probe; one result row per fold."""
     x = torch.from_numpy(emb)
     y = torch.from_numpy(task["labels"]).float() if task["multilabel"] else torch.from_numpy(task["labels"])
     rows, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # a small linear layer trains faster without thread syncs, and the same on any machine
     for k, train, valid, test in cv_splits(task, args.valid_frac, args.seed):
         t0 = time.time()
-        # standardize with statistics of the clips the probe is fit on only
-        mean, std = x[train].mean(0), x[train].std(0)
+        mean, std = x[train].mean(0), x[train].std(0)  # standardized by the clips the probe is fit on only
         xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
         model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
                                         args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
@@ -186,7 +176,6 @@ def probe_task(emb, task, args):
 
 
 def probe(args):
-    """Load the task, embed it with every encoder (or read the runner's embeddings), probe, merge into results.json."""
     task = load_task(args)
     task = subsample(task, args.max_per_class, args.seed) if args.max_per_class else task
     task, _ = check_classes(task, args.drop_rare)  # before the long part: fail in seconds
@@ -242,9 +231,8 @@ def read_table(path, columns):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
-            for c in columns:
-                if c not in header:
-                    raise ValueError(f"{path} has no column {c!r} (columns: {', '.join(header)})")
+            if missing := [c for c in columns if c not in header]:
+                raise ValueError(f"{path} has no column {missing[0]!r} (columns: {', '.join(header)})")
             rows = list(reader)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at {e.start}); save it as UTF-8 CSV")
@@ -252,8 +240,7 @@ def read_table(path, columns):
         raise ValueError(f"{path} is not a readable CSV (line {reader.line_num}: {e})")
     except FileNotFoundError:
         raise ValueError(f"no {path.name} in {path.parent}")
-    short = [i for i, r in enumerate(rows) if None in r.values()]
-    if short:
+    if short := [i for i, r in enumerate(rows) if None in r.values()]:
         raise ValueError(f"{path}: row {short[0] + 2} has fewer fields than the header")
     if not rows:
         raise ValueError(f"{path} lists no clips")
@@ -378,8 +365,7 @@ def load_hear(data_dir):
             if not isinstance(entries[name], list):
                 raise ValueError(f"{path}: the labels of {name} are not a list")
             names = [str(x) for x in entries[name]]
-            unknown = [x for x in names if x not in index]
-            if unknown:
+            if unknown := [x for x in names if x not in index]:
                 raise ValueError(f"{path}: label {unknown[0]!r} of {name} is not in labelvocabulary.csv")
             if kind == "multiclass" and len(names) != 1:
                 raise ValueError(f"{path}: {name} has {len(names)} labels in a multiclass task")
@@ -392,8 +378,7 @@ def load_hear(data_dir):
 
 
 def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
-    """Any folder with meta.csv: `file` (relative to the folder), the --label column, optional fold column
-    (default `fold`; without one, a seeded stratified n_folds split)."""
+    """meta.csv: `file` (relative to data_dir), label, fold column (default `fold`, else a seeded stratified split)."""
     data_dir = Path(data_dir)
     path = data_dir / "meta.csv"
     rows = read_table(path, ["file", label] + ([fold_column] if fold_column else []))
@@ -482,7 +467,6 @@ def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
 
 
 def hear_audio(audio, model):
-    """(n_sounds, n_samples) float32 on the model's device, whatever came in."""
     audio = torch.as_tensor(audio)
     if audio.dim() != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples), not {tuple(audio.shape)}")
@@ -499,9 +483,8 @@ def get_scene_embeddings(audio, model):
 
 @torch.no_grad()
 def get_timestamp_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds,
-    n_frames) in ms). Frame k embeds the 1-s window centred on k * hop_ms, the clip zero-padded by
-    half a window at both ends, for every k * hop_ms within the clip: a 0.3-s clip gets 7 frames."""
+    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds, n_frames) in ms).
+    Frame k: the 1-s window centred on k * hop_ms (zero-padded), for every k * hop_ms in the clip (0.3 s: 7 frames)."""
     audio = hear_audio(audio, model)
     n_sounds, n_samples = audio.shape
     hop = model.hop_ms * SAMPLE_RATE / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift
@@ -525,13 +508,11 @@ def read_encoder(path):
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
         raise ValueError(f"{path} is not an exported encoder (torch.jit.load: {first_line(e)})")
-    dims = []
-    for b, t in [(2, SAMPLE_RATE), (1, SAMPLE_RATE // 2)]:
-        try:
-            with torch.no_grad():
-                dims.append(encode(encoder, torch.zeros(b, t), path).shape[1])
-        except ValueError as e:
-            raise ValueError(f"{path} is not an exported encoder ({e})") from None
+    try:
+        with torch.no_grad():
+            dims = [encode(encoder, torch.zeros(s), path).shape[1] for s in [(2, SAMPLE_RATE), (1, SAMPLE_RATE // 2)]]
+    except ValueError as e:
+        raise ValueError(f"{path} is not an exported encoder ({e})") from None
     if dims[0] != dims[1]:
         raise ValueError(f"{path} is not an exported encoder ({dims[0]}-d embeddings for 1 s, {dims[1]}-d for 0.5 s)")
     return encoder, dims[0]
@@ -588,8 +569,7 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
         st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
         h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
     data_hash = h.hexdigest()
-    with open(encoder_path, "rb") as f:
-        encoder_hash = hashlib.file_digest(f, "sha256").hexdigest()
+    encoder_hash = hashlib.sha256(Path(encoder_path).read_bytes()).hexdigest()
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["encoder_hash"]) == encoder_hash and str(z["data_hash"]) == data_hash:
@@ -615,7 +595,6 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
 
 
 def read_results(path):
-    """The results.json that this run adds to, checked before anything is embedded."""
     empty = dict(rows=[], summary=[], skipped_files={})
     results = dict(empty, **read_json(path, "probe.py results.json")) if path.exists() else empty
     rows_of = lambda x, *keys: isinstance(x, list) and all(isinstance(r, dict) and {*keys} <= r.keys() for r in x)
@@ -639,9 +618,8 @@ def encoder_paths(args, runs):
 
 
 def merge_results(path, rows, summary, skipped):
-    """results.json with rows and summary in place of those of the same encoder and task, merged under an exclusive
-    flock on .results.json.lock: other probes may have written since, so it is re-read, merged and replaced, and no
-    run's rows replace another's. A local lock, not the shared FolderLock, which refuses a second job: here it waits."""
+    """results.json with rows and summary in place of those of the same encoder and task, re-read and merged under a
+    flock since other probes may write meanwhile. Not the shared FolderLock, which refuses a second job: this waits."""
     same = lambda r: (r["encoder"], r["task"]) == (summary["encoder"], summary["task"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
@@ -671,8 +649,7 @@ def parse_args(argv=None):
     p.add_argument("--embeddings", nargs="+", type=Path, default=[], metavar="DIR", help="hear: the embeddings that "
                    "heareval's runner wrote for this task (embeddings/MODULE/TASK), one row each beside the encoders")
     p.add_argument("--task", required=True, choices=["esc50", "us8k", "hear", "csv"])
-    p.add_argument("--data-dir", type=Path,
-                   help="task folder (default for esc50/us8k: data/ESC-50 or data/UrbanSound8K next to probe.py)")
+    p.add_argument("--data-dir", type=Path, help="task folder (default: probe.py's data/ESC-50 or data/UrbanSound8K)")
     p.add_argument("--label", help="csv: label column of meta.csv")
     p.add_argument("--fold-column", help="csv: fold column (default: fold if present, else seeded stratified 5 folds)")
     p.add_argument("--out", type=Path, default=Path("probes"), help="results.json goes here (default: probes/)")
@@ -693,9 +670,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """What argparse cannot check, before anything is read or written: a broken or looping link, a file where a folder
-    belongs (or the reverse), an --out this user cannot write, a missing input (esc50's --data-dir is downloaded into
-    and us8k's says where to get it, so only a csv or hear --data-dir must exist)."""
+    """What argparse cannot check, before any read or write: a broken or looping link, a file for a folder (or the
+    reverse), an unwritable --out, a missing csv or hear --data-dir (esc50 downloads, us8k says where to get it)."""
     if args.task == "csv" and not args.label:
         raise ValueError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:

@@ -965,15 +965,13 @@ def atomic_write(path, data):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         made = []
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             for d in made:
                 d.rmdir()
@@ -1034,9 +1032,8 @@ class FolderLock:
     a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
 
     def __init__(self, folder, beside=False):
-        name = os.path.basename(os.path.abspath(folder))
-        self.path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{name}.lock") if beside \
-            else os.path.join(folder, ".lock")
+        parent, name = os.path.split(os.path.abspath(folder))
+        self.path = os.path.join(parent, f".{name}.lock") if beside else os.path.join(folder, ".lock")
         while True:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

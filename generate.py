@@ -620,9 +620,8 @@ class FolderLock:
     a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
 
     def __init__(self, folder, beside=False):
-        name = os.path.basename(os.path.abspath(folder))
-        self.path = os.path.join(os.path.dirname(os.path.abspath(folder)), f".{name}.lock") if beside \
-            else os.path.join(folder, ".lock")
+        parent, name = os.path.split(os.path.abspath(folder))
+        self.path = os.path.join(parent, f".{name}.lock") if beside else os.path.join(folder, ".lock")
         while True:
             try:
                 self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

@@ -774,15 +774,13 @@ def atomic_write(path, data):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         made = []
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             for d in made:
                 d.rmdir()

@@ -1,10 +1,8 @@
-"""
-Contrastive pretraining of a ResNet18 on audio doppelgängers (Cherep & Singh, §3.3-3.4).
+"""Contrastive pretraining of a ResNet18 on audio doppelgängers (Cherep & Singh, §3.3-3.4).
 
-Each step draws a fresh batch of synthetic positive pairs (generate.py's PairSampler, on the fly in
-a background thread), embeds both sides, and minimises Wang & Isola's alignment + uniformity loss
-on the L2-normalized 512-d embeddings (--align-alpha, --unif-t, --align-w, --unif-w, named as in
-their code). The same script trains on real audio (--data) for the paper's baselines.
+Each step draws a fresh batch of synthetic positive pairs (generate.py's PairSampler, on the fly in a thread), embeds
+both sides and minimises Wang & Isola's alignment + uniformity loss on the L2-normalized 512-d embeddings (named as
+in their code: --align-alpha, --unif-t, --align-w, --unif-w). --data trains on real audio for the paper's baselines.
 
     # laptop CPU, a few minutes
     python train.py --synth voice --delta 0.25 --batch-size 32 --epochs 2 --sounds-per-epoch 1280 --out runs/cpu
@@ -13,25 +11,22 @@ their code). The same script trains on real audio (--data) for the paper's basel
     # several machines: run this on each node (node_rank 0..N-1); the global batch, and the lr, scale with them
     torchrun --nnodes=2 --nproc_per_node=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --synth voice --delta 0.25 --out runs/voice_2nodes
-    # pairs that keep their pitch; delta ramped from 0.05 at step 0 to --delta at the last step
-    python train.py --synth voice --delta 0.25 --keep pitch --out runs/voice_keep_pitch
-    python train.py --synth voice --delta 0.25 --delta-schedule 0.05 --out runs/voice_ramp
+    python train.py --synth voice --delta 0.25 --keep pitch --out runs/voice_keep_pitch  # pairs that keep their pitch
+    python train.py --synth voice --delta 0.25 --delta-schedule 0.05 --out runs/voice_ramp  # delta ramped 0.05 -> 0.25
     # pitch and each oscillator's pitch modulation held; Voice's noise level with its curve (see generate.py)
     python train.py --synth voice --delta 0.25 --keep pitch-mod --out runs/voice_keep_pitch_mod
     python train.py --synth voice --delta 0.25 --noise-curve --out runs/voice_noise_curve
     python train.py --resume runs/cpu --epochs 4  # continue a run exactly where its last checkpoint stopped
     python train.py --epochs 0 --out runs/random  # the paper's "Random Init." baseline: an untrained encoder
-    # real audio baselines (VGGSound-style folder), positives from augmentation or mixing
-    python train.py --data /path/to/audio --positives aug --out runs/real_aug
-    python train.py --data /path/to/audio --positives mix5 --out runs/real_mix5
+    python train.py --data /path/to/audio --positives aug --out runs/real_aug  # real audio (a VGGSound-style folder)
+    python train.py --data /path/to/audio --positives mix5 --out runs/real_mix5  # positives from mixing (VGGSound-Mix)
     python train.py --benchmark --batch-size 64  # speed: on-the-fly synthesis vs the same batches pre-generated
 
-A run folder holds config.json, log.csv, checkpoint.pt (written atomically after each epoch's
-training, after its validation, and every --save-every minutes) and encoder.pt, a TorchScript file:
-torch.jit.load(path) maps a float32 (B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the
-step and the validated epochs, and the lr is a function of the epoch, so a run killed at any instant
-resumes to the same log rows and weights. It loads with weights_only=True: loading one never runs code.
-While a job trains the folder, .lock holds its pid, and a second job on the folder is refused.
+A run folder holds config.json, log.csv, checkpoint.pt (written atomically after each epoch's training, after its
+validation, and every --save-every minutes) and encoder.pt, a TorchScript file: torch.jit.load(path) maps a float32
+(B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the step and the validated epochs, and the lr is a
+function of the epoch, so a run killed at any instant resumes to the same log rows and weights. It loads with
+weights_only=True: no code runs. While a job trains the folder, .lock holds its pid; a second job on it is refused.
 """
 import argparse
 import contextlib
@@ -123,8 +118,7 @@ def uniform_loss(x, t=2.0):
     return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()  # over distinct pairs i < j
 
 
-def gather(x):
-    """All ranks' embeddings, with gradients, so uniformity spans the global batch."""
+def gather(x):  # all ranks' embeddings, with gradients, so uniformity spans the global batch
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     import torch.distributed.nn.functional as dist_fn
@@ -140,8 +134,7 @@ def contrastive_loss(e_a, e_b, align_alpha=2.0, unif_t=2.0, align_w=1.0, unif_w=
     return align_w * align + unif_w * unif, align, unif
 
 
-def all_mean(*xs):
-    """The mean over ranks of each scalar: the same numbers on every rank."""
+def all_mean(*xs):  # the mean over ranks of each scalar: the same numbers on every rank
     t = torch.stack([x.detach().float() for x in xs])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -153,8 +146,7 @@ def milestone_epochs(args):
     return sorted({max(1, round(f * args.epochs)) for f in args.milestones})
 
 
-def learning_rate(epoch, args):
-    """The paper's step schedule as a pure function of the epoch (no scheduler state to lose)."""
+def learning_rate(epoch, args):  # the paper's step schedule, a pure function of the epoch (no scheduler state to lose)
     return args.lr * args.gamma ** sum(epoch >= m for m in milestone_epochs(args))
 
 
@@ -197,15 +189,13 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
 
 
 def export_encoder(state_dict, path, config):
-    """TorchScript file with the config inside: one torch.jit.load call, no import of this script.
-    readout "pool" exports the 512-d pooled layer, "fc" the trained head on top of it."""
+    """TorchScript file with the config inside: one torch.jit.load call, no import of this script."""
     enc = Encoder()
     enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
-    if config["readout"] == "pool":
+    if config["readout"] == "pool":  # the 512-d pooled layer; "fc" keeps the trained head on top of it
         enc.net.fc = nn.Identity()
-    scripted = torch.jit.script(enc.cpu().eval())
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={"config.json": json.dumps(config)})
+    torch.jit.save(torch.jit.script(enc.cpu().eval()), buf, _extra_files={"config.json": json.dumps(config)})
     atomic_write(path, buf.getvalue())
 
 

@@ -182,7 +182,7 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
     """Alignment and uniformity on the fixed held-out batches -> (val_align, val_unif)."""
     model.eval()
     va, vu = [], []
-    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment):
+    for _, a, b in prefetch(source, range(val_steps), rank, VAL, augment):
         _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
         va.append(align), vu.append(unif)
     return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
@@ -203,37 +203,31 @@ def export_encoder(state_dict, path, config):
 # The batches, drawn in a thread: a source's batch(step, rank, stream) is a pure function of its arguments and the
 # seed, so ranks never share batches and a resumed run sees the same stream. bf16, --benchmark, real-audio baselines.
 
-class Prefetcher:
+def prefetch(source, steps, rank, stream, augment=None, depth=3):
     """Draws batches in a background thread (a forked DataLoader worker deadlocks once JAX has run). On a CPU
     JAX fills the step's serial gaps: on the fly runs at 0.97-1.0 of the bound 1 / (1/train + 1/synthesis)."""
+    q = queue.Queue(maxsize=depth)
 
-    def __init__(self, source, steps, rank, stream, augment=None, depth=3):
-        self.q = queue.Queue(maxsize=depth)
-        self.source, self.steps, self.rank, self.stream, self.augment = source, steps, rank, stream, augment
-        threading.Thread(target=self.work, daemon=True).start()
-
-    def work(self):
+    def work():
         try:
-            for step in self.steps:
-                a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
-                if self.augment is not None:  # each view augmented independently, seeded by its step
-                    seed = hash((self.stream, self.rank, step)) % 2**63
+            for step in steps:
+                a, b = (torch.from_numpy(np.asarray(x)) for x in source.batch(step, rank, stream))
+                if augment is not None:  # each view augmented independently, seeded by its step
+                    seed = hash((stream, rank, step)) % 2**63
                     torch.manual_seed(seed), random.seed(seed)  # the library draws from both, the main thread neither
-                    a, b = self.augment(a), self.augment(b)
-                self.q.put((step, a, b))
+                    a, b = augment(a), augment(b)
+                q.put((step, a, b))
         except BaseException as e:  # surface it in the main thread instead of hanging
-            self.q.put(e)
+            q.put(e)
 
-    def __iter__(self):
-        for _ in self.steps:
-            item = self.q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    threading.Thread(target=work, daemon=True).start()
+    for _ in steps:
+        if isinstance(item := q.get(), BaseException):
+            raise item
+        yield item
 
 
-def make_source(args, ckpt, steps_per_epoch):
-    """The batches: synthetic pairs (generate.py) or real audio, and the augmentation -> (source, augment, schedule)."""
+def make_source(args, ckpt, steps_per_epoch):  # -> (synthetic pairs or real audio, augment, schedule)
     from generate import PairSampler, synthesis_device
     augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
     # the ramp spans the epochs the run was started with, kept in its config: --resume --epochs N extends
@@ -248,16 +242,14 @@ def make_source(args, ckpt, steps_per_epoch):
 
 
 def choose_precision(amp, device):
-    """--amp -> "bf16", "fp16" or "fp32". auto: bf16 where the hardware multiplies it natively, fp16 with a gradient
-    scaler on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores), fp32 on other CPUs."""
+    """-> "bf16", "fp16" or "fp32"; auto: fp16 on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores)."""
     if amp != "auto":
         return "fp32" if amp == "off" else amp
     return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
 
 
 def native_bf16(device):
-    """bf16 autocast pays only where the hardware multiplies bf16: Ampere+ GPUs, and CPUs with AMX or
-    AVX512-BF16 (~1.5x fp32). Elsewhere it is emulated: ~40x slower than fp32 on an AVX2 CPU."""
+    """bf16 pays only on Ampere+ GPUs and CPUs with AMX or AVX512-BF16 (~1.5x fp32); emulated on AVX2: ~40x slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("amx_tile", "avx512_bf16"))
@@ -281,12 +273,13 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, dev
         scalers[precision].update()
         return loss.item()  # waits for the device
 
-    t0 = time.time()
-    first = [torch.from_numpy(x) for x in source.batch(0, rank)]
-    gen_s = time.time() - t0
-    t0 = time.time()
-    batches = [[torch.from_numpy(x) for x in source.batch(s, rank)] for s in range(1, n + 1)]
-    synth = sounds * n / (time.time() - t0)
+    def timed(work):  # -> (what work() returns, the seconds it took)
+        t0 = time.time()
+        return work(), time.time() - t0
+
+    first, gen_s = timed(lambda: [torch.from_numpy(x) for x in source.batch(0, rank)])
+    batches, synth_s = timed(lambda: [[torch.from_numpy(x) for x in source.batch(s, rank)] for s in range(1, n + 1)])
+    synth = sounds * n / synth_s
     print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
     print(f"synthesis alone: {synth:.1f} sounds/s")
     print(f"{'sounds/s':10s} {'pre-generated':>14s} {'on-the-fly':>11s} {'bound':>8s} {'on-the-fly / bound':>19s}")
@@ -297,14 +290,9 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, dev
     for p in rows:
         for _ in range(2):
             train_step(*first, p)  # warm-up (oneDNN and cuDNN pick their kernels, fp16's scale settles)
-        t0 = time.time()
-        for a, b in batches:
-            train_step(a, b, p)
-        pre = sounds * n / (time.time() - t0)
-        t0 = time.time()
-        for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment):
-            train_step(a, b, p)
-        fly[p] = sounds * n / (time.time() - t0)
+        pre = sounds * n / timed(lambda: [train_step(a, b, p) for a, b in batches])[1]
+        fly[p] = sounds * n / timed(lambda: [train_step(a, b, p) for _, a, b in
+                                             prefetch(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment)])[1]
         bound = 1 / (1 / pre + 1 / synth)
         print(f"{p:10s} {pre:14.1f} {fly[p]:11.1f} {bound:8.1f} {fly[p] / bound:19.3f}")
     for p in rows[1:]:
@@ -338,40 +326,32 @@ class RealAudio:
         self.splits = {VAL: order[:n_val], TRAIN: order[n_val:]} if n_val else {TRAIN: order, VAL: order}
         self.positives, self.batch_size, self.seed = positives, batch_size, seed
 
-    def crop(self, i, rng):
-        """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
+    def crop(self, i, rng):  # a random 1-s crop of file i, zero-padded if the file is shorter
         path, sr, frames = self.info[i]
-        n = math.ceil(sr * 1.0)
-        x = torch.from_numpy(read_audio(path, start=int(rng.integers(0, max(1, frames - n + 1))), frames=n))
+        x = torch.from_numpy(read_audio(path, start=int(rng.integers(0, max(1, frames - sr + 1))), frames=sr))
         return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
 
-    def view(self, i, rng, k):
-        """k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips."""
+    def view(self, i, rng, k):  # k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips
         x = sum(self.crop(i, rng) for _ in range(k))
         return x / max(1.0, float(x.abs().max()))
 
     def batch(self, step, rank=0, stream=TRAIN):
         rng = np.random.default_rng([self.seed, stream, rank, step])
-        files = rng.choice(self.splits[stream], size=self.batch_size)
         a, b = [], []
-        for i in files:
+        for i in rng.choice(self.splits[stream], size=self.batch_size):
             if self.positives == "aug":  # two augmentations of one crop
-                x = self.crop(i, rng)
-                a.append(x), b.append(x.clone())
+                a.append(x := self.crop(i, rng)), b.append(x.clone())
             elif self.positives == "jitter":  # two crops of one file
                 a.append(self.crop(i, rng)), b.append(self.crop(i, rng))
             else:  # mix5 / mix10
-                k = int(self.positives[3:])
-                a.append(self.view(i, rng, k)), b.append(self.view(i, rng, k))
+                a.append(self.view(i, rng, k := int(self.positives[3:]))), b.append(self.view(i, rng, k))
         return torch.stack(a).numpy(), torch.stack(b).numpy()
 
 
-# The paper's augmentation chain (App. B): high-pass, low-pass, pitch, shift, reverb, each p = 0.5, with
-# torch-audiomentations (imported only when asked for) in mini-batches of <= 100. Its IR loader needs the removed
-# torchaudio.info and its PitchShift reaches only +-0.41 semitones at 16 kHz: IRs are read with soundfile, and
-# pitch_shift below draws uniformly in +-2 semitones.
+# The paper's augmentations (App. B), each p = 0.5: high-pass, low-pass, pitch, shift, reverb, by torch-audiomentations
+# (imported only when asked for) in batches of <= 100. Its IR loader needs the removed torchaudio.info; its PitchShift
+# reaches only +-0.41 semitones at 16 kHz: soundfile reads the IRs, and pitch_shift draws uniformly in +-2 semitones.
 def load_irs(ir_dir):
-    """All audio files under ir_dir (recursive) as mono 1-D tensors at 16 kHz."""
     check_path(ir_dir, "--ir-dir", must_exist=True)
     exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode
     paths = sorted(p for p in Path(ir_dir).rglob("*") if p.is_file() and p.suffix.lower() in exts)
@@ -383,15 +363,13 @@ def load_irs(ir_dir):
     return irs
 
 
-def synthetic_irs(sample_rate, n=32, seed=0):
-    """Exponentially decaying noise with RT60 ~ U(0.1, 1.0) s, plus a direct-path impulse."""
+def synthetic_irs(sample_rate, n=32, seed=0):  # decaying noise, RT60 ~ U(0.1, 1.0) s, plus a direct-path impulse
     g = torch.Generator().manual_seed(seed)
     irs = []
     for rt60 in (0.1 + 0.9 * torch.rand(n, generator=g)).tolist():
         t = torch.arange(int(rt60 * sample_rate)) / sample_rate
-        ir = torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60)  # -60 dB at t = rt60
-        ir[0] = 1.0
-        irs.append(ir)
+        irs.append(torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60))  # -60 dB at t = rt60
+        irs[-1][0] = 1.0
     return irs
 
 
@@ -407,11 +385,7 @@ def pitch_shift(x, semitones, n_fft=512, hop=128):
     phase_advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=x.device)[:, None]
     spec = torchaudio.functional.phase_vocoder(spec, T / L, phase_advance)
     y = torch.istft(spec, n_fft, hop, window=window, length=L)
-    # resample L -> T samples by cropping/zero-padding the spectrum: pitch * L/T, length T
-    Y = torch.fft.rfft(y)
-    k = T // 2 + 1
-    Y = Y[..., :k] if Y.shape[-1] >= k else F.pad(Y, (0, k - Y.shape[-1]))
-    return torch.fft.irfft(Y, T) * (T / L)
+    return torch.fft.irfft(torch.fft.rfft(y), T) * (T / L)  # irfft to T samples crops or zero-pads the spectrum
 
 
 def make_transforms(ir_dir=None, seed=0, p=0.5):
@@ -431,17 +405,11 @@ def make_transforms(ir_dir=None, seed=0, p=0.5):
             self.convolve_mode = "full"  # library defaults; output is cropped to the input length
             self.compensate_for_propagation_delay = False
 
-    class UniformPitchShift(BaseWaveformTransform):
-        """Per-example pitch shift with semitones ~ U(min, max); the base class does the p selection."""
+    class UniformPitchShift(BaseWaveformTransform):  # per-example semitones ~ U(-2, 2); the base class draws p
         supports_target = False
 
-        def __init__(self, min_semitones=-2.0, max_semitones=2.0, p=0.5, sample_rate=None):
-            super().__init__(p=p, sample_rate=sample_rate, output_type="dict")
-            self.min_semitones, self.max_semitones = min_semitones, max_semitones
-
         def randomize_parameters(self, samples=None, sample_rate=None, targets=None, target_rate=None):
-            lo, hi = self.min_semitones, self.max_semitones
-            self.transform_parameters["semitones"] = (lo + (hi - lo) * torch.rand(len(samples))).tolist()
+            self.transform_parameters["semitones"] = (-2.0 + 4.0 * torch.rand(len(samples))).tolist()
 
         def apply_transform(self, samples=None, sample_rate=None, targets=None, target_rate=None):
             out = torch.stack([pitch_shift(s, st) for s, st in zip(samples, self.transform_parameters["semitones"])])
@@ -452,7 +420,7 @@ def make_transforms(ir_dir=None, seed=0, p=0.5):
     return {
         "highpass": HighPassFilter(min_cutoff_freq=20.0, max_cutoff_freq=800.0, **kw),
         "lowpass": LowPassFilter(min_cutoff_freq=1200.0, max_cutoff_freq=8000.0, **kw),
-        "pitch": UniformPitchShift(-2.0, 2.0, p=p, sample_rate=SAMPLE_RATE),
+        "pitch": UniformPitchShift(**kw),
         "shift": Shift(min_shift=-0.25, max_shift=0.25, shift_unit="fraction", rollover=True, **kw),
         "reverb": InMemoryImpulseResponse(irs, SAMPLE_RATE, p=p),
     }
@@ -462,8 +430,7 @@ def make_augment(ir_dir=None, seed=0):
     from torch_audiomentations import Compose
     chain = Compose(list(make_transforms(ir_dir, seed).values()), output_type="dict")
 
-    def augment(x):
-        """x: (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5."""
+    def augment(x):  # (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5
         assert x.ndim == 2, f"expected (B, T), got {tuple(x.shape)}"
         return torch.cat([chain(c[:, None], sample_rate=SAMPLE_RATE).samples[:, 0]  # library wants (B, C, T)
                           for c in x.split(100)])
@@ -792,7 +759,7 @@ def main(argv=None):
                 group["lr"] = learning_rate(epoch, args)
             steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
             if steps:
-                batches = Prefetcher(source, steps, rank, TRAIN, augment)
+                batches = prefetch(source, steps, rank, TRAIN, augment)
                 step, last = train_one_epoch(model, embed_pair, optimizer, scaler, batches, epoch, steps_per_epoch,
                                              args, log_row, save)
             if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch

@@ -444,8 +444,7 @@ RUN_FILES = ("config.json", "log.csv", "checkpoint.pt", "encoder.pt")
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
 
 
-def parse_args(argv=None):
-    """-> (args, the flags given)."""
+def parse_args(argv=None):  # -> (args, the flags given)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     g = p.add_argument_group("data")
@@ -509,11 +508,9 @@ def parse_args(argv=None):
 class RunFolder:
     """Run state, made by main() and passed down: rank 0's lock on the run folder, and whether the run is new."""
 
-    path = lock = None  # set by own()
-    made = new = False
+    path, lock, made, new = None, None, False, False  # set by own() and check_args()
 
     def own(self, folder, create):
-        """Own the run folder (created if asked), or ValueError naming the process that owns it."""
         if not create and not os.path.isdir(folder):
             raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
         if create and not os.path.isdir(folder):
@@ -524,8 +521,7 @@ class RunFolder:
             self.made = True
         self.path, self.lock = folder, FolderLock(folder)
 
-    def abandon(self):
-        """A new run failed before its first checkpoint: its files, then its lock and a folder made for it go."""
+    def abandon(self):  # a new run failed before its first checkpoint: its files, its lock and a folder made for it go
         if self.new and not os.path.exists(os.path.join(self.path, "checkpoint.pt")):
             for f in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
@@ -537,8 +533,7 @@ class RunFolder:
 
 
 def check_args(args, given, run):
-    """Own the run folder (rank 0), read a resumed run's checkpoint and config, and check what argparse cannot,
-    before anything is created -> (args, ckpt). Every rank checks, so none waits for another."""
+    """-> (args, ckpt): what argparse cannot check, before anything is made, on every rank, none waiting for another."""
     from generate import SYNTHS
     first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
     check_path(args.resume or args.out, "--resume" if args.resume else "--out", "run folder")
@@ -572,8 +567,7 @@ def check_new_run(args):
                          f"or pick another --out")
 
 
-def load_checkpoint(run):
-    """The checkpoint, loaded with weights_only=True: tensors, numbers, strings, lists, dicts; no code runs."""
+def load_checkpoint(run):  # weights_only=True: tensors, numbers, strings, lists, dicts; no code runs
     path = os.path.join(run, "checkpoint.pt")
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint to resume at {path}")
@@ -596,8 +590,7 @@ def load_checkpoint(run):
     return ckpt
 
 
-def resumed_args(args, given, config):
-    """The run's own config wins; only these may change when it is continued, and the device is this machine's."""
+def resumed_args(args, given, config):  # the run's own config wins; only these may change, the device is this machine's
     if missing := sorted(set(vars(args)) - config.keys()):  # an earlier train.py's: today's flags would fill gaps
         raise ValueError(f"{args.resume} is a run of an earlier train.py (its config has no {', '.join(missing)})")
     mine = given & {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"} | {"resume", "device"}
@@ -605,18 +598,15 @@ def resumed_args(args, given, config):
     return argparse.Namespace(**{**vars(args), **saved, "out": args.resume})
 
 
-def setup_ddp(device_name):
-    """DDP from torchrun's environment; a plain `python train.py` is a world of one."""
+def setup_ddp(device_name):  # DDP from torchrun's environment; a plain `python train.py` is a world of one
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ.get(k, d))
                                for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if device_name.startswith("cuda"):
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if device_name.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if rank != 0:
@@ -625,8 +615,7 @@ def setup_ddp(device_name):
 
 
 def open_run(out, config, step, val_epochs):
-    """Create or reopen the run folder: config.json, and log.csv cut back to what the checkpoint
-    holds (a validation row counts only if the checkpoint says that epoch was validated)."""
+    """config.json, and log.csv cut back to the checkpoint (a validation row only if it has that epoch validated)."""
     log_path, rows = os.path.join(out, "log.csv"), []
     if step and os.path.exists(log_path):  # read before anything is rewritten: a bad log.csv changes nothing
         try:  # a spreadsheet may have saved it with a BOM and CRLF line ends: the same rows
@@ -642,16 +631,14 @@ def open_run(out, config, step, val_epochs):
     for stale in glob.glob(os.path.join(glob.escape(out), ".*.tmp[0-9]*")):  # atomic_write's, left by a kill -9
         os.remove(stale)
     atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w = csv.DictWriter(buf := io.StringIO(), fieldnames=LOG_FIELDS)
     w.writeheader()
     w.writerows(rows)
     atomic_write(log_path, buf.getvalue().encode())
     return log_path
 
 
-def log(path, step, epoch, lr, last, rate, val=None):
-    """One row of log.csv (path: rank 0's log, else None) and its line on the console."""
+def log(path, step, epoch, lr, last, rate, val=None):  # a row of log.csv (path: rank 0's, else None), a console line
     if path:
         buf = io.StringIO()
         csv.writer(buf).writerow([step, epoch, lr, *last, *(val or ["", ""]), f"{rate:.1f}"])  # as LOG_FIELDS
@@ -670,7 +657,6 @@ def log(path, step, epoch, lr, last, rate, val=None):
 
 
 def save_checkpoint(out, model, optimizer, scaler, step, val_epochs, last, config):
-    """Where the run is, exactly: weights, optimizer, fp16's loss scale, step, validated epochs, last step's losses."""
     name, key, *rest = np.random.get_state()  # its key as a tensor: the checkpoint loads with weights_only=True
     rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
            "python": random.getstate()}
@@ -681,7 +667,6 @@ def save_checkpoint(out, model, optimizer, scaler, step, val_epochs, last, confi
 
 
 def restore(run, ckpt, model, optimizer, scaler):
-    """Weights, optimizer, loss scale and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -705,12 +690,9 @@ def main(argv=None):
         precision = choose_precision(args.amp, device)
         global_batch = args.batch_size * world
         args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
-        steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
-        val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
+        steps_per_epoch, val_steps = (max(1, int(f * args.sounds_per_epoch) // global_batch) for f in (0.9, 0.1))
         stop_at = min(steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
+        torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
         source, augment, schedule = make_source(args, ckpt, steps_per_epoch)
 
         # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)

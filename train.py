@@ -1,10 +1,8 @@
-"""
-Contrastive pretraining of a ResNet18 on audio doppelgängers (Cherep & Singh, §3.3-3.4).
+"""Contrastive pretraining of a ResNet18 on audio doppelgängers (Cherep & Singh, §3.3-3.4).
 
-Each step draws a fresh batch of synthetic positive pairs (generate.py's PairSampler, on the fly in
-a background thread), embeds both sides, and minimises Wang & Isola's alignment + uniformity loss
-on the L2-normalized 512-d embeddings (--align-alpha, --unif-t, --align-w, --unif-w, named as in
-their code). The same script trains on real audio (--data) for the paper's baselines.
+Each step draws a fresh batch of synthetic positive pairs (generate.py's PairSampler, on the fly in a thread), embeds
+both sides and minimises Wang & Isola's alignment + uniformity loss on the L2-normalized 512-d embeddings (named as
+in their code: --align-alpha, --unif-t, --align-w, --unif-w). --data trains on real audio for the paper's baselines.
 
     # laptop CPU, a few minutes
     python train.py --synth voice --delta 0.25 --batch-size 32 --epochs 2 --sounds-per-epoch 1280 --out runs/cpu
@@ -13,25 +11,22 @@ their code). The same script trains on real audio (--data) for the paper's basel
     # several machines: run this on each node (node_rank 0..N-1); the global batch, and the lr, scale with them
     torchrun --nnodes=2 --nproc_per_node=2 --node_rank=0 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py --synth voice --delta 0.25 --out runs/voice_2nodes
-    # pairs that keep their pitch; delta ramped from 0.05 at step 0 to --delta at the last step
-    python train.py --synth voice --delta 0.25 --keep pitch --out runs/voice_keep_pitch
-    python train.py --synth voice --delta 0.25 --delta-schedule 0.05 --out runs/voice_ramp
+    python train.py --synth voice --delta 0.25 --keep pitch --out runs/voice_keep_pitch  # pairs that keep their pitch
+    python train.py --synth voice --delta 0.25 --delta-schedule 0.05 --out runs/voice_ramp  # delta ramped 0.05 -> 0.25
     # pitch and each oscillator's pitch modulation held; Voice's noise level with its curve (see generate.py)
     python train.py --synth voice --delta 0.25 --keep pitch-mod --out runs/voice_keep_pitch_mod
     python train.py --synth voice --delta 0.25 --noise-curve --out runs/voice_noise_curve
     python train.py --resume runs/cpu --epochs 4  # continue a run exactly where its last checkpoint stopped
     python train.py --epochs 0 --out runs/random  # the paper's "Random Init." baseline: an untrained encoder
-    # real audio baselines (VGGSound-style folder), positives from augmentation or mixing
-    python train.py --data /path/to/audio --positives aug --out runs/real_aug
-    python train.py --data /path/to/audio --positives mix5 --out runs/real_mix5
+    python train.py --data /path/to/audio --positives aug --out runs/real_aug  # real audio (a VGGSound-style folder)
+    python train.py --data /path/to/audio --positives mix5 --out runs/real_mix5  # positives from mixing (VGGSound-Mix)
     python train.py --benchmark --batch-size 64  # speed: on-the-fly synthesis vs the same batches pre-generated
 
-A run folder holds config.json, log.csv, checkpoint.pt (written atomically after each epoch's
-training, after its validation, and every --save-every minutes) and encoder.pt, a TorchScript file:
-torch.jit.load(path) maps a float32 (B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the
-step and the validated epochs, and the lr is a function of the epoch, so a run killed at any instant
-resumes to the same log rows and weights. It loads with weights_only=True: loading one never runs code.
-While a job trains the folder, .lock holds its pid, and a second job on the folder is refused.
+A run folder holds config.json, log.csv, checkpoint.pt (written atomically after each epoch's training, after its
+validation, and every --save-every minutes) and encoder.pt, a TorchScript file: torch.jit.load(path) maps a float32
+(B, T) 16 kHz mono waveform to (B, 512). The checkpoint holds the step and the validated epochs, and the lr is a
+function of the epoch, so a run killed at any instant resumes to the same log rows and weights. It loads with
+weights_only=True: no code runs. While a job trains the folder, .lock holds its pid; a second job on it is refused.
 """
 import argparse
 import contextlib
@@ -123,8 +118,7 @@ def uniform_loss(x, t=2.0):
     return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log()  # over distinct pairs i < j
 
 
-def gather(x):
-    """All ranks' embeddings, with gradients, so uniformity spans the global batch."""
+def gather(x):  # all ranks' embeddings, with gradients, so uniformity spans the global batch
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     import torch.distributed.nn.functional as dist_fn
@@ -140,8 +134,7 @@ def contrastive_loss(e_a, e_b, align_alpha=2.0, unif_t=2.0, align_w=1.0, unif_w=
     return align_w * align + unif_w * unif, align, unif
 
 
-def all_mean(*xs):
-    """The mean over ranks of each scalar: the same numbers on every rank."""
+def all_mean(*xs):  # the mean over ranks of each scalar: the same numbers on every rank
     t = torch.stack([x.detach().float() for x in xs])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
@@ -153,8 +146,7 @@ def milestone_epochs(args):
     return sorted({max(1, round(f * args.epochs)) for f in args.milestones})
 
 
-def learning_rate(epoch, args):
-    """The paper's step schedule as a pure function of the epoch (no scheduler state to lose)."""
+def learning_rate(epoch, args):  # the paper's step schedule, a pure function of the epoch (no scheduler state to lose)
     return args.lr * args.gamma ** sum(epoch >= m for m in milestone_epochs(args))
 
 
@@ -190,22 +182,20 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
     """Alignment and uniformity on the fixed held-out batches -> (val_align, val_unif)."""
     model.eval()
     va, vu = [], []
-    for _, a, b in Prefetcher(source, range(val_steps), rank, VAL, augment):
+    for _, a, b in prefetch(source, range(val_steps), rank, VAL, augment):
         _, align, unif = contrastive_loss(*embed_pair(a, b), args.align_alpha, args.unif_t)
         va.append(align), vu.append(unif)
     return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
 
 
 def export_encoder(state_dict, path, config):
-    """TorchScript file with the config inside: one torch.jit.load call, no import of this script.
-    readout "pool" exports the 512-d pooled layer, "fc" the trained head on top of it."""
+    """TorchScript file with the config inside: one torch.jit.load call, no import of this script."""
     enc = Encoder()
     enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
-    if config["readout"] == "pool":
+    if config["readout"] == "pool":  # the 512-d pooled layer; "fc" keeps the trained head on top of it
         enc.net.fc = nn.Identity()
-    scripted = torch.jit.script(enc.cpu().eval())
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={"config.json": json.dumps(config)})
+    torch.jit.save(torch.jit.script(enc.cpu().eval()), buf, _extra_files={"config.json": json.dumps(config)})
     atomic_write(path, buf.getvalue())
 
 
@@ -213,37 +203,31 @@ def export_encoder(state_dict, path, config):
 # The batches, drawn in a thread: a source's batch(step, rank, stream) is a pure function of its arguments and the
 # seed, so ranks never share batches and a resumed run sees the same stream. bf16, --benchmark, real-audio baselines.
 
-class Prefetcher:
+def prefetch(source, steps, rank, stream, augment=None, depth=3):
     """Draws batches in a background thread (a forked DataLoader worker deadlocks once JAX has run). On a CPU
     JAX fills the step's serial gaps: on the fly runs at 0.97-1.0 of the bound 1 / (1/train + 1/synthesis)."""
+    q = queue.Queue(maxsize=depth)
 
-    def __init__(self, source, steps, rank, stream, augment=None, depth=3):
-        self.q = queue.Queue(maxsize=depth)
-        self.source, self.steps, self.rank, self.stream, self.augment = source, steps, rank, stream, augment
-        threading.Thread(target=self.work, daemon=True).start()
-
-    def work(self):
+    def work():
         try:
-            for step in self.steps:
-                a, b = (torch.from_numpy(np.asarray(x)) for x in self.source.batch(step, self.rank, self.stream))
-                if self.augment is not None:  # each view augmented independently, seeded by its step
-                    seed = hash((self.stream, self.rank, step)) % 2**63
+            for step in steps:
+                a, b = (torch.from_numpy(np.asarray(x)) for x in source.batch(step, rank, stream))
+                if augment is not None:  # each view augmented independently, seeded by its step
+                    seed = hash((stream, rank, step)) % 2**63
                     torch.manual_seed(seed), random.seed(seed)  # the library draws from both, the main thread neither
-                    a, b = self.augment(a), self.augment(b)
-                self.q.put((step, a, b))
+                    a, b = augment(a), augment(b)
+                q.put((step, a, b))
         except BaseException as e:  # surface it in the main thread instead of hanging
-            self.q.put(e)
+            q.put(e)
 
-    def __iter__(self):
-        for _ in self.steps:
-            item = self.q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    threading.Thread(target=work, daemon=True).start()
+    for _ in steps:
+        if isinstance(item := q.get(), BaseException):
+            raise item
+        yield item
 
 
-def make_source(args, ckpt, steps_per_epoch):
-    """The batches: synthetic pairs (generate.py) or real audio, and the augmentation -> (source, augment, schedule)."""
+def make_source(args, ckpt, steps_per_epoch):  # -> (synthetic pairs or real audio, augment, schedule)
     from generate import PairSampler, synthesis_device
     augment = make_augment(args.ir_dir, args.seed) if args.aug or (args.data and args.positives == "aug") else None
     # the ramp spans the epochs the run was started with, kept in its config: --resume --epochs N extends
@@ -258,16 +242,14 @@ def make_source(args, ckpt, steps_per_epoch):
 
 
 def choose_precision(amp, device):
-    """--amp -> "bf16", "fp16" or "fp32". auto: bf16 where the hardware multiplies it natively, fp16 with a gradient
-    scaler on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores), fp32 on other CPUs."""
+    """-> "bf16", "fp16" or "fp32"; auto: fp16 on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores)."""
     if amp != "auto":
         return "fp32" if amp == "off" else amp
     return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
 
 
 def native_bf16(device):
-    """bf16 autocast pays only where the hardware multiplies bf16: Ampere+ GPUs, and CPUs with AMX or
-    AVX512-BF16 (~1.5x fp32). Elsewhere it is emulated: ~40x slower than fp32 on an AVX2 CPU."""
+    """bf16 pays only on Ampere+ GPUs and CPUs with AMX or AVX512-BF16 (~1.5x fp32); emulated on AVX2: ~40x slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("amx_tile", "avx512_bf16"))
@@ -291,12 +273,13 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, dev
         scalers[precision].update()
         return loss.item()  # waits for the device
 
-    t0 = time.time()
-    first = [torch.from_numpy(x) for x in source.batch(0, rank)]
-    gen_s = time.time() - t0
-    t0 = time.time()
-    batches = [[torch.from_numpy(x) for x in source.batch(s, rank)] for s in range(1, n + 1)]
-    synth = sounds * n / (time.time() - t0)
+    def timed(work):  # -> (what work() returns, the seconds it took)
+        t0 = time.time()
+        return work(), time.time() - t0
+
+    first, gen_s = timed(lambda: [torch.from_numpy(x) for x in source.batch(0, rank)])
+    batches, synth_s = timed(lambda: [[torch.from_numpy(x) for x in source.batch(s, rank)] for s in range(1, n + 1)])
+    synth = sounds * n / synth_s
     print(f"batch {args.batch_size} pairs ({sounds} sounds) per step, first batch incl. compile {gen_s:.1f} s")
     print(f"synthesis alone: {synth:.1f} sounds/s")
     print(f"{'sounds/s':10s} {'pre-generated':>14s} {'on-the-fly':>11s} {'bound':>8s} {'on-the-fly / bound':>19s}")
@@ -307,14 +290,9 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, dev
     for p in rows:
         for _ in range(2):
             train_step(*first, p)  # warm-up (oneDNN and cuDNN pick their kernels, fp16's scale settles)
-        t0 = time.time()
-        for a, b in batches:
-            train_step(a, b, p)
-        pre = sounds * n / (time.time() - t0)
-        t0 = time.time()
-        for _, a, b in Prefetcher(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment):
-            train_step(a, b, p)
-        fly[p] = sounds * n / (time.time() - t0)
+        pre = sounds * n / timed(lambda: [train_step(a, b, p) for a, b in batches])[1]
+        fly[p] = sounds * n / timed(lambda: [train_step(a, b, p) for _, a, b in
+                                             prefetch(source, range(n + 1, 2 * n + 1), rank, TRAIN, augment)])[1]
         bound = 1 / (1 / pre + 1 / synth)
         print(f"{p:10s} {pre:14.1f} {fly[p]:11.1f} {bound:8.1f} {fly[p] / bound:19.3f}")
     for p in rows[1:]:
@@ -348,40 +326,32 @@ class RealAudio:
         self.splits = {VAL: order[:n_val], TRAIN: order[n_val:]} if n_val else {TRAIN: order, VAL: order}
         self.positives, self.batch_size, self.seed = positives, batch_size, seed
 
-    def crop(self, i, rng):
-        """A random 1-s crop of file i, mono, 16 kHz, zero-padded if the file is shorter."""
+    def crop(self, i, rng):  # a random 1-s crop of file i, zero-padded if the file is shorter
         path, sr, frames = self.info[i]
-        n = math.ceil(sr * 1.0)
-        x = torch.from_numpy(read_audio(path, start=int(rng.integers(0, max(1, frames - n + 1))), frames=n))
+        x = torch.from_numpy(read_audio(path, start=int(rng.integers(0, max(1, frames - sr + 1))), frames=sr))
         return F.pad(x, (0, max(0, SAMPLE_RATE - len(x))))[:SAMPLE_RATE]
 
-    def view(self, i, rng, k):
-        """k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips."""
+    def view(self, i, rng, k):  # k layered crops of file i (the paper's VGGSound-Mix), peak-normalized if it clips
         x = sum(self.crop(i, rng) for _ in range(k))
         return x / max(1.0, float(x.abs().max()))
 
     def batch(self, step, rank=0, stream=TRAIN):
         rng = np.random.default_rng([self.seed, stream, rank, step])
-        files = rng.choice(self.splits[stream], size=self.batch_size)
         a, b = [], []
-        for i in files:
+        for i in rng.choice(self.splits[stream], size=self.batch_size):
             if self.positives == "aug":  # two augmentations of one crop
-                x = self.crop(i, rng)
-                a.append(x), b.append(x.clone())
+                a.append(x := self.crop(i, rng)), b.append(x.clone())
             elif self.positives == "jitter":  # two crops of one file
                 a.append(self.crop(i, rng)), b.append(self.crop(i, rng))
             else:  # mix5 / mix10
-                k = int(self.positives[3:])
-                a.append(self.view(i, rng, k)), b.append(self.view(i, rng, k))
+                a.append(self.view(i, rng, k := int(self.positives[3:]))), b.append(self.view(i, rng, k))
         return torch.stack(a).numpy(), torch.stack(b).numpy()
 
 
-# The paper's augmentation chain (App. B): high-pass, low-pass, pitch, shift, reverb, each p = 0.5, with
-# torch-audiomentations (imported only when asked for) in mini-batches of <= 100. Its IR loader needs the removed
-# torchaudio.info and its PitchShift reaches only +-0.41 semitones at 16 kHz: IRs are read with soundfile, and
-# pitch_shift below draws uniformly in +-2 semitones.
+# The paper's augmentations (App. B), each p = 0.5: high-pass, low-pass, pitch, shift, reverb, by torch-audiomentations
+# (imported only when asked for) in batches of <= 100. Its IR loader needs the removed torchaudio.info; its PitchShift
+# reaches only +-0.41 semitones at 16 kHz: soundfile reads the IRs, and pitch_shift draws uniformly in +-2 semitones.
 def load_irs(ir_dir):
-    """All audio files under ir_dir (recursive) as mono 1-D tensors at 16 kHz."""
     check_path(ir_dir, "--ir-dir", must_exist=True)
     exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode
     paths = sorted(p for p in Path(ir_dir).rglob("*") if p.is_file() and p.suffix.lower() in exts)
@@ -393,15 +363,13 @@ def load_irs(ir_dir):
     return irs
 
 
-def synthetic_irs(sample_rate, n=32, seed=0):
-    """Exponentially decaying noise with RT60 ~ U(0.1, 1.0) s, plus a direct-path impulse."""
+def synthetic_irs(sample_rate, n=32, seed=0):  # decaying noise, RT60 ~ U(0.1, 1.0) s, plus a direct-path impulse
     g = torch.Generator().manual_seed(seed)
     irs = []
     for rt60 in (0.1 + 0.9 * torch.rand(n, generator=g)).tolist():
         t = torch.arange(int(rt60 * sample_rate)) / sample_rate
-        ir = torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60)  # -60 dB at t = rt60
-        ir[0] = 1.0
-        irs.append(ir)
+        irs.append(torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60))  # -60 dB at t = rt60
+        irs[-1][0] = 1.0
     return irs
 
 
@@ -417,11 +385,7 @@ def pitch_shift(x, semitones, n_fft=512, hop=128):
     phase_advance = torch.linspace(0, math.pi * hop, spec.shape[-2], device=x.device)[:, None]
     spec = torchaudio.functional.phase_vocoder(spec, T / L, phase_advance)
     y = torch.istft(spec, n_fft, hop, window=window, length=L)
-    # resample L -> T samples by cropping/zero-padding the spectrum: pitch * L/T, length T
-    Y = torch.fft.rfft(y)
-    k = T // 2 + 1
-    Y = Y[..., :k] if Y.shape[-1] >= k else F.pad(Y, (0, k - Y.shape[-1]))
-    return torch.fft.irfft(Y, T) * (T / L)
+    return torch.fft.irfft(torch.fft.rfft(y), T) * (T / L)  # irfft to T samples crops or zero-pads the spectrum
 
 
 def make_transforms(ir_dir=None, seed=0, p=0.5):
@@ -441,17 +405,11 @@ def make_transforms(ir_dir=None, seed=0, p=0.5):
             self.convolve_mode = "full"  # library defaults; output is cropped to the input length
             self.compensate_for_propagation_delay = False
 
-    class UniformPitchShift(BaseWaveformTransform):
-        """Per-example pitch shift with semitones ~ U(min, max); the base class does the p selection."""
+    class UniformPitchShift(BaseWaveformTransform):  # per-example semitones ~ U(-2, 2); the base class draws p
         supports_target = False
 
-        def __init__(self, min_semitones=-2.0, max_semitones=2.0, p=0.5, sample_rate=None):
-            super().__init__(p=p, sample_rate=sample_rate, output_type="dict")
-            self.min_semitones, self.max_semitones = min_semitones, max_semitones
-
         def randomize_parameters(self, samples=None, sample_rate=None, targets=None, target_rate=None):
-            lo, hi = self.min_semitones, self.max_semitones
-            self.transform_parameters["semitones"] = (lo + (hi - lo) * torch.rand(len(samples))).tolist()
+            self.transform_parameters["semitones"] = (-2.0 + 4.0 * torch.rand(len(samples))).tolist()
 
         def apply_transform(self, samples=None, sample_rate=None, targets=None, target_rate=None):
             out = torch.stack([pitch_shift(s, st) for s, st in zip(samples, self.transform_parameters["semitones"])])
@@ -462,7 +420,7 @@ def make_transforms(ir_dir=None, seed=0, p=0.5):
     return {
         "highpass": HighPassFilter(min_cutoff_freq=20.0, max_cutoff_freq=800.0, **kw),
         "lowpass": LowPassFilter(min_cutoff_freq=1200.0, max_cutoff_freq=8000.0, **kw),
-        "pitch": UniformPitchShift(-2.0, 2.0, p=p, sample_rate=SAMPLE_RATE),
+        "pitch": UniformPitchShift(**kw),
         "shift": Shift(min_shift=-0.25, max_shift=0.25, shift_unit="fraction", rollover=True, **kw),
         "reverb": InMemoryImpulseResponse(irs, SAMPLE_RATE, p=p),
     }
@@ -472,8 +430,7 @@ def make_augment(ir_dir=None, seed=0):
     from torch_audiomentations import Compose
     chain = Compose(list(make_transforms(ir_dir, seed).values()), output_type="dict")
 
-    def augment(x):
-        """x: (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5."""
+    def augment(x):  # (B, T) float32 on any device -> (B, T); each transform applied per example with p=0.5
         assert x.ndim == 2, f"expected (B, T), got {tuple(x.shape)}"
         return torch.cat([chain(c[:, None], sample_rate=SAMPLE_RATE).samples[:, 0]  # library wants (B, C, T)
                           for c in x.split(100)])
@@ -487,8 +444,7 @@ RUN_FILES = ("config.json", "log.csv", "checkpoint.pt", "encoder.pt")
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
 
 
-def parse_args(argv=None):
-    """-> (args, the flags given)."""
+def parse_args(argv=None):  # -> (args, the flags given)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
     g = p.add_argument_group("data")
@@ -552,11 +508,9 @@ def parse_args(argv=None):
 class RunFolder:
     """Run state, made by main() and passed down: rank 0's lock on the run folder, and whether the run is new."""
 
-    path = lock = None  # set by own()
-    made = new = False
+    path, lock, made, new = None, None, False, False  # set by own() and check_args()
 
     def own(self, folder, create):
-        """Own the run folder (created if asked), or ValueError naming the process that owns it."""
         if not create and not os.path.isdir(folder):
             raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
         if create and not os.path.isdir(folder):
@@ -567,8 +521,7 @@ class RunFolder:
             self.made = True
         self.path, self.lock = folder, FolderLock(folder)
 
-    def abandon(self):
-        """A new run failed before its first checkpoint: its files, then its lock and a folder made for it go."""
+    def abandon(self):  # a new run failed before its first checkpoint: its files, its lock and a folder made for it go
         if self.new and not os.path.exists(os.path.join(self.path, "checkpoint.pt")):
             for f in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
@@ -580,8 +533,7 @@ class RunFolder:
 
 
 def check_args(args, given, run):
-    """Own the run folder (rank 0), read a resumed run's checkpoint and config, and check what argparse cannot,
-    before anything is created -> (args, ckpt). Every rank checks, so none waits for another."""
+    """-> (args, ckpt): what argparse cannot check, before anything is made, on every rank, none waiting for another."""
     from generate import SYNTHS
     first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
     check_path(args.resume or args.out, "--resume" if args.resume else "--out", "run folder")
@@ -615,8 +567,7 @@ def check_new_run(args):
                          f"or pick another --out")
 
 
-def load_checkpoint(run):
-    """The checkpoint, loaded with weights_only=True: tensors, numbers, strings, lists, dicts; no code runs."""
+def load_checkpoint(run):  # weights_only=True: tensors, numbers, strings, lists, dicts; no code runs
     path = os.path.join(run, "checkpoint.pt")
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint to resume at {path}")
@@ -639,8 +590,7 @@ def load_checkpoint(run):
     return ckpt
 
 
-def resumed_args(args, given, config):
-    """The run's own config wins; only these may change when it is continued, and the device is this machine's."""
+def resumed_args(args, given, config):  # the run's own config wins; only these may change, the device is this machine's
     if missing := sorted(set(vars(args)) - config.keys()):  # an earlier train.py's: today's flags would fill gaps
         raise ValueError(f"{args.resume} is a run of an earlier train.py (its config has no {', '.join(missing)})")
     mine = given & {"epochs", "max_steps", "log_every", "save_every", "amp", "readout"} | {"resume", "device"}
@@ -648,18 +598,15 @@ def resumed_args(args, given, config):
     return argparse.Namespace(**{**vars(args), **saved, "out": args.resume})
 
 
-def setup_ddp(device_name):
-    """DDP from torchrun's environment; a plain `python train.py` is a world of one."""
+def setup_ddp(device_name):  # DDP from torchrun's environment; a plain `python train.py` is a world of one
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ.get(k, d))
                                for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if device_name.startswith("cuda"):
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if device_name.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if rank != 0:
@@ -668,8 +615,7 @@ def setup_ddp(device_name):
 
 
 def open_run(out, config, step, val_epochs):
-    """Create or reopen the run folder: config.json, and log.csv cut back to what the checkpoint
-    holds (a validation row counts only if the checkpoint says that epoch was validated)."""
+    """config.json, and log.csv cut back to the checkpoint (a validation row only if it has that epoch validated)."""
     log_path, rows = os.path.join(out, "log.csv"), []
     if step and os.path.exists(log_path):  # read before anything is rewritten: a bad log.csv changes nothing
         try:  # a spreadsheet may have saved it with a BOM and CRLF line ends: the same rows
@@ -685,16 +631,14 @@ def open_run(out, config, step, val_epochs):
     for stale in glob.glob(os.path.join(glob.escape(out), ".*.tmp[0-9]*")):  # atomic_write's, left by a kill -9
         os.remove(stale)
     atomic_write(os.path.join(out, "config.json"), json.dumps(config, indent=2).encode())
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w = csv.DictWriter(buf := io.StringIO(), fieldnames=LOG_FIELDS)
     w.writeheader()
     w.writerows(rows)
     atomic_write(log_path, buf.getvalue().encode())
     return log_path
 
 
-def log(path, step, epoch, lr, last, rate, val=None):
-    """One row of log.csv (path: rank 0's log, else None) and its line on the console."""
+def log(path, step, epoch, lr, last, rate, val=None):  # a row of log.csv (path: rank 0's, else None), a console line
     if path:
         buf = io.StringIO()
         csv.writer(buf).writerow([step, epoch, lr, *last, *(val or ["", ""]), f"{rate:.1f}"])  # as LOG_FIELDS
@@ -713,7 +657,6 @@ def log(path, step, epoch, lr, last, rate, val=None):
 
 
 def save_checkpoint(out, model, optimizer, scaler, step, val_epochs, last, config):
-    """Where the run is, exactly: weights, optimizer, fp16's loss scale, step, validated epochs, last step's losses."""
     name, key, *rest = np.random.get_state()  # its key as a tensor: the checkpoint loads with weights_only=True
     rng = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), *rest),
            "python": random.getstate()}
@@ -724,7 +667,6 @@ def save_checkpoint(out, model, optimizer, scaler, step, val_epochs, last, confi
 
 
 def restore(run, ckpt, model, optimizer, scaler):
-    """Weights, optimizer, loss scale and RNGs from a checkpoint -> (step, validated epochs, last step's losses)."""
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -748,12 +690,9 @@ def main(argv=None):
         precision = choose_precision(args.amp, device)
         global_batch = args.batch_size * world
         args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
-        steps_per_epoch = max(1, int(0.9 * args.sounds_per_epoch) // global_batch)
-        val_steps = max(1, int(0.1 * args.sounds_per_epoch) // global_batch)
+        steps_per_epoch, val_steps = (max(1, int(f * args.sounds_per_epoch) // global_batch) for f in (0.9, 0.1))
         stop_at = min(steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
+        torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
         source, augment, schedule = make_source(args, ckpt, steps_per_epoch)
 
         # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)
@@ -802,7 +741,7 @@ def main(argv=None):
                 group["lr"] = learning_rate(epoch, args)
             steps = range(step, min(stop_at, (epoch + 1) * steps_per_epoch))  # empty if trained before a kill
             if steps:
-                batches = Prefetcher(source, steps, rank, TRAIN, augment)
+                batches = prefetch(source, steps, rank, TRAIN, augment)
                 step, last = train_one_epoch(model, embed_pair, optimizer, scaler, batches, epoch, steps_per_epoch,
                                              args, log_row, save)
             if step < (epoch + 1) * steps_per_epoch:  # --max-steps ended the run mid-epoch

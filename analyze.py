@@ -83,8 +83,7 @@ def get_embedder(spec, args):
     mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
 
     def fn(x):
-        x = torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))  # very short clips
-        m = mfcc(x)
+        m = mfcc(torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1]))))  # very short clips
         return torch.cat([m.mean(-1), m.std(-1)], 1)
     return fn
 
@@ -102,9 +101,7 @@ def embed(waves, fn, batch_size, desc="embed"):
     if len({p.shape[1] for p in parts}) > 1:  # an embedding's width must not depend on the clip's length
         raise ValueError(f"{desc}: the embedder gives {' and '.join(sorted({str(p.shape[1]) for p in parts}))}-d "
                          f"embeddings for clips of different lengths")
-    e = np.concatenate(parts)
-    out = np.empty(e.shape)  # back in input order
-    out[np.concatenate(idx)] = e
+    out = np.concatenate(parts, dtype=np.float64)[np.argsort(np.concatenate(idx))]  # back in input order
     if not np.isfinite(out).all():
         raise ValueError(f"{desc}: the embedder gives non-finite embeddings")
     return out
@@ -148,8 +145,7 @@ def plot_pair_pca(groups, pca_pairs):
             if d not in gs:
                 ax.axis("off")
                 continue
-            k = min(len(gs[d]["a"]), pca_pairs)
-            pa, pb = (gs[d]["a"][:k] - mu) @ vt[:2].T, (gs[d]["b"][:k] - mu) @ vt[:2].T
+            pa, pb = ((gs[d][side][:pca_pairs] - mu) @ vt[:2].T for side in "ab")
             for p, q in zip(pa, pb):
                 ax.plot([p[0], q[0]], [p[1], q[1]], color=f"C{i}", lw=0.7, alpha=0.7)
             ax.scatter(pa[:, 0], pa[:, 1], s=6, color=f"C{i}")
@@ -161,8 +157,7 @@ def plot_pair_pca(groups, pca_pairs):
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
 def make_essentia():
     import essentia
-    essentia.log.infoActive = False  # keeps its import-time INFO line off stdout
-    essentia.log.warningActive = False
+    essentia.log.infoActive = essentia.log.warningActive = False  # keeps its import-time INFO line off stdout
     import essentia.standard as es
     return dict(
         es=es, window=es.Windowing(type="hann", size=FRAME), spectrum=es.Spectrum(size=FRAME),
@@ -292,11 +287,9 @@ def load_ast(args):
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
     except Exception as e:
         raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
-    cfg = model.config
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
-    sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
-        cfg.problem_type == "multi_label_classification" or cfg.num_labels == 527))
-    return fe, model, sigmoid
+    return fe, model, args.activation == "sigmoid" or (args.activation == "auto" and (
+        model.config.problem_type == "multi_label_classification" or model.config.num_labels == 527))
 
 
 def mix(waves, k):
@@ -329,8 +322,7 @@ def cmd_invariance(args, run):
     if "negative" not in dirs:
         raise ValueError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
     labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
-    if len(set(labels)) < len(labels):
-        labels = [str(p) for p in args.encoder]
+    labels = labels if len(set(labels)) == len(labels) else [str(p) for p in args.encoder]
     pairs = {name: read_pairs(d, args.max_pairs) for name, d in dirs.items()}  # read once for every encoder
     rows = []
     for path, label in zip(args.encoder, labels):
@@ -403,8 +395,7 @@ def read_run(d):
             log = list(csv.DictReader(f))
         if log:
             row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
-        val = [r for r in log if (r.get("val_align") or "").strip()]
-        if val:
+        if val := [r for r in log if (r.get("val_align") or "").strip()]:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
     except (KeyError, TypeError, ValueError, csv.Error) as e:  # a UnicodeDecodeError too: save it as UTF-8 CSV
         raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})") from None
@@ -428,29 +419,24 @@ def read_results(path, runs):
         if run is None:
             skipped.add(str(enc))
             continue
-        out.append(dict(run=run["run"], synth=run["synth"], recipe=run["recipe"], delta=run["delta"],
-                        steps=run["steps"], **s))
+        out.append({k: run[k] for k in ("run", "synth", "recipe", "delta", "steps")} | s)
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
 
 
-def label(r):
-    return f"{r['synth']}, {r['recipe']}" if r["recipe"] else r["synth"]
-
-
-def budget_label(r):  # against steps, runs of one recipe at two deltas are two lines
-    return f"{label(r)}, δ = {r['delta']:g}" if np.isfinite(r["delta"]) else label(r)
+def label(r, x="delta"):  # against steps, runs of one recipe at two deltas are two lines
+    how = f"{r['synth']}, {r['recipe']}" if r["recipe"] else r["synth"]
+    return f"{how}, δ = {r['delta']:g}" if x == "steps" and np.isfinite(r["delta"]) else how
 
 
 def by_synth(ax, rows, key, err=None, series=None, x="delta"):
     """One line per synth and recipe (and delta, when x is "steps"); runs that share (synth, recipe, delta, x), e.g.
     seeds, are averaged. series: the labels of the whole figure, so that a line has one color in every panel."""
-    name = label if x == "delta" else budget_label
-    series = series or sorted({name(r) for r in rows})
-    for sy in sorted({name(r) for r in rows}):
+    series = series or sorted({label(r, x) for r in rows})
+    for sy in sorted({label(r, x) for r in rows}):
         i = series.index(sy)
-        rs = [r for r in rows if name(r) == sy and np.isfinite(r[key])]
+        rs = [r for r in rows if label(r, x) == sy and np.isfinite(r[key])]
         if not rs:
             continue
         if not np.isfinite(rs[0]["delta"]):  # a baseline without delta: a reference line
@@ -475,9 +461,8 @@ def legend_below(fig, axes):
     recipe names are long, and a legend in each panel hid the data."""
     fig.tight_layout()
     seen = {}
-    for ax in axes:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(l, h)
+    for h, l in (hl for ax in axes for hl in zip(*ax.get_legend_handles_labels())):
+        seen.setdefault(l, h)
     fig.legend(seen.values(), seen.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(seen), 3),
                fontsize=8, frameon=False)
 
@@ -501,9 +486,8 @@ def cmd_training(args, run):
     order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
     rows = sorted(runs.values(), key=order)
     # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
-    how = ["recipe"] * any(r["recipe"] for r in [*rows, *probes])
-    cols = ["run", "synth", *how, "delta", "steps", "epochs", "val_align", "val_unif"]
-    figures, tables = [], [write_csv(run, "training.csv", rows, cols,
+    head = ["run", "synth", *["recipe"] * any(r["recipe"] for r in [*rows, *probes]), "delta"]
+    figures, tables = [], [write_csv(run, "training.csv", rows, [*head, "steps", "epochs", "val_align", "val_unif"],
                                      "training.csv: final validation alignment and uniformity")]
     if any(np.isfinite(r["val_align"]) for r in rows):  # e.g. runs/random alone has no validation to draw
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -514,8 +498,7 @@ def cmd_training(args, run):
         figures.append(save_fig(run, fig, "training_align_unif.png"))
     if probes:
         probes.sort(key=lambda r: (r["task"], *order(r)))
-        tables.append(write_csv(run, "probe.csv", probes,
-                                ["run", "synth", *how, "delta", "task", "metric", "mean", "std", "folds"],
+        tables.append(write_csv(run, "probe.csv", probes, [*head, "task", "metric", "mean", "std", "folds"],
                                 "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
         # a row per run, a column per task (as probe.py's table: mean ± std in %), beside the final align/unif
@@ -524,14 +507,13 @@ def cmd_training(args, run):
         for p in probes:
             wide[p["run"]][p["task"]] = f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}"
         tables.append(write_csv(run, "training_table.csv", sorted(wide.values(), key=order),
-                                ["run", "synth", *how, "delta", "val_align", "val_unif", *tasks],
-                                "training_table.csv: final validation alignment and uniformity, and each task's probe "
-                                "score (mean ± std over folds, %) per run"))
+                                [*head, "val_align", "val_unif", *tasks], "training_table.csv: final validation "
+                                "alignment and uniformity, and each task's probe score (mean ± std over folds, %) "
+                                "per run"))
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
         for ax, t in zip(axes[0], tasks):
             rs = [r for r in probes if r["task"] == t]
-            name = label if args.against == "delta" else budget_label
-            by_synth(ax, rs, "mean", err="std", series=sorted({name(r) for r in probes}), x=args.against)
+            by_synth(ax, rs, "mean", err="std", series=sorted({label(r, args.against) for r in probes}), x=args.against)
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         legend_below(fig, axes[0])
@@ -572,7 +554,7 @@ def cmd_report(args, run):
         raise ValueError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                          "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
-    run.write("report.md", "\n".join(md).encode())
+    run.outputs["report.md"] = "\n".join(md).encode()
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
@@ -590,10 +572,6 @@ class Run:
         self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed again, innermost first, on failure
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock = FolderLock(out, beside=True)  # one job per --out: beside it, as --out may not exist yet
-
-    def write(self, name, data):
-        self.outputs[name] = data
-        return name
 
     def commit(self):
         """Every output at once: written into a hidden folder in --out, then renamed into place (a rename does not
@@ -623,7 +601,7 @@ def write_csv(run, name, rows, cols, caption=None):
     w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(map(fmt_row, rows))
-    run.write(name, f.getvalue().encode())
+    run.outputs[name] = f.getvalue().encode()
     return caption or name, cols, rows
 
 
@@ -631,7 +609,8 @@ def save_fig(run, fig, name):
     f = io.BytesIO()
     fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return run.write(name, f.getvalue())
+    run.outputs[name] = f.getvalue()
+    return name
 
 
 def fmt_row(r, digits=6):
@@ -655,8 +634,7 @@ def violins(run, name, rows, names, titles, log, shape, size, title):
             if key == log:
                 v = np.log10(np.maximum(v, 1e-6))
             if len(np.unique(v)) >= 2:
-                p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
-                for b in p["bodies"]:
+                for b in ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)["bodies"]:
                     b.set_color(f"C{i}")
             elif len(v):
                 ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
@@ -717,11 +695,9 @@ def cmd_features(args, run):
     names = [s["name"] for s in sets]
     figures = [violins(run, "features.png", rows, names, {f: f.replace("_", " ") for f in FEATURES}, "odd_even_ratio",
                        (2, 3), (12, 7), "spectral features per clip (median over frames)")]
-    summary = []
-    for n in names:
-        v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
-        summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
-                                                 else float("nan") for f, c in zip(FEATURES, v.T)}))
+    per_set = {n: np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n]) for n in names}
+    summary = [dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any() else float("nan")
+                                        for f, c in zip(FEATURES, v.T)}) for n, v in per_set.items()]
     return Section("Spectral features (Fig. 2A)", figures,
                    [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
 
@@ -786,17 +762,12 @@ def cmd_fad(args, run):
         ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
     ax.set_xticks(range(len(target_names)), target_names, rotation=30)
     ax.set_yticks(range(len(set_names)), set_names)
-    ax.set_xlabel("target")
-    ax.set_title(f"Fréchet Audio Distance ({emb_name})")
+    ax.set(xlabel="target", title=f"Fréchet Audio Distance ({emb_name})")
     fig.colorbar(im, ax=ax)
-    figures = [save_fig(run, fig, "fad.png")]
-    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
+    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", [save_fig(run, fig, "fad.png")], [table])
 
 
 # reading sets and pair folders
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
-
-
 def read_clips(groups, what, unit="clip"):
     """The audio of each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves).
     A group with a clip that read_audio refuses is skipped and counted, as one bad file in 1000 should not stop a
@@ -855,7 +826,8 @@ def load_set(spec, max_files):
             raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    files = sorted(p for p in path.rglob("*")
+                   if p.suffix.lower() in {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"} and p.is_file())
     if not files:
         raise ValueError(f"no audio files under {path}")
     files = [files[i] for i in subset(len(files), max_files)]
@@ -1113,15 +1085,14 @@ SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help
 def build_parser():
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input (here and in each subcommand)
     sub = p.add_subparsers(dest="cmd", required=True)
-    parsers = [p]
     for name, (fn, required, optional) in SUBCOMMANDS.items():
-        parsers.append(sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw))
-        parsers[-1].set_defaults(run=fn)
+        sp = sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw)
+        sp.set_defaults(run=fn)
+        sp.error = fail
         for flag in required + optional:
-            parsers[-1].add_argument(flag, required=flag in required, **FLAGS[flag])
-    for parser in parsers:
-        parser.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
+            sp.add_argument(flag, required=flag in required, **FLAGS[flag])
     return p
 
 

@@ -61,8 +61,7 @@ FEATURES = ["inharmonicity", "odd_even_ratio", "pitch_salience", "flatness", "fl
 PROXIES = ["H_cu", "H_p", "S_conf"]
 
 
-def get_embedder(spec, args):
-    """A function from a float32 (B, T) 16 kHz batch to (B, D) embeddings; see the module docstring."""
+def get_embedder(spec, args):  # -> a function from a float32 (B, T) 16 kHz batch to (B, D); see the module docstring
     if spec not in ("mfcc", "clap") and not spec.startswith("encoder:"):
         raise ValueError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
     import torch
@@ -88,8 +87,7 @@ def get_embedder(spec, args):
     return fn
 
 
-def embed(waves, fn, batch_size, desc="embed"):
-    """(N, D) embeddings; each batch holds clips of one length, so it is one tensor and nothing is padded."""
+def embed(waves, fn, batch_size, desc="embed"):  # (N, D); a batch holds clips of one length: one tensor, nothing padded
     import torch
     by_len = {}
     for i, w in enumerate(waves):
@@ -129,8 +127,7 @@ def pair_similarity(groups, fn, embedder, batch_size):
     return sorted(rows, key=lambda r: (r["synth"], r["delta"]))
 
 
-def plot_pair_pca(groups, pca_pairs):
-    """PCA fitted per synth over all its deltas, so the panels of a row share axes."""
+def plot_pair_pca(groups, pca_pairs):  # PCA fitted per synth over all its deltas, so the panels of a row share axes
     synths, deltas = sorted({g["synth"] for g in groups}), sorted({g["delta"] for g in groups})
     fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)),
                              squeeze=False)
@@ -170,8 +167,7 @@ def make_essentia():
         complexity=es.SpectralComplexity(sampleRate=SAMPLE_RATE, magnitudeThreshold=0.005))
 
 
-def clip_features(x, E):
-    """Per-clip features: the median over non-silent frames (NaN where no frame qualifies)."""
+def clip_features(x, E):  # per-clip features: the median over non-silent frames (NaN where no frame qualifies)
     x = np.asarray(x, np.float32)
     x = x * (0.1 / max(float(np.sqrt(np.mean(x ** 2))), 1e-8))  # same level for every clip: flux and
     x = np.pad(x, (0, max(0, FRAME - len(x))))                  # complexity depend on it
@@ -217,8 +213,7 @@ def uncertainty_proxies(p):
     return dict(H_cu=top[:, 0], H_p=h_p, S_conf=top[:, 0] - top[:, 1])
 
 
-def classify(sets, fe, model, sigmoid, batch_size):
-    """Class probabilities of every clip from an AST classifier (part 2 loads it) -> [(N, C) per set]."""
+def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) class probabilities -> [(N, C) per set]
     import torch
     import torchaudio
     per_set = []
@@ -256,8 +251,7 @@ def fad(e1, e2, eps=1e-6):
 
 # === 2. beyond the paper ===
 # Local CLAP and AST weights, Mix sets, invariance (one factor at a time), training figures (Fig. 3, 5), the report.
-def load_clap(args):
-    """LAION-CLAP from local weights, as an embedder (see get_embedder); nothing downloads."""
+def load_clap(args):  # LAION-CLAP from local weights, as an embedder (see get_embedder); nothing downloads
     import torchaudio
     missing = [] if importlib.util.find_spec("laion_clap") else ["the laion_clap package (pip install laion_clap)"]
     if not args.clap_checkpoint:
@@ -277,8 +271,7 @@ def load_clap(args):
         x=torchaudio.functional.resample(x, SAMPLE_RATE, 48000), use_tensor=True).float()  # CLAP works at 48 kHz
 
 
-def load_ast(args):
-    """An AST classifier from local weights -> (feature extractor, model, whether its logits are sigmoids)."""
+def load_ast(args):  # AST classifier from local weights -> (feature extractor, model, whether its logits are sigmoids)
     from transformers import ASTFeatureExtractor, ASTForAudioClassification, logging as hf_logging
     hf_logging.set_verbosity_error()
     d = Path(args.classifier_path)
@@ -292,9 +285,7 @@ def load_ast(args):
         model.config.problem_type == "multi_label_classification" or model.config.num_labels == 527))
 
 
-def mix(waves, k):
-    """The Mix sets: each clip the sum of k random 1-s segments of one file, layered (circularly for short files),
-    at that file's loudness."""
+def mix(waves, k):  # Mix sets: each clip the sum of k random 1-s segments of a file (wrapping if short) at its loudness
     rng, out = np.random.default_rng(0), []
     for x in waves:
         x = np.pad(x, (0, max(0, SAMPLE_RATE - len(x))))
@@ -369,8 +360,7 @@ def recipe(cfg, path):
     return ", ".join(curve + [f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
 
 
-def read_run(d):
-    """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of its end."""
+def read_run(d):  # train.py run folder -> (run, synth, recipe, delta, steps, epochs, val_align, val_unif) at its end
     d = Path(d)
     if not (d / "config.json").is_file():
         raise ValueError(f"{d} is not a train.py run folder (no readable config.json)")
@@ -402,8 +392,7 @@ def read_run(d):
     return row
 
 
-def read_results(path, runs):
-    """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
+def read_results(path, runs):  # probe.py results -> (run, task, metric, mean, std, folds) rows of known runs' encoders
     path = Path(path)
     res = read_json(path, "probe.py results.json")
     try:  # probe.py's summary: one row per encoder and task
@@ -523,9 +512,7 @@ def cmd_training(args, run):
 
 
 # report
-def markdown(s):
-    """A Section as report.md lines: its figures, then its tables with numbers to 4 digits. A subcommand run on its
-    own prints these lines as its summary."""
+def markdown(s):  # a Section as report.md lines: figures, then tables to 4 digits (what a lone subcommand prints)
     md = [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
     for caption, cols, rows in s.tables:
         md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -595,8 +582,7 @@ class Run:
                 d.rmdir()
 
 
-def write_csv(run, name, rows, cols, caption=None):
-    """-> the same rows as a report.md table: (caption, cols, rows)."""
+def write_csv(run, name, rows, cols, caption=None):  # -> the same rows as a report.md table: (caption, cols, rows)
     f = io.StringIO()
     w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -745,7 +731,6 @@ def cmd_fad(args, run):
         if len(s["files"]) < 2:
             raise ValueError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
     names = [s["name"] for s in sets]
-    # audio sets embedded with fn, caches used as they are
     embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
             for s in sets}
     if len({e.shape[1] for e in embs.values()}) > 1:
@@ -769,9 +754,8 @@ def cmd_fad(args, run):
 
 # reading sets and pair folders
 def read_clips(groups, what, unit="clip"):
-    """The audio of each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves).
-    A group with a clip that read_audio refuses is skipped and counted, as one bad file in 1000 should not stop a
-    figure; none left is an error."""
+    """Each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves). A group with
+    an unreadable clip is skipped and counted (one bad file in 1000 should not stop a figure); none left is an error."""
     kept, waves, refused = [], [], []
     for i, files in enumerate(tqdm(groups, desc=f"read {what}", disable=None)):
         try:
@@ -786,8 +770,7 @@ def read_clips(groups, what, unit="clip"):
     return kept, waves
 
 
-def subset(n, max_files):
-    """A fixed seeded subset (in original order), so runs and sets are comparable."""
+def subset(n, max_files):  # a fixed seeded subset (in original order), so runs and sets are comparable
     if not max_files or n <= max_files:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
@@ -805,8 +788,7 @@ def parse_set(spec):
     return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
 
 
-def load_set(spec, max_files):
-    """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
+def load_set(spec, max_files):  # -> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache
     name, path, k = parse_set(spec)
     if path.suffix == ".npz":
         try:
@@ -836,9 +818,7 @@ def load_set(spec, max_files):
     return dict(name=name, files=[str(f.relative_to(path)) for f in files], waves=mix(waves, k) if k else waves)
 
 
-def read_pairs(d, max_pairs=0):
-    """The NNNNNN_a.wav / NNNNNN_b.wav pairs of a generate.py pair folder, at most max_pairs (0 = all), as two
-    lists of waves; a pair with a clip that cannot be read is skipped and counted."""
+def read_pairs(d, max_pairs=0):  # pair folder d's _a/_b.wav pairs, at most max_pairs (0 = all), as two lists of waves
     fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
     fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
     if not fa:
@@ -849,8 +829,7 @@ def read_pairs(d, max_pairs=0):
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def read_sweep(root, max_pairs):
-    """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
+def read_sweep(root, max_pairs):  # generate.py pair folders under root -> [dict(synth, delta, wa, wb)] in folder order
     root = Path(root)
     dirs = sorted(p.parent for p in root.rglob("params.npz"))
     if not dirs:
@@ -1096,8 +1075,7 @@ def build_parser():
     return p
 
 
-def check_args(args):
-    """What argparse cannot check, before --out is created."""
+def check_args(args):  # what argparse cannot check, before --out is created
     sets = [parse_set(s) for s in getattr(args, "set", []) + getattr(args, "target", [])]
     names = [name for name, _, _ in sets]
     if len(set(names)) < len(names):

@@ -19,8 +19,7 @@ computes, with more examples. Nothing downloads: every model is read from a loca
 Sets: --set NAME=PATH is a folder of audio (read recursively) or, for fad, a probe.py embedding cache .npz;
 NAME=mixK:PATH is the paper's "Mix" set: each clip the sum of K random 1-s segments of one file under PATH.
 
-Embedders: mfcc (mean and std over time of 20 MFCCs, no weights), encoder:PATH (train.py's encoder.pt) or clap
-(LAION-CLAP, local weights).
+Embedders: mfcc (mean, std over time of 20 MFCCs; no weights), encoder:PATH (train.py's encoder.pt), clap (LAION-CLAP).
 """
 import argparse
 import collections
@@ -457,11 +456,10 @@ def legend_below(fig, axes):
 
 
 def cmd_training(args, run):
-    """Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
-    line per synth and recipe (train.py's --noise-curve, --keep, --delta-group, --delta-schedule; a ramped run sits
-    at its final delta), or with --against steps vs each run's training steps (a budget curve, a line per recipe and
-    delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
-    in %), training_align_unif.png, training_probe.png
+    """Fig. 5, Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one line
+    per synth and recipe (--noise-curve, --keep, --delta-group, --delta-schedule; a ramped run sits at its final delta),
+    or with --against steps vs its training steps (a budget curve, a line per recipe and delta) -> training.csv,
+    probe.csv, training_table.csv (runs × tasks: mean ± std over folds, %), training_align_unif.png, training_probe.png
 
       python analyze.py training --runs runs/* --results probes/results.json --out figs/training
       python analyze.py training --runs runs/cpu25 runs/e16 runs/random --results probes/results.json \
@@ -522,8 +520,7 @@ def markdown(s):  # a Section as report.md lines: figures, then tables to 4 digi
 
 def cmd_report(args, run):
     """Everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
-    fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
-    and table in DIR/report.md
+    fad (2+ sets/targets), training (--runs/--results), invariance (--factors + --encoder), all in DIR/report.md
 
       python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
           --runs runs/* --results probes/results.json --out report/
@@ -634,9 +631,8 @@ def violins(run, name, rows, names, titles, log, shape, size, title):
 # the subcommands of part 1: read the sets, compute, write the CSV, the PNG and the report section
 def cmd_pairs(args, run):
     """Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the pairs
-    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the
-    whole sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which
-    inflates every similarity.
+    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the sweep
+    before the cosine: raw MFCC statistics are dominated by the energy coefficient, which inflates every similarity.
 
       python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
       python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
@@ -717,8 +713,7 @@ def cmd_uncertainty(args, run):
 
 
 def cmd_fad(args, run):
-    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
-    -> fad.csv, fad.png
+    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without one) -> fad.csv, fad.png
 
       python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
           --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad

@@ -234,8 +234,7 @@ def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) cla
 
 # fad (Table 2)
 def fad(e1, e2, eps=1e-6):
-    """Frechet distance of two embedding sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the
-    standard FAD/FID code computes it."""
+    """Frechet distance of two embedding sets, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does."""
     import scipy.linalg
     mu1, s1, mu2, s2 = e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False)
     with warnings.catch_warnings():

@@ -19,8 +19,7 @@ computes, with more examples. Nothing downloads: every model is read from a loca
 Sets: --set NAME=PATH is a folder of audio (read recursively) or, for fad, a probe.py embedding cache .npz;
 NAME=mixK:PATH is the paper's "Mix" set: each clip the sum of K random 1-s segments of one file under PATH.
 
-Embedders: mfcc (mean and std over time of 20 MFCCs, no weights), encoder:PATH (train.py's encoder.pt) or clap
-(LAION-CLAP, local weights).
+Embedders: mfcc (mean, std over time of 20 MFCCs; no weights), encoder:PATH (train.py's encoder.pt), clap (LAION-CLAP).
 """
 import argparse
 import collections
@@ -61,8 +60,7 @@ FEATURES = ["inharmonicity", "odd_even_ratio", "pitch_salience", "flatness", "fl
 PROXIES = ["H_cu", "H_p", "S_conf"]
 
 
-def get_embedder(spec, args):
-    """A function from a float32 (B, T) 16 kHz batch to (B, D) embeddings; see the module docstring."""
+def get_embedder(spec, args):  # -> a function from a float32 (B, T) 16 kHz batch to (B, D); see the module docstring
     if spec not in ("mfcc", "clap") and not spec.startswith("encoder:"):
         raise ValueError(f"unknown embedder {spec!r} (use mfcc, encoder:PATH or clap)")
     import torch
@@ -83,14 +81,12 @@ def get_embedder(spec, args):
     mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
 
     def fn(x):
-        x = torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))  # very short clips
-        m = mfcc(x)
+        m = mfcc(torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1]))))  # very short clips
         return torch.cat([m.mean(-1), m.std(-1)], 1)
     return fn
 
 
-def embed(waves, fn, batch_size, desc="embed"):
-    """(N, D) embeddings; each batch holds clips of one length, so it is one tensor and nothing is padded."""
+def embed(waves, fn, batch_size, desc="embed"):  # (N, D); a batch holds clips of one length: one tensor, nothing padded
     import torch
     by_len = {}
     for i, w in enumerate(waves):
@@ -102,9 +98,7 @@ def embed(waves, fn, batch_size, desc="embed"):
     if len({p.shape[1] for p in parts}) > 1:  # an embedding's width must not depend on the clip's length
         raise ValueError(f"{desc}: the embedder gives {' and '.join(sorted({str(p.shape[1]) for p in parts}))}-d "
                          f"embeddings for clips of different lengths")
-    e = np.concatenate(parts)
-    out = np.empty(e.shape)  # back in input order
-    out[np.concatenate(idx)] = e
+    out = np.concatenate(parts, dtype=np.float64)[np.argsort(np.concatenate(idx))]  # back in input order
     if not np.isfinite(out).all():
         raise ValueError(f"{desc}: the embedder gives non-finite embeddings")
     return out
@@ -132,8 +126,7 @@ def pair_similarity(groups, fn, embedder, batch_size):
     return sorted(rows, key=lambda r: (r["synth"], r["delta"]))
 
 
-def plot_pair_pca(groups, pca_pairs):
-    """PCA fitted per synth over all its deltas, so the panels of a row share axes."""
+def plot_pair_pca(groups, pca_pairs):  # PCA fitted per synth over all its deltas, so the panels of a row share axes
     synths, deltas = sorted({g["synth"] for g in groups}), sorted({g["delta"] for g in groups})
     fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)),
                              squeeze=False)
@@ -148,8 +141,7 @@ def plot_pair_pca(groups, pca_pairs):
             if d not in gs:
                 ax.axis("off")
                 continue
-            k = min(len(gs[d]["a"]), pca_pairs)
-            pa, pb = (gs[d]["a"][:k] - mu) @ vt[:2].T, (gs[d]["b"][:k] - mu) @ vt[:2].T
+            pa, pb = ((gs[d][side][:pca_pairs] - mu) @ vt[:2].T for side in "ab")
             for p, q in zip(pa, pb):
                 ax.plot([p[0], q[0]], [p[1], q[1]], color=f"C{i}", lw=0.7, alpha=0.7)
             ax.scatter(pa[:, 0], pa[:, 1], s=6, color=f"C{i}")
@@ -161,8 +153,7 @@ def plot_pair_pca(groups, pca_pairs):
 # features (Fig. 2A): Essentia's spectral descriptors, median over a clip's frames
 def make_essentia():
     import essentia
-    essentia.log.infoActive = False  # keeps its import-time INFO line off stdout
-    essentia.log.warningActive = False
+    essentia.log.infoActive = essentia.log.warningActive = False  # keeps its import-time INFO line off stdout
     import essentia.standard as es
     return dict(
         es=es, window=es.Windowing(type="hann", size=FRAME), spectrum=es.Spectrum(size=FRAME),
@@ -175,8 +166,7 @@ def make_essentia():
         complexity=es.SpectralComplexity(sampleRate=SAMPLE_RATE, magnitudeThreshold=0.005))
 
 
-def clip_features(x, E):
-    """Per-clip features: the median over non-silent frames (NaN where no frame qualifies)."""
+def clip_features(x, E):  # per-clip features: the median over non-silent frames (NaN where no frame qualifies)
     x = np.asarray(x, np.float32)
     x = x * (0.1 / max(float(np.sqrt(np.mean(x ** 2))), 1e-8))  # same level for every clip: flux and
     x = np.pad(x, (0, max(0, FRAME - len(x))))                  # complexity depend on it
@@ -222,8 +212,7 @@ def uncertainty_proxies(p):
     return dict(H_cu=top[:, 0], H_p=h_p, S_conf=top[:, 0] - top[:, 1])
 
 
-def classify(sets, fe, model, sigmoid, batch_size):
-    """Class probabilities of every clip from an AST classifier (part 2 loads it) -> [(N, C) per set]."""
+def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) class probabilities -> [(N, C) per set]
     import torch
     import torchaudio
     per_set = []
@@ -245,8 +234,7 @@ def classify(sets, fe, model, sigmoid, batch_size):
 
 # fad (Table 2)
 def fad(e1, e2, eps=1e-6):
-    """Frechet distance of two embedding sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the
-    standard FAD/FID code computes it."""
+    """Frechet distance of two embedding sets, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does."""
     import scipy.linalg
     mu1, s1, mu2, s2 = e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False)
     with warnings.catch_warnings():
@@ -261,8 +249,7 @@ def fad(e1, e2, eps=1e-6):
 
 # === 2. beyond the paper ===
 # Local CLAP and AST weights, Mix sets, invariance (one factor at a time), training figures (Fig. 3, 5), the report.
-def load_clap(args):
-    """LAION-CLAP from local weights, as an embedder (see get_embedder); nothing downloads."""
+def load_clap(args):  # LAION-CLAP from local weights, as an embedder (see get_embedder); nothing downloads
     import torchaudio
     missing = [] if importlib.util.find_spec("laion_clap") else ["the laion_clap package (pip install laion_clap)"]
     if not args.clap_checkpoint:
@@ -282,8 +269,7 @@ def load_clap(args):
         x=torchaudio.functional.resample(x, SAMPLE_RATE, 48000), use_tensor=True).float()  # CLAP works at 48 kHz
 
 
-def load_ast(args):
-    """An AST classifier from local weights -> (feature extractor, model, whether its logits are sigmoids)."""
+def load_ast(args):  # AST classifier from local weights -> (feature extractor, model, whether its logits are sigmoids)
     from transformers import ASTFeatureExtractor, ASTForAudioClassification, logging as hf_logging
     hf_logging.set_verbosity_error()
     d = Path(args.classifier_path)
@@ -292,16 +278,12 @@ def load_ast(args):
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
     except Exception as e:
         raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
-    cfg = model.config
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
-    sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (
-        cfg.problem_type == "multi_label_classification" or cfg.num_labels == 527))
-    return fe, model, sigmoid
+    return fe, model, args.activation == "sigmoid" or (args.activation == "auto" and (
+        model.config.problem_type == "multi_label_classification" or model.config.num_labels == 527))
 
 
-def mix(waves, k):
-    """The Mix sets: each clip the sum of k random 1-s segments of one file, layered (circularly for short files),
-    at that file's loudness."""
+def mix(waves, k):  # Mix sets: each clip the sum of k random 1-s segments of a file (wrapping if short) at its loudness
     rng, out = np.random.default_rng(0), []
     for x in waves:
         x = np.pad(x, (0, max(0, SAMPLE_RATE - len(x))))
@@ -329,8 +311,7 @@ def cmd_invariance(args, run):
     if "negative" not in dirs:
         raise ValueError(f"no generate.py --factors output with a 'negative' folder under {args.factors}")
     labels = [Path(p).parent.name or str(p) for p in args.encoder]  # the run folders' names, if unique
-    if len(set(labels)) < len(labels):
-        labels = [str(p) for p in args.encoder]
+    labels = labels if len(set(labels)) == len(labels) else [str(p) for p in args.encoder]
     pairs = {name: read_pairs(d, args.max_pairs) for name, d in dirs.items()}  # read once for every encoder
     rows = []
     for path, label in zip(args.encoder, labels):
@@ -377,8 +358,7 @@ def recipe(cfg, path):
     return ", ".join(curve + [f"keep {k}" for k in keep] + list(map(str, groups)) + ramp)
 
 
-def read_run(d):
-    """A train.py run folder -> dict(run, synth, recipe, delta, steps, epochs, val_align, val_unif) of its end."""
+def read_run(d):  # train.py run folder -> (run, synth, recipe, delta, steps, epochs, val_align, val_unif) at its end
     d = Path(d)
     if not (d / "config.json").is_file():
         raise ValueError(f"{d} is not a train.py run folder (no readable config.json)")
@@ -403,16 +383,14 @@ def read_run(d):
             log = list(csv.DictReader(f))
         if log:
             row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
-        val = [r for r in log if (r.get("val_align") or "").strip()]
-        if val:
+        if val := [r for r in log if (r.get("val_align") or "").strip()]:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
     except (KeyError, TypeError, ValueError, csv.Error) as e:  # a UnicodeDecodeError too: save it as UTF-8 CSV
         raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})") from None
     return row
 
 
-def read_results(path, runs):
-    """probe.py results.json -> rows (run, task, metric, mean, std, folds) for encoders of known runs."""
+def read_results(path, runs):  # probe.py results -> (run, task, metric, mean, std, folds) rows of known runs' encoders
     path = Path(path)
     res = read_json(path, "probe.py results.json")
     try:  # probe.py's summary: one row per encoder and task
@@ -428,29 +406,24 @@ def read_results(path, runs):
         if run is None:
             skipped.add(str(enc))
             continue
-        out.append(dict(run=run["run"], synth=run["synth"], recipe=run["recipe"], delta=run["delta"],
-                        steps=run["steps"], **s))
+        out.append({k: run[k] for k in ("run", "synth", "recipe", "delta", "steps")} | s)
     if skipped:
         print(f"analyze.py: {path}: {len(skipped)} encoder(s) without a run folder skipped", file=sys.stderr)
     return out
 
 
-def label(r):
-    return f"{r['synth']}, {r['recipe']}" if r["recipe"] else r["synth"]
-
-
-def budget_label(r):  # against steps, runs of one recipe at two deltas are two lines
-    return f"{label(r)}, δ = {r['delta']:g}" if np.isfinite(r["delta"]) else label(r)
+def label(r, x="delta"):  # against steps, runs of one recipe at two deltas are two lines
+    how = f"{r['synth']}, {r['recipe']}" if r["recipe"] else r["synth"]
+    return f"{how}, δ = {r['delta']:g}" if x == "steps" and np.isfinite(r["delta"]) else how
 
 
 def by_synth(ax, rows, key, err=None, series=None, x="delta"):
     """One line per synth and recipe (and delta, when x is "steps"); runs that share (synth, recipe, delta, x), e.g.
     seeds, are averaged. series: the labels of the whole figure, so that a line has one color in every panel."""
-    name = label if x == "delta" else budget_label
-    series = series or sorted({name(r) for r in rows})
-    for sy in sorted({name(r) for r in rows}):
+    series = series or sorted({label(r, x) for r in rows})
+    for sy in sorted({label(r, x) for r in rows}):
         i = series.index(sy)
-        rs = [r for r in rows if name(r) == sy and np.isfinite(r[key])]
+        rs = [r for r in rows if label(r, x) == sy and np.isfinite(r[key])]
         if not rs:
             continue
         if not np.isfinite(rs[0]["delta"]):  # a baseline without delta: a reference line
@@ -475,19 +448,17 @@ def legend_below(fig, axes):
     recipe names are long, and a legend in each panel hid the data."""
     fig.tight_layout()
     seen = {}
-    for ax in axes:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(l, h)
+    for h, l in (hl for ax in axes for hl in zip(*ax.get_legend_handles_labels())):
+        seen.setdefault(l, h)
     fig.legend(seen.values(), seen.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(seen), 3),
                fontsize=8, frameon=False)
 
 
 def cmd_training(args, run):
-    """Fig. 5 and Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one
-    line per synth and recipe (train.py's --noise-curve, --keep, --delta-group, --delta-schedule; a ramped run sits
-    at its final delta), or with --against steps vs each run's training steps (a budget curve, a line per recipe and
-    delta) -> training.csv, probe.csv, training_table.csv (a row per run, a column per task: mean ± std over folds,
-    in %), training_align_unif.png, training_probe.png
+    """Fig. 5, Fig. 3: final validation align/unif of train.py runs and probe.py scores vs each run's delta, one line
+    per synth and recipe (--noise-curve, --keep, --delta-group, --delta-schedule; a ramped run sits at its final delta),
+    or with --against steps vs its training steps (a budget curve, a line per recipe and delta) -> training.csv,
+    probe.csv, training_table.csv (runs × tasks: mean ± std over folds, %), training_align_unif.png, training_probe.png
 
       python analyze.py training --runs runs/* --results probes/results.json --out figs/training
       python analyze.py training --runs runs/cpu25 runs/e16 runs/random --results probes/results.json \
@@ -501,9 +472,8 @@ def cmd_training(args, run):
     order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
     rows = sorted(runs.values(), key=order)
     # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
-    how = ["recipe"] * any(r["recipe"] for r in [*rows, *probes])
-    cols = ["run", "synth", *how, "delta", "steps", "epochs", "val_align", "val_unif"]
-    figures, tables = [], [write_csv(run, "training.csv", rows, cols,
+    head = ["run", "synth", *["recipe"] * any(r["recipe"] for r in [*rows, *probes]), "delta"]
+    figures, tables = [], [write_csv(run, "training.csv", rows, [*head, "steps", "epochs", "val_align", "val_unif"],
                                      "training.csv: final validation alignment and uniformity")]
     if any(np.isfinite(r["val_align"]) for r in rows):  # e.g. runs/random alone has no validation to draw
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -514,8 +484,7 @@ def cmd_training(args, run):
         figures.append(save_fig(run, fig, "training_align_unif.png"))
     if probes:
         probes.sort(key=lambda r: (r["task"], *order(r)))
-        tables.append(write_csv(run, "probe.csv", probes,
-                                ["run", "synth", *how, "delta", "task", "metric", "mean", "std", "folds"],
+        tables.append(write_csv(run, "probe.csv", probes, [*head, "task", "metric", "mean", "std", "folds"],
                                 "probe.csv: linear-probe scores"))
         tasks = sorted({r["task"] for r in probes})
         # a row per run, a column per task (as probe.py's table: mean ± std in %), beside the final align/unif
@@ -524,14 +493,13 @@ def cmd_training(args, run):
         for p in probes:
             wide[p["run"]][p["task"]] = f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}"
         tables.append(write_csv(run, "training_table.csv", sorted(wide.values(), key=order),
-                                ["run", "synth", *how, "delta", "val_align", "val_unif", *tasks],
-                                "training_table.csv: final validation alignment and uniformity, and each task's probe "
-                                "score (mean ± std over folds, %) per run"))
+                                [*head, "val_align", "val_unif", *tasks], "training_table.csv: final validation "
+                                "alignment and uniformity, and each task's probe score (mean ± std over folds, %) "
+                                "per run"))
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
         for ax, t in zip(axes[0], tasks):
             rs = [r for r in probes if r["task"] == t]
-            name = label if args.against == "delta" else budget_label
-            by_synth(ax, rs, "mean", err="std", series=sorted({name(r) for r in probes}), x=args.against)
+            by_synth(ax, rs, "mean", err="std", series=sorted({label(r, args.against) for r in probes}), x=args.against)
             ax.set_title(t, fontsize=9)
             ax.set_ylabel(rs[0]["metric"])
         legend_below(fig, axes[0])
@@ -541,9 +509,7 @@ def cmd_training(args, run):
 
 
 # report
-def markdown(s):
-    """A Section as report.md lines: its figures, then its tables with numbers to 4 digits. A subcommand run on its
-    own prints these lines as its summary."""
+def markdown(s):  # a Section as report.md lines: figures, then tables to 4 digits (what a lone subcommand prints)
     md = [f"## {s.title}", ""] + [f"![{f}]({f})" for f in s.figures] + [""]
     for caption, cols, rows in s.tables:
         md += [f"*{caption}*", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -553,8 +519,7 @@ def markdown(s):
 
 def cmd_report(args, run):
     """Everything the given inputs allow: pairs (--pairs), features (--set), uncertainty (--set + --classifier-path),
-    fad (two or more sets/targets), training (--runs/--results), invariance (--factors + --encoder); every figure
-    and table in DIR/report.md
+    fad (2+ sets/targets), training (--runs/--results), invariance (--factors + --encoder), all in DIR/report.md
 
       python analyze.py report --pairs pairs/ --set voice=pairs/voice/delta_0.25 --set fsdd=../shared/data/fsdd \\
           --runs runs/* --results probes/results.json --out report/
@@ -572,7 +537,7 @@ def cmd_report(args, run):
         raise ValueError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                          "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
-    run.write("report.md", "\n".join(md).encode())
+    run.outputs["report.md"] = "\n".join(md).encode()
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
@@ -590,10 +555,6 @@ class Run:
         self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed again, innermost first, on failure
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock = FolderLock(out, beside=True)  # one job per --out: beside it, as --out may not exist yet
-
-    def write(self, name, data):
-        self.outputs[name] = data
-        return name
 
     def commit(self):
         """Every output at once: written into a hidden folder in --out, then renamed into place (a rename does not
@@ -617,13 +578,12 @@ class Run:
                 d.rmdir()
 
 
-def write_csv(run, name, rows, cols, caption=None):
-    """-> the same rows as a report.md table: (caption, cols, rows)."""
+def write_csv(run, name, rows, cols, caption=None):  # -> the same rows as a report.md table: (caption, cols, rows)
     f = io.StringIO()
     w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(map(fmt_row, rows))
-    run.write(name, f.getvalue().encode())
+    run.outputs[name] = f.getvalue().encode()
     return caption or name, cols, rows
 
 
@@ -631,7 +591,8 @@ def save_fig(run, fig, name):
     f = io.BytesIO()
     fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return run.write(name, f.getvalue())
+    run.outputs[name] = f.getvalue()
+    return name
 
 
 def fmt_row(r, digits=6):
@@ -655,8 +616,7 @@ def violins(run, name, rows, names, titles, log, shape, size, title):
             if key == log:
                 v = np.log10(np.maximum(v, 1e-6))
             if len(np.unique(v)) >= 2:
-                p = ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)
-                for b in p["bodies"]:
+                for b in ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)["bodies"]:
                     b.set_color(f"C{i}")
             elif len(v):
                 ax.scatter(np.full(len(v), i), v, color=f"C{i}", s=10)
@@ -670,9 +630,8 @@ def violins(run, name, rows, names, titles, log, shape, size, title):
 # the subcommands of part 1: read the sets, compute, write the CSV, the PNG and the report section
 def cmd_pairs(args, run):
     """Fig. 1: cosine similarity of positive pairs and of random negatives vs delta per synth, and a PCA of the pairs
-    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the
-    whole sweep before the cosine similarity: raw MFCC statistics are dominated by the energy coefficient, which
-    inflates every similarity.
+    per delta -> pairs.csv, pairs_similarity.png, pairs_pca.png. mfcc features are z-scored per dimension over the sweep
+    before the cosine: raw MFCC statistics are dominated by the energy coefficient, which inflates every similarity.
 
       python generate.py --synth voice voicefm parametric --delta 0.01 0.05 0.1 0.25 0.5 --pairs 200 --out pairs/
       python analyze.py pairs --pairs pairs/ --embedder mfcc --out figs/pairs
@@ -717,11 +676,9 @@ def cmd_features(args, run):
     names = [s["name"] for s in sets]
     figures = [violins(run, "features.png", rows, names, {f: f.replace("_", " ") for f in FEATURES}, "odd_even_ratio",
                        (2, 3), (12, 7), "spectral features per clip (median over frames)")]
-    summary = []
-    for n in names:
-        v = np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n])
-        summary.append(dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any()
-                                                 else float("nan") for f, c in zip(FEATURES, v.T)}))
+    per_set = {n: np.array([[r[f] for f in FEATURES] for r in rows if r["set"] == n]) for n in names}
+    summary = [dict(set=n, n=len(v), **{f: np.median(c[np.isfinite(c)]) if np.isfinite(c).any() else float("nan")
+                                        for f, c in zip(FEATURES, v.T)}) for n, v in per_set.items()]
     return Section("Spectral features (Fig. 2A)", figures,
                    [("median per set (per-clip values in features.csv)", ["set", "n"] + FEATURES, summary)])
 
@@ -755,8 +712,7 @@ def cmd_uncertainty(args, run):
 
 
 def cmd_fad(args, run):
-    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
-    -> fad.csv, fad.png
+    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without one) -> fad.csv, fad.png
 
       python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
           --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad
@@ -769,7 +725,6 @@ def cmd_fad(args, run):
         if len(s["files"]) < 2:
             raise ValueError(f"set {s['name']}: FAD needs at least 2 clips, got {len(s['files'])}")
     names = [s["name"] for s in sets]
-    # audio sets embedded with fn, caches used as they are
     embs = {s["name"]: s["emb"] if "emb" in s else embed(s["waves"], fn, args.batch_size, desc=f"embed {s['name']}")
             for s in sets}
     if len({e.shape[1] for e in embs.values()}) > 1:
@@ -786,21 +741,15 @@ def cmd_fad(args, run):
         ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
     ax.set_xticks(range(len(target_names)), target_names, rotation=30)
     ax.set_yticks(range(len(set_names)), set_names)
-    ax.set_xlabel("target")
-    ax.set_title(f"Fréchet Audio Distance ({emb_name})")
+    ax.set(xlabel="target", title=f"Fréchet Audio Distance ({emb_name})")
     fig.colorbar(im, ax=ax)
-    figures = [save_fig(run, fig, "fad.png")]
-    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", figures, [table])
+    return Section(f"Fréchet Audio Distance (Table 2, {emb_name})", [save_fig(run, fig, "fad.png")], [table])
 
 
 # reading sets and pair folders
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
-
-
 def read_clips(groups, what, unit="clip"):
-    """The audio of each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves).
-    A group with a clip that read_audio refuses is skipped and counted, as one bad file in 1000 should not stop a
-    figure; none left is an error."""
+    """Each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves). A group with
+    an unreadable clip is skipped and counted (one bad file in 1000 should not stop a figure); none left is an error."""
     kept, waves, refused = [], [], []
     for i, files in enumerate(tqdm(groups, desc=f"read {what}", disable=None)):
         try:
@@ -815,8 +764,7 @@ def read_clips(groups, what, unit="clip"):
     return kept, waves
 
 
-def subset(n, max_files):
-    """A fixed seeded subset (in original order), so runs and sets are comparable."""
+def subset(n, max_files):  # a fixed seeded subset (in original order), so runs and sets are comparable
     if not max_files or n <= max_files:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
@@ -834,8 +782,7 @@ def parse_set(spec):
     return name or Path(path).stem + (f"_mix{k}" if k else ""), Path(path), k
 
 
-def load_set(spec, max_files):
-    """-> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache."""
+def load_set(spec, max_files):  # -> dict(name, files, waves) for audio, or dict(name, files, emb) for a probe.py cache
     name, path, k = parse_set(spec)
     if path.suffix == ".npz":
         try:
@@ -855,7 +802,8 @@ def load_set(spec, max_files):
             raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
+    files = sorted(p for p in path.rglob("*")
+                   if p.suffix.lower() in {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"} and p.is_file())
     if not files:
         raise ValueError(f"no audio files under {path}")
     files = [files[i] for i in subset(len(files), max_files)]
@@ -864,9 +812,7 @@ def load_set(spec, max_files):
     return dict(name=name, files=[str(f.relative_to(path)) for f in files], waves=mix(waves, k) if k else waves)
 
 
-def read_pairs(d, max_pairs=0):
-    """The NNNNNN_a.wav / NNNNNN_b.wav pairs of a generate.py pair folder, at most max_pairs (0 = all), as two
-    lists of waves; a pair with a clip that cannot be read is skipped and counted."""
+def read_pairs(d, max_pairs=0):  # pair folder d's _a/_b.wav pairs, at most max_pairs (0 = all), as two lists of waves
     fa = sorted(d.glob("*_a.wav"))[: max_pairs or None]
     fb = [f.with_name(f.name[:-6] + "_b.wav") for f in fa]
     if not fa:
@@ -877,8 +823,7 @@ def read_pairs(d, max_pairs=0):
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def read_sweep(root, max_pairs):
-    """The generate.py pair folders under root -> [dict(synth, delta, wa, wb)], in folder order."""
+def read_sweep(root, max_pairs):  # generate.py pair folders under root -> [dict(synth, delta, wa, wb)] in folder order
     root = Path(root)
     dirs = sorted(p.parent for p in root.rglob("params.npz"))
     if not dirs:
@@ -1110,20 +1055,18 @@ SUBCOMMANDS = {  # name: (function, its required flags, its other flags); --help
 def build_parser():
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    p.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input (here and in each subcommand)
     sub = p.add_subparsers(dest="cmd", required=True)
-    parsers = [p]
     for name, (fn, required, optional) in SUBCOMMANDS.items():
-        parsers.append(sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw))
-        parsers[-1].set_defaults(run=fn)
+        sp = sub.add_parser(name, description=inspect.cleandoc(fn.__doc__), formatter_class=raw)
+        sp.set_defaults(run=fn)
+        sp.error = fail
         for flag in required + optional:
-            parsers[-1].add_argument(flag, required=flag in required, **FLAGS[flag])
-    for parser in parsers:
-        parser.error = fail  # a bad flag is one line on stderr, exit 2, as every other bad input
+            sp.add_argument(flag, required=flag in required, **FLAGS[flag])
     return p
 
 
-def check_args(args):
-    """What argparse cannot check, before --out is created."""
+def check_args(args):  # what argparse cannot check, before --out is created
     sets = [parse_set(s) for s in getattr(args, "set", []) + getattr(args, "target", [])]
     names = [name for name, _, _ in sets]
     if len(set(names)) < len(names):

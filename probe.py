@@ -66,8 +66,6 @@ WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory s
 # === 1. the paper ===
 # A task is a dict: name, root (the files' folder), files, classes, multilabel, labels ((N,) class index or (N, C)
 # multi-hot), folds ((N,) int), test_folds (each left out), valid_fold (early stopping only; None: carve from training)
-
-
 def embed(encoder, path, task, args):
     """(embeddings, their clip indices, the clips skipped with why) of the clips that decode, each whole, read once.
     Clips up to 1 s are zero-padded to 1 s (as the encoder does) to batch together; longer ones batch by length."""
@@ -206,8 +204,6 @@ def probe(args):
 
 
 # === 2. beyond the paper ===
-
-
 def load_task(args):
     if args.task == "esc50":
         download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
@@ -486,8 +482,6 @@ def get_timestamp_embeddings(audio, model):
 
 
 # === 3. plumbing ===
-
-
 def read_encoder(path):
     """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
     try:

@@ -93,8 +93,8 @@ class Doppelgangers:
         self.synth = make_synth(synth, SynthConfig(batch_size=batch_size, sample_rate=sample_rate,
                                                    buffer_size_seconds=seconds, control_rate=CONTROL_RATE))
         # only the parameter tree's structure is needed (init's values are not U(0,1)); a real init takes ~10 s
-        params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
-        self.paths, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
+        self.paths, self.treedef = jax.tree_util.tree_flatten_with_path(self.params)
         self.shapes = [leaf.shape[1:] for _, leaf in self.paths]  # per sound: (), (n_input,), (n_out, n_in)
         self.sizes = [math.prod(s) for s in self.shapes]
         self.m = sum(self.sizes)
@@ -136,8 +136,7 @@ class Doppelgangers:
         out = self._pair(self.key(step, rank, stream), self.delta_at(step, stream))
         return tuple(np.array(x, dtype=np.float32) for x in out)  # copies: safe to edit in place
 
-    def batch(self, step, rank=0, stream=0):
-        """(audio_a, audio_b): the training contract, shared with train.py's RealAudio."""
+    def batch(self, step, rank=0, stream=0):  # (audio_a, audio_b): the training contract, as train.py's RealAudio
         return self.sample(step, rank, stream)[:2]
 
 
@@ -156,8 +155,7 @@ def synthesis_device(local_rank=0, devices=None):
     """The JAX device a torchrun rank synthesizes on: its own GPU (LOCAL_RANK) if JAX has one, else the CPU; JAX's
     default would put every rank on GPU 0, beside rank 0's training. devices: default jax.devices(), GPUs first."""
     leave_the_gpu_to_torch()
-    devices = jax.devices() if devices is None else devices
-    gpus = [d for d in devices if d.platform in ("gpu", "cuda", "rocm")]
+    gpus = [d for d in (jax.devices() if devices is None else devices) if d.platform in ("gpu", "cuda", "rocm")]
     return gpus[local_rank % len(gpus)] if gpus else jax.devices("cpu")[0]
 
 
@@ -170,12 +168,11 @@ class PairSampler(Doppelgangers):
         leave_the_gpu_to_torch()  # before the first JAX array
         super().__init__(synth, delta, batch_size, sample_rate, seconds, seed)
         self.device, self.noise_curve = device, bool(noise_curve)
-        self.groups, self.columns, start = {}, {}, 0  # theta's columns per module (vco_1, ...) and per MODULE.PARAM
-        for (path, _), size in zip(self.paths, self.sizes):
+        self.groups, self.columns = {}, {}  # theta's columns per module (vco_1, ...) and per MODULE.PARAM
+        for (path, _), size, start in zip(self.paths, self.sizes, np.cumsum([0, *self.sizes]).tolist()):
             module = str(path[-2].key).removeprefix("modules_")
             self.groups.setdefault(module, []).extend(range(start, start + size))
             self.columns[f"{module}.{path[-1].key}"] = list(range(start, start + size))
-            start += size
         self.set_recipe(delta_group, keep, delta_schedule)
         self.curves = self.dropped_curves() if self.noise_curve else []  # read when _pair is first traced
 
@@ -183,15 +180,13 @@ class PairSampler(Doppelgangers):
         """synthax 0.2.2 applies a curve only if no entry is 1, so Voice's mixer level [1, 1, 0.025] is dropped whole:
         the noise level is linear in theta, not theta^40, and most random Voice sounds noise-like (the paper's data; no
         other synth has one). -> [(columns, curve, symmetric)] of the entries other than 1, to apply to theta."""
-        params = jax.eval_shape(self.synth.init, {"params": jax.random.PRNGKey(0), "noise": jax.random.PRNGKey(0)})
-        curves = []
-        for module, mod in self.synth.bind(params).modules.items():
-            for name, cols in self.columns.items():
-                spec = getattr(mod, name.split(".")[1], None) if name.split(".")[0] == module else None
-                curve = np.asarray(getattr(spec, "curve", 1.0), np.float32)
-                if isinstance(spec, ModuleParameterRange) and curve.ndim and (curve == 1).any():
-                    bent = np.flatnonzero(curve != 1)
-                    curves.append(([cols[i] for i in bent], curve[bent], bool(spec.symmetric)))
+        curves, modules = [], self.synth.bind(self.params).modules
+        for name, cols in self.columns.items():
+            spec = getattr(modules.get(name.split(".")[0]), name.split(".")[1], None)
+            curve = np.asarray(getattr(spec, "curve", 1.0), np.float32)
+            if isinstance(spec, ModuleParameterRange) and curve.ndim and (curve == 1).any():
+                bent = np.flatnonzero(curve != 1)
+                curves.append(([cols[i] for i in bent], curve[bent], bool(spec.symmetric)))
         return curves
 
     def render(self, theta, noise_key):
@@ -213,10 +208,9 @@ class PairSampler(Doppelgangers):
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
             name, _, text = str(spec).partition("=")
-            value = math.nan  # also with no "=": float("") fails
-            with contextlib.suppress(ValueError):
-                value = float(text)
-            if not 0 <= value <= MAX_DELTA:  # NaN too
+            try:  # also with no "=": float("") fails
+                value = number(high=MAX_DELTA)(text)
+            except (ValueError, argparse.ArgumentTypeError):
                 raise ValueError(f"--delta-group takes NAME=VALUE with VALUE in [0, {MAX_DELTA}], got {spec!r}")
             if name not in self.groups and name not in self.columns:
                 valid = [g + "[." + "|".join(n.split(".")[1] for n in self.columns if n.split(".")[0] == g) + "]"
@@ -224,9 +218,8 @@ class PairSampler(Doppelgangers):
                 raise ValueError(f"unknown --delta-group name {name!r} for {self.synth_name} (choose a module or "
                                  f"MODULE.PARAM: {', '.join(valid)})")
             self.delta_group[name] = value
-        for k in self.keep:
-            if k not in KEEP:
-                raise ValueError(f"unknown --keep set {k!r} (choose from {', '.join(KEEP)})")
+        if unknown := [k for k in self.keep if k not in KEEP]:
+            raise ValueError(f"unknown --keep set {unknown[0]!r} (choose from {', '.join(KEEP)})")
         if delta_schedule is not None:
             start, steps = delta_schedule
             if not (math.isfinite(start) and start >= 0 and self.delta > 0):
@@ -283,9 +276,7 @@ class PairSampler(Doppelgangers):
             theta_b = jax.random.uniform(k_x, (B, m), minval=EPS, maxval=1.0) if factor == "negative" else theta
             return np.array(self._render(theta, k_na)), np.array(self._render(theta_b, k_nb))
         if factor in self.groups:
-            mask = np.zeros(m, np.float32)
-            mask[self.groups[factor]] = 1.0
-            z = jax.random.normal(k_z, (2, B, m)) * mask
+            z = jax.random.normal(k_z, (2, B, m)) * np.isin(np.arange(m), self.groups[factor]).astype(np.float32)
             theta_a, theta_b = (jnp.clip(theta + self.delta * z[i], EPS, 1.0) for i in (0, 1))
             return np.array(self._render(theta_a, k_na)), np.array(self._render(theta_b, k_na))
         a = np.array(self._render(theta, k_na))
@@ -372,8 +363,7 @@ def benchmark(args):
         sampler = PairSampler(synth, args.delta[0], args.batch_size, args.sample_rate, args.seconds, args.seed,
                               args.delta_group, args.keep, noise_curve=args.noise_curve)
         sampler.sample(0)
-        compile_s = time.time() - t0
-        steps, t0 = 0, time.time()
+        compile_s, steps, t0 = time.time() - t0, 0, time.time()
         while steps < 3 or time.time() - t0 < args.benchmark_seconds:
             sampler.sample(steps + 1)
             steps += 1
@@ -401,9 +391,8 @@ def output_folder(path, flag):
     check_path(path, flag)
     path = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     # the old folder is moved aside and removed only after the new one is written: every part must allow it
-    stuck = [d for d, dirs, files in os.walk(path)
-             if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]
-    if stuck:
+    if stuck := [d for d, dirs, files in os.walk(path)
+                 if not os.access(d, os.R_OK | os.X_OK) or (dirs or files) and not os.access(d, os.W_OK)]:
         raise ValueError(f"{flag} {path} cannot be replaced: {stuck[0]} is not writable by this user")
     return path
 
@@ -424,8 +413,8 @@ def move_into_place(tmp, out):
         print(f"generate.py: warning: the replaced output could not be removed completely: {old}", file=sys.stderr)
 
 
-def write_pairs(out, sampler, n_pairs, progress, factor=None):
-    """OUT/000000_a.wav, OUT/000000_b.wav, ... and OUT/params.npz: doppelgänger pairs, or factor_pair's pairs."""
+def write_pairs(out, sampler, n_pairs, progress, factor=None):  # the module docstring's layout; factor: factor_pair's
+    os.makedirs(out, exist_ok=factor is None)  # a factor's folder is new: a factor given twice fails
     thetas = {"theta": [], "theta_a": [], "theta_b": []}
     for step, start in enumerate(range(0, n_pairs, sampler.batch_size)):
         audio_a, audio_b, *theta = sampler.sample(step) if factor is None else sampler.factor_pair(factor, step)
@@ -441,8 +430,7 @@ def write_pairs(out, sampler, n_pairs, progress, factor=None):
     if factor is None and (sampler.delta_group or sampler.keep):  # a default params.npz stays as it was
         meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
                     delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
-    if sampler.noise_curve:
-        meta.update(noise_curve=True)
+    meta.update({"noise_curve": True} if sampler.noise_curve else {})
     np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
 
 
@@ -475,12 +463,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """The values and flag combinations argparse does not check, before any work (ValueError: one line)."""
-    for s in args.synth:
-        if s not in SYNTHS:
-            raise ValueError(f"unknown synth {s!r} (choose from {', '.join(SYNTHS)})")
+    if unknown := [s for s in args.synth if s not in SYNTHS]:
+        raise ValueError(f"unknown synth {unknown[0]!r} (choose from {', '.join(SYNTHS)})")
     names = [f"{s}/delta_{d:g}" for s in args.synth for d in args.delta]  # the folders (and gallery files) written
-    dup = next((n for n in names if names.count(n) > 1), None)  # two values, one name: the second would overwrite
-    if dup:
+    if dup := next((n for n in names if names.count(n) > 1), None):  # two values, one name: the second overwrites
         raise ValueError(f"two --synth/--delta values would both write {dup}; give distinct values "
                          f"(deltas differ only if they differ within 6 significant digits)")
     for flag in ("pairs", "batch_size", "sample_rate", "seconds", "benchmark_seconds"):
@@ -489,11 +475,9 @@ def check_args(args):
     if args.delta_group or args.keep:  # names checked against each synth before anything is written
         for synth in args.synth:
             PairSampler(synth, 0.0, 1, args.sample_rate, args.seconds, args.seed, args.delta_group, args.keep)
-    if args.benchmark:
-        return
-    if args.factors is not None and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
+    if args.factors is not None and not args.benchmark and (len(args.synth) > 1 or len(args.delta) > 1 or args.gallery):
         raise ValueError("--factors takes one --synth and one --delta, and no --gallery")
-    if not (args.gallery or args.out):
+    if not (args.gallery or args.out or args.benchmark):
         raise ValueError("give --out DIR (or --gallery DIR, or --benchmark)")
 
 
@@ -505,24 +489,20 @@ def write_outputs(tmp, args):  # into the temporary folder that run() moves into
         sampler = PairSampler(args.synth[0], args.delta[0], min(args.batch_size, args.pairs), args.sample_rate,
                               args.seconds, args.seed, args.delta_group, args.keep, noise_curve=args.noise_curve)
         factors = args.factors or sampler.factors()
-        unknown = sorted(set(factors) - set(sampler.factors()))
-        if unknown:
+        if unknown := sorted(set(factors) - set(sampler.factors())):
             raise ValueError(f"unknown factor(s) {', '.join(unknown)} for {args.synth[0]} "
                              f"(choose from {', '.join(sampler.factors())})")
         with tqdm(total=len(factors) * args.pairs, unit="pair", desc="factors") as progress:
             for factor in factors:
-                os.makedirs(os.path.join(tmp, factor))
                 write_pairs(os.path.join(tmp, factor), sampler, args.pairs, progress, factor)
         return
-    combos = [(s, d) for s in args.synth for d in args.delta]
-    with tqdm(total=len(combos) * args.pairs, unit="pair", desc="generate") as progress:
+    with tqdm(total=len(args.synth) * len(args.delta) * args.pairs, unit="pair", desc="generate") as progress:
         for synth in args.synth:
             sampler = PairSampler(synth, 0.0, min(args.batch_size, args.pairs), args.sample_rate, args.seconds,
                                   args.seed, args.delta_group, args.keep, noise_curve=args.noise_curve)
             for delta in args.delta:
                 sampler.delta = delta  # jitted with delta as an argument: no recompile per delta
-                d = tmp if len(combos) == 1 else os.path.join(tmp, synth, f"delta_{delta:g}")
-                os.makedirs(d, exist_ok=True)
+                d = tmp if len(args.synth) == len(args.delta) == 1 else os.path.join(tmp, synth, f"delta_{delta:g}")
                 write_pairs(d, sampler, args.pairs, progress)
 
 
@@ -544,8 +524,7 @@ def run(args):
             raise ValueError(f"{out} is not empty (use --force to replace it)")
         try:  # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing
             tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)
-            umask = os.umask(0)
-            os.umask(umask)
+            os.umask(umask := os.umask(0))  # the umask can only be read by setting it
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's private 0700 would become the output's mode
         except OSError as e:
             raise OSError(f"cannot write to {parent}: {e.strerror}") from None

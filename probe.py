@@ -66,22 +66,21 @@ WINDOWS_PER_CALL = 256  # 1-s windows per encoder call in the HEAR API: memory s
 # === 1. the paper ===
 # A task is a dict: name, root (the files' folder), files, classes, multilabel, labels ((N,) class index or (N, C)
 # multi-hot), folds ((N,) int), test_folds (each left out), valid_fold (early stopping only; None: carve from training)
-
-
-def embed(encoder, root, files, batch_size, device, desc, path):
+def embed(encoder, path, task, args):
     """(embeddings, their clip indices, the clips skipped with why) of the clips that decode, each whole, read once.
     Clips up to 1 s are zero-padded to 1 s (as the encoder does) to batch together; longer ones batch by length."""
     from tqdm import tqdm
     out, bad, waiting = {}, [], {}
 
     def run(batch):
-        y = encode(encoder, torch.stack([x for _, x in batch]).to(device), path).cpu().numpy()
+        y = encode(encoder, torch.stack([x for _, x in batch]).to(args.device), path).cpu().numpy()
         if out and y.shape[1] != len(next(iter(out.values()))):  # every clip's embedding has one width
             raise ValueError(f"encoder {path} gives {y.shape[1]}-d embeddings for clips of "
                              f"{len(batch[0][1]) / SAMPLE_RATE:g} s, {len(next(iter(out.values())))}-d for others")
         out.update(zip([i for i, _ in batch], y))
 
-    with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=desc, disable=None) as bar:
+    root, files = task["root"], task["files"]
+    with torch.no_grad(), tqdm(total=len(files), unit="clip", desc=f"{task['name']} {path}", disable=None) as bar:
         for i, f in enumerate(files):
             bar.update()
             try:
@@ -91,7 +90,7 @@ def embed(encoder, root, files, batch_size, device, desc, path):
                 continue
             x = torch.nn.functional.pad(x, (0, max(0, SAMPLE_RATE - len(x))))
             waiting.setdefault(len(x), []).append((i, x))
-            if len(waiting[len(x)]) == batch_size:
+            if len(waiting[len(x)]) == args.batch_size:
                 run(waiting.pop(len(x)))
         for group in waiting.values():
             run(group)
@@ -109,29 +108,28 @@ def score(y_true, logits, multilabel):
     return float(average_precision_score(y_true[:, keep], logits[:, keep], average="macro")) if keep.any() else math.nan
 
 
-def train_probe(x, y, train, valid, multilabel, n_classes, seed, epochs, patience, lr, batch_size):
+def train_probe(x, y, train, valid, task, seed, args):
     """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss) -> best model, epoch."""
     torch.manual_seed(seed)
-    model = torch.nn.Linear(x.shape[1], n_classes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
+    model = torch.nn.Linear(x.shape[1], len(task["classes"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if task["multilabel"] else torch.nn.CrossEntropyLoss()
     order = torch.Generator().manual_seed(seed)
     x_train, y_train, x_valid, y_valid = x[train], y[train], x[valid], y[valid]
     best, best_state, best_epoch = (-math.inf, -math.inf), None, 0
-    for epoch in range(1, epochs + 1):
-        for idx in torch.randperm(len(train), generator=order).split(batch_size):
+    for epoch in range(1, args.epochs + 1):
+        for idx in torch.randperm(len(train), generator=order).split(args.probe_batch_size):
             loss = loss_fn(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         with torch.no_grad():
             logits = model(x_valid)
-            s = score(y_valid.numpy(), logits.numpy(), multilabel)
+            s = score(y_valid.numpy(), logits.numpy(), task["multilabel"])
             current = (-math.inf if math.isnan(s) else s, -loss_fn(logits, y_valid).item())
         if current > best:
-            best, best_epoch = current, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        elif epoch - best_epoch >= patience:
+            best, best_epoch, best_state = current, epoch, {k: v.clone() for k, v in model.state_dict().items()}
+        elif epoch - best_epoch >= args.patience:
             break
     model.load_state_dict(best_state)
     return model, best_epoch
@@ -142,9 +140,8 @@ def cv_splits(task, valid_frac, seed):
     folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
-        if task["valid_fold"] is not None:
-            valid = np.flatnonzero(folds == task["valid_fold"])
-            yield k, np.flatnonzero((folds != k) & (folds != task["valid_fold"])), valid, test
+        if (v := task["valid_fold"]) is not None:
+            yield k, np.flatnonzero((folds != k) & (folds != v)), np.flatnonzero(folds == v), test
             continue
         rest = np.flatnonzero(folds != k)
         rng = np.random.default_rng(seed + k)
@@ -165,8 +162,7 @@ def probe_task(emb, task, args):
         t0 = time.time()
         mean, std = x[train].mean(0), x[train].std(0)  # standardized by the clips the probe is fit on only
         xs = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
-        model, best_epoch = train_probe(xs, y, train, valid, task["multilabel"], len(task["classes"]),
-                                        args.seed + k, args.epochs, args.patience, args.lr, args.probe_batch_size)
+        model, best_epoch = train_probe(xs, y, train, valid, task, args.seed + k, args)
         with torch.no_grad():
             s = score(y[test].numpy(), model(xs[test]).numpy(), task["multilabel"])
         rows.append(dict(fold=int(k), score=s, epochs=best_epoch, n_train=len(train), n_valid=len(valid),
@@ -187,33 +183,27 @@ def probe(args):
     out_path = args.out / "results.json"
     read_results(out_path)  # a foreign results.json stops the run before the long part
 
-    # every source is probed on the clips that all of them embed
-    got = {path: task_embeddings(encoder, path, task, args.cache_dir or args.out / "embeddings", args.batch_size,
-                                 args.device) for path, encoder in encoders.items()}
+    got = {path: task_embeddings(encoder, path, task, args) for path, encoder in encoders.items()}
     got.update({str(folder): runner_embeddings(folder, task) for folder in dict.fromkeys(runs)})
-    ok = sorted(set.intersection(*(set(o) for o, _, _ in got.values())))
+    ok = sorted(set.intersection(*(set(o) for o, _, _ in got.values())))  # every source is probed on these
     skipped = sorted(set().union(*(s for _, _, s in got.values())))
     if skipped:
         warn(f"{task['name']}: skipped {len(skipped)} clips that do not decode (first: {skipped[0]})")
     task, keep = check_classes(select(task, ok), args.drop_rare)  # the skipped clips may leave a class too small
     for path, (o, e, _) in got.items():
-        pos = {i: k for k, i in enumerate(o)}
-        rows = [dict(encoder=path, task=task["name"], metric=metric, **r)
-                for r in probe_task(e[[pos[i] for i in ok]][keep], task, args)]
+        pos, who = {i: k for k, i in enumerate(o)}, dict(encoder=path, task=task["name"], metric=metric)
+        rows = [dict(who, **r) for r in probe_task(e[[pos[i] for i in ok]][keep], task, args)]
         for r in rows:
             print(f"{path} {task['name']} fold {r['fold']}: {metric} {100 * r['score']:.1f} "
                   f"(epoch {r['epochs']}, {r['n_train']} train / {r['n_test']} test, {r['seconds']:.1f} s)")
         scores = np.array([r["score"] for r in rows])
-        summary = dict(encoder=path, task=task["name"], metric=metric, mean=float(np.nanmean(scores)),
-                       std=float(np.nanstd(scores)), folds=len(rows))
+        summary = dict(who, mean=float(np.nanmean(scores)), std=float(np.nanstd(scores)), folds=len(rows))
         results = merge_results(out_path, rows, summary, {task["name"]: skipped})  # nothing finished is lost
     print(f"\nresults: {out_path}\n")
     print(table(results["summary"]))
 
 
 # === 2. beyond the paper ===
-
-
 def load_task(args):
     if args.task == "esc50":
         download = not args.no_download and os.environ.get("PROBE_NO_DOWNLOAD", "") in ("", "0")
@@ -265,22 +255,20 @@ def multiclass_task(name, root, files, values, folds):
         raise ValueError(f"{name}: {dup} is listed {files.count(dup)} times; give every clip one row")
     classes = sorted(set(values), key=key)
     index = {c: i for i, c in enumerate(classes)}
-    folds = np.array(folds, dtype=np.int64)
     return dict(name=name, root=Path(root), files=list(files), classes=classes, multilabel=False,
-                labels=np.array([index[v] for v in values], dtype=np.int64), folds=folds,
-                test_folds=sorted(set(folds.tolist())), valid_fold=None)
+                labels=np.array([index[v] for v in values], dtype=np.int64), folds=np.array(folds, dtype=np.int64),
+                test_folds=sorted(set(folds)), valid_fold=None)
 
 
 def load_esc50(data_dir, download=True):
     """ESC-50: meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav."""
     data_dir = Path(data_dir)
-    if not (data_dir / "meta" / "esc50.csv").is_file():
+    if not (path := data_dir / "meta" / "esc50.csv").is_file():
         if data_dir.exists() and any(data_dir.iterdir()):
             raise ValueError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
         if not download:
             raise ValueError(f"no ESC-50 at {data_dir}; unpack {ESC50_URL} there (meta/, audio/) or allow the download")
         download_esc50(data_dir)
-    path = data_dir / "meta" / "esc50.csv"
     rows = read_table(path, ["filename", "fold", "category"])
     return multiclass_task("esc50", data_dir, [f"audio/{r['filename']}" for r in rows],
                            [r["category"] for r in rows], [to_int(r["fold"], path) for r in rows])
@@ -292,7 +280,6 @@ def download_esc50(data_dir):
     import urllib.request
     import zipfile
     from tqdm import tqdm
-
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     fix = f"unpack {ESC50_URL} so that {data_dir}/meta/esc50.csv and {data_dir}/audio/ exist"
     with tempfile.TemporaryDirectory(prefix=".esc50-", dir=data_dir.parent, ignore_cleanup_errors=True) as tmp:
@@ -318,8 +305,7 @@ def download_esc50(data_dir):
 def load_us8k(data_dir):
     """UrbanSound8K: metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/."""
     data_dir = Path(data_dir)
-    path = data_dir / "metadata" / "UrbanSound8K.csv"
-    if not path.is_file():
+    if not (path := data_dir / "metadata" / "UrbanSound8K.csv").is_file():
         raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); unpack it there from {US8K_URL}")
     rows = read_table(path, ["slice_file_name", "fold", "class"])
     return multiclass_task("us8k", data_dir, [f"audio/fold{r['fold']}/{r['slice_file_name']}" for r in rows],
@@ -380,8 +366,7 @@ def load_hear(data_dir):
 def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
     """meta.csv: `file` (relative to data_dir), label, fold column (default `fold`, else a seeded stratified split)."""
     data_dir = Path(data_dir)
-    path = data_dir / "meta.csv"
-    rows = read_table(path, ["file", label] + ([fold_column] if fold_column else []))
+    rows = read_table(path := data_dir / "meta.csv", ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
     if "" in values:
         raise ValueError(f"{path}: empty {label!r} in row {values.index('') + 2}")
@@ -437,10 +422,7 @@ def runner_embeddings(folder, task):
     return ok, np.stack(emb), missing
 
 
-# HEAR 2021 API: `python -m heareval.embeddings.runner probe --model runs/NAME/encoder.pt` loads probe.py with
-# load_model and calls the two functions below, as hearvalidator checks.
-
-
+# HEAR 2021 API (runner command in the docstring): load_model and the two functions below, as hearvalidator checks
 class HearModel(torch.nn.Module):
     """An exported encoder with the attributes of the HEAR API; .to(device) moves its weights."""
 
@@ -500,8 +482,6 @@ def get_timestamp_embeddings(audio, model):
 
 
 # === 3. plumbing ===
-
-
 def read_encoder(path):
     """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
     try:
@@ -557,14 +537,14 @@ def check_classes(task, drop_rare=False):
     return task, keep
 
 
-def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
+def task_embeddings(encoder, encoder_path, task, args):
     """(indices of the clips that decode, their embeddings, the clips that do not), from the cache when encoder and
     clips are unchanged: one file per (encoder, clip list), so every label of a folder reuses it."""
     p, root = Path(encoder_path).resolve(), task["root"].resolve()
     where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
     clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
     name = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{p.parent.name}_{p.stem}-{where}__{root.name}-{clips}").strip("_")
-    path, h = Path(cache_dir) / f"{name}.npz", hashlib.sha256(str(root).encode())
+    path, h = Path(args.cache_dir or args.out / "embeddings") / f"{name}.npz", hashlib.sha256(str(root).encode())
     for f in task["files"]:  # the data hash changes with any clip's size or mtime
         st = (root / f).stat() if (root / f).is_file() else None  # a missing clip is skipped later
         h.update(f"{f}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
@@ -583,8 +563,7 @@ def task_embeddings(encoder, encoder_path, task, cache_dir, batch_size, device):
     except Exception as e:  # a damaged cache costs one more embedding pass, never the run
         warn(f"{path} is not a readable embedding cache ({first_line(e)}); embedding again")
     t0 = time.time()
-    emb, ok, bad = embed(encoder, task["root"], task["files"], batch_size, device, f"{task['name']} {encoder_path}",
-                         encoder_path)
+    emb, ok, bad = embed(encoder, encoder_path, task, args)
     n, seconds = len(task["files"]), time.time() - t0
     print(f"{task['name']}: embedded {n} clips in {seconds:.1f} s ({n / seconds:.0f} clips/s)")
     buf = io.BytesIO()
@@ -609,8 +588,7 @@ def encoder_paths(args, runs):
     """--encoder's paths, each once; with no --encoder and no runner embeddings, every trained run here."""
     if args.encoder is not None or runs:
         return list(dict.fromkeys(args.encoder or []))
-    paths = sorted(map(str, Path("runs").glob("*/encoder.pt")))
-    if not paths:
+    if not (paths := sorted(map(str, Path("runs").glob("*/encoder.pt")))):
         raise ValueError("no --encoder given and no runs/*/encoder.pt here; pass --encoder PATH, or export one "
                          "with python train.py --epochs 0 --out runs/random")
     print(f"probing every runs/*/encoder.pt: {', '.join(paths)}")
@@ -633,12 +611,10 @@ def merge_results(path, rows, summary, skipped):
 
 
 def table(summary):
-    encoders = list(dict.fromkeys(s["encoder"] for s in summary))
-    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    encoders, tasks = (list(dict.fromkeys(s[k] for s in summary)) for k in ("encoder", "task"))
     cell = {(s["encoder"], s["task"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in summary}
-    lines = ["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    lines += [f"| {e} | " + " | ".join(cell.get((e, t), "-") for t in tasks) + " |" for e in encoders]
-    return "\n".join(lines)
+    rows = [f"| {e} | " + " | ".join(cell.get((e, t), "-") for t in tasks) + " |" for e in encoders]
+    return "\n".join(["| encoder | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|", *rows])
 
 
 def parse_args(argv=None):

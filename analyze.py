@@ -712,7 +712,8 @@ def cmd_uncertainty(args, run):
 
 
 def cmd_fad(args, run):
-    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without one) -> fad.csv, fad.png
+    """Table 2: Frechet Audio Distance of every --set against every --target (all pairs without --target)
+    -> fad.csv, fad.png
 
       python analyze.py fad --set voice=pairs/voice --set parametric=pairs/parametric \\
           --target fsdd=../shared/data/fsdd --embedder clap --clap-checkpoint 630k-audioset-best.pt --out figs/fad

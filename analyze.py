@@ -748,6 +748,9 @@ def cmd_fad(args, run):
 
 
 # reading sets and pair folders
+AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
 def read_clips(groups, what, unit="clip"):
     """Each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves). A group with
     an unreadable clip is skipped and counted (one bad file in 1000 should not stop a figure); none left is an error."""
@@ -803,8 +806,7 @@ def load_set(spec, max_files):  # -> dict(name, files, waves) for audio, or dict
             raise ValueError(f"set {name}: {path} has {len(files)} file names for {len(emb)} embeddings")
         keep = subset(len(emb), max_files)
         return dict(name=name, files=[files[i] for i in keep], emb=emb[keep])
-    files = sorted(p for p in path.rglob("*")
-                   if p.suffix.lower() in {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"} and p.is_file())
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXT and p.is_file())
     if not files:
         raise ValueError(f"no audio files under {path}")
     files = [files[i] for i in subset(len(files), max_files)]

@@ -363,7 +363,8 @@ def benchmark(args):
         sampler = PairSampler(synth, args.delta[0], args.batch_size, args.sample_rate, args.seconds, args.seed,
                               args.delta_group, args.keep, noise_curve=args.noise_curve)
         sampler.sample(0)
-        compile_s, steps, t0 = time.time() - t0, 0, time.time()
+        compile_s = time.time() - t0
+        steps, t0 = 0, time.time()
         while steps < 3 or time.time() - t0 < args.benchmark_seconds:
             sampler.sample(steps + 1)
             steps += 1
@@ -430,7 +431,8 @@ def write_pairs(out, sampler, n_pairs, progress, factor=None):  # the module doc
     if factor is None and (sampler.delta_group or sampler.keep):  # a default params.npz stays as it was
         meta.update(delta_columns=sampler.delta_at(), keep=np.array(sampler.keep, dtype=str),
                     delta_group=np.array([f"{n}={v:g}" for n, v in sampler.delta_group.items()], dtype=str))
-    meta.update({"noise_curve": True} if sampler.noise_curve else {})
+    if sampler.noise_curve:
+        meta.update(noise_curve=True)
     np.savez(os.path.join(out, "params.npz"), **{k: np.concatenate(v) for k, v in thetas.items() if v}, **meta)
 
 

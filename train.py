@@ -340,11 +340,13 @@ class RealAudio:
         a, b = [], []
         for i in rng.choice(self.splits[stream], size=self.batch_size):
             if self.positives == "aug":  # two augmentations of one crop
-                a.append(x := self.crop(i, rng)), b.append(x.clone())
+                x = self.crop(i, rng)
+                a.append(x), b.append(x.clone())
             elif self.positives == "jitter":  # two crops of one file
                 a.append(self.crop(i, rng)), b.append(self.crop(i, rng))
             else:  # mix5 / mix10
-                a.append(self.view(i, rng, k := int(self.positives[3:]))), b.append(self.view(i, rng, k))
+                k = int(self.positives[3:])
+                a.append(self.view(i, rng, k)), b.append(self.view(i, rng, k))
         return torch.stack(a).numpy(), torch.stack(b).numpy()
 
 
@@ -368,8 +370,9 @@ def synthetic_irs(sample_rate, n=32, seed=0):  # decaying noise, RT60 ~ U(0.1, 1
     irs = []
     for rt60 in (0.1 + 0.9 * torch.rand(n, generator=g)).tolist():
         t = torch.arange(int(rt60 * sample_rate)) / sample_rate
-        irs.append(torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60))  # -60 dB at t = rt60
-        irs[-1][0] = 1.0
+        ir = torch.randn(len(t), generator=g) * 10 ** (-3 * t / rt60)  # -60 dB at t = rt60
+        ir[0] = 1.0
+        irs.append(ir)
     return irs
 
 
@@ -692,7 +695,9 @@ def main(argv=None):
         args.lr = args.lr if args.lr is not None else 0.12 * global_batch / 256
         steps_per_epoch, val_steps = (max(1, int(f * args.sounds_per_epoch) // global_batch) for f in (0.9, 0.1))
         stop_at = min(steps_per_epoch * args.epochs, math.inf if args.max_steps is None else args.max_steps)
-        torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
         source, augment, schedule = make_source(args, ckpt, steps_per_epoch)
 
         # channels_last: the layout oneDNN's and cuDNN's fast convolutions use (CPU fp32 ~1.2x here, bf16 more)

@@ -142,6 +142,7 @@ def plot_pair_pca(groups, pca_pairs):
         allx = np.concatenate([np.concatenate([g["a"], g["b"]]) for g in gs.values()])
         mu = allx.mean(0)
         _, _, vt = np.linalg.svd(allx - mu, full_matrices=False)
+        vt = np.concatenate([vt, np.zeros_like(vt)])[:2]  # a 1-d embedding: the second axis is 0
         for j, d in enumerate(deltas):
             ax = axes[i, j]
             ax.set_xticks([]), ax.set_yticks([])
@@ -149,7 +150,7 @@ def plot_pair_pca(groups, pca_pairs):
                 ax.axis("off")
                 continue
             k = min(len(gs[d]["a"]), pca_pairs)
-            pa, pb = (gs[d]["a"][:k] - mu) @ vt[:2].T, (gs[d]["b"][:k] - mu) @ vt[:2].T
+            pa, pb = (gs[d]["a"][:k] - mu) @ vt.T, (gs[d]["b"][:k] - mu) @ vt.T
             for p, q in zip(pa, pb):
                 ax.plot([p[0], q[0]], [p[1], q[1]], color=f"C{i}", lw=0.7, alpha=0.7)
             ax.scatter(pa[:, 0], pa[:, 1], s=6, color=f"C{i}")
@@ -248,7 +249,8 @@ def fad(e1, e2, eps=1e-6):
     """Frechet distance of two embedding sets: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as the
     standard FAD/FID code computes it."""
     import scipy.linalg
-    mu1, s1, mu2, s2 = e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False)
+    cov = lambda e: np.atleast_2d(np.cov(e, rowvar=False))  # (D, D), also for D = 1 (np.cov gives a scalar)
+    mu1, s1, mu2, s2 = e1.mean(0), cov(e1), e2.mean(0), cov(e2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "singular matrix" warnings: handled by the offset below
         covmean = scipy.linalg.sqrtm(s1 @ s2)
@@ -406,7 +408,7 @@ def read_run(d):
         val = [r for r in log if (r.get("val_align") or "").strip()]
         if val:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
-    except (KeyError, TypeError, ValueError, csv.Error) as e:  # a UnicodeDecodeError too: save it as UTF-8 CSV
+    except (KeyError, TypeError, ValueError, OverflowError, csv.Error) as e:  # UnicodeDecodeError too; inf steps
         raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})") from None
     return row
 
@@ -498,6 +500,10 @@ def cmd_training(args, run):
     if not runs and not probes:
         raise ValueError("no probe result maps to a train.py run folder "
                          "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
+    drawn = [r for r in runs.values() if np.isfinite(r["val_align"])] + probes  # baselines (no delta) are lines
+    if args.against == "steps" and (idle := [r["run"] for r in drawn if r["steps"] < 1 and np.isfinite(r["delta"])]):
+        raise ValueError(f"--against steps: run {idle[0]} has no training step (no log.csv rows) to place on the log "
+                         "axis; leave it out or use --against delta")
     order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
     rows = sorted(runs.values(), key=order)
     # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
@@ -840,11 +846,12 @@ def load_set(spec, max_files):
     if path.suffix == ".npz":
         try:
             z = np.load(path, allow_pickle=False)
-            emb = np.asarray(z["embeddings"], dtype=np.float64)
+            emb = z["embeddings"]
         except Exception:
             raise ValueError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)") from None
-        if emb.ndim != 2 or len(emb) == 0:
-            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings")
+        if emb.ndim != 2 or 0 in emb.shape or emb.dtype.kind not in "biuf":  # (N, 0): every FAD would be 0
+            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings of real numbers ({emb.dtype} {emb.shape})")
+        emb = emb.astype(np.float64)
         if not np.isfinite(emb).all():
             raise ValueError(f"set {name}: {path} holds non-finite embeddings")
         try:

@@ -583,6 +583,9 @@ def check_args(args, given, run):
     """Own the run folder (rank 0), read a resumed run's checkpoint and config, and check what argparse cannot,
     before anything is created -> (args, ckpt). Every rank checks, so none waits for another."""
     from generate import SYNTHS
+    if bad := [k for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE") if not os.environ.get(k, "0").isdigit()]:
+        raise ValueError(f"environment variable {bad[0]}={os.environ[bad[0]]!r} is not a whole number; torchrun sets "
+                         "it, a plain python train.py needs it unset")
     first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
     check_path(args.resume or args.out, "--resume" if args.resume else "--out", "run folder")
     if args.resume and first:  # owned before it is read: no other process writes it meanwhile

@@ -28,6 +28,14 @@ def test_bad_numbers_are_refused_before_any_folder_exists(tmp_path, flags, needl
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name,value", [("RANK", ""), ("LOCAL_RANK", "x"), ("WORLD_SIZE", "2.0")])
+def test_a_malformed_torchrun_variable_is_refused_before_any_folder_exists(tmp_path, name, value):
+    """Was "invalid literal for int() with base 10: ''", naming neither the variable nor the fix."""
+    p = run_here(ROOT / "train.py", "--epochs", "0", "--out", tmp_path / "out", env={name: value})
+    assert f"environment variable {name}={value!r} is not a whole number" in assert_one_line_error(p)
+    assert not (tmp_path / "out").exists()
+
+
 def snapshot(d):
     return {f.name: f.read_bytes() for f in d.iterdir()}
 

@@ -233,6 +233,7 @@ def classify(sets, fe, model, sigmoid, batch_size):
         if fe.sampling_rate != SAMPLE_RATE:
             waves = [torchaudio.functional.resample(torch.from_numpy(w), SAMPLE_RATE, fe.sampling_rate).numpy()
                      for w in waves]
+        waves = [np.pad(w, (0, max(0, fe.sampling_rate // 40 - len(w)))) for w in waves]  # fbank's 25-ms window
         probs, bs = [], min(batch_size, 8)  # AST attends over ~1200 patches: small batches
         with torch.no_grad():
             for i in tqdm(range(0, len(waves), bs), desc=f"classify {s['name']}", disable=None):
@@ -294,6 +295,8 @@ def load_ast(args):
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
     except Exception as e:
         raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
+    if model.config.num_labels < 2:  # no top-2, and entropy / log C is 0 / 0
+        raise ValueError(f"the classifier in {d} has {model.config.num_labels} class; the proxies need 2 or more")
     cfg = model.config
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
     sigmoid = args.activation == "sigmoid" or (args.activation == "auto" and (

@@ -95,6 +95,17 @@ def no_width(x):
     return x[:, :0]
 
 
+def ast(d, labels):
+    """A tiny AST classifier (random weights) in the save_pretrained layout, as analyze.py reads it."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+    torch.manual_seed(0)
+    cfg = ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=128,
+                    num_mel_bins=32, num_labels=labels, frequency_stride=16, time_stride=16)
+    ASTForAudioClassification(cfg).save_pretrained(d)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=128, sampling_rate=SR).save_pretrained(d)
+    return d
+
+
 def one_d(x):
     return x[:, :1]
 
@@ -142,6 +153,7 @@ CASES = {
                                                                 .encode())],
     "--against steps with a run of no step": lambda t: ["training", "--runs", run_folder(t / "r"), "--results",
                                                         results(t, t / "r"), "--against", "steps"],
+    "classifier of 1 class": lambda t: ["uncertainty", "--set", f"a={good(t)}", "--classifier-path", ast(t / "ast", 1)],
     "embeddings (N, 0)": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.zeros((5, 0)))}",
                                     "--set", f"b={cache(t / 'b.npz', np.zeros((5, 0)))}"],
     "embeddings complex": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.ones((5, 3)) + 1j)}",
@@ -172,6 +184,7 @@ NEEDLES = {"encoder fails on a batch of 3": "on 3 clip(s) of 0.25 s fails: built
            "encoder output has width 0": "gives (2, 0), not (B, D) with D >= 1",
            "log.csv step inf": "log.csv is not a train.py log.csv (cannot convert float infinity to integer)",
            "--against steps with a run of no step": "--against steps: run r has no training step (no log.csv rows)",
+           "classifier of 1 class": "has 1 class; the proxies need 2 or more",  # was an IndexError traceback
            "embeddings (N, 0)": "holds no (N, D) embeddings of real numbers (float64 (5, 0))",
            "embeddings complex": "holds no (N, D) embeddings of real numbers (complex128 (5, 3))"}
 
@@ -238,6 +251,20 @@ def test_one_dimensional_embeddings_give_a_fad_and_a_pca(tmp_path):
         synth="voice", delta=0.1))), "--embedder", f"encoder:{enc}", "--out", str(tmp_path / "pairs")],
         capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and (tmp_path / "pairs" / "pairs_pca.png").is_file(), p.stderr[-2000:]
+
+
+def test_clips_shorter_than_the_classifiers_window_are_classified(tmp_path):
+    """A clip of 1 sample (and one of 2 at 8 kHz) was an AssertionError traceback in the AST feature extractor's
+    fbank ("choose a window size 400 that is [2, 1]"): clips are zero-padded to its 25-ms window."""
+    d = tmp_path / "a"
+    d.mkdir()
+    for i, (n, sr) in enumerate([(1, SR), (2, 8000), (SR // 4, SR)]):
+        sf.write(d / f"{i}.wav", noise(n, seed=i), sr)
+    p = subprocess.run([sys.executable, str(SCRIPT), "uncertainty", "--set", f"a={d}", "--classifier-path",
+                        str(ast(tmp_path / "ast", 5)), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and not p.stderr, p.stderr[-2000:]
+    assert len((tmp_path / "out" / "uncertainty.csv").read_text().splitlines()) == 4
 
 
 def test_training_on_runs_without_validation_writes_the_table(tmp_path):

@@ -135,13 +135,14 @@ def plot_pair_pca(groups, pca_pairs):  # PCA fitted per synth over all its delta
         allx = np.concatenate([np.concatenate([g["a"], g["b"]]) for g in gs.values()])
         mu = allx.mean(0)
         _, _, vt = np.linalg.svd(allx - mu, full_matrices=False)
+        vt = np.concatenate([vt, np.zeros_like(vt)])[:2]  # a 1-d embedding: the second axis is 0
         for j, d in enumerate(deltas):
             ax = axes[i, j]
             ax.set_xticks([]), ax.set_yticks([])
             if d not in gs:
                 ax.axis("off")
                 continue
-            pa, pb = ((gs[d][side][:pca_pairs] - mu) @ vt[:2].T for side in "ab")
+            pa, pb = ((gs[d][side][:pca_pairs] - mu) @ vt.T for side in "ab")
             for p, q in zip(pa, pb):
                 ax.plot([p[0], q[0]], [p[1], q[1]], color=f"C{i}", lw=0.7, alpha=0.7)
             ax.scatter(pa[:, 0], pa[:, 1], s=6, color=f"C{i}")
@@ -221,6 +222,7 @@ def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) cla
         if fe.sampling_rate != SAMPLE_RATE:
             waves = [torchaudio.functional.resample(torch.from_numpy(w), SAMPLE_RATE, fe.sampling_rate).numpy()
                      for w in waves]
+        waves = [np.pad(w, (0, max(0, fe.sampling_rate // 40 - len(w)))) for w in waves]  # fbank's 25-ms window
         probs, bs = [], min(batch_size, 8)  # AST attends over ~1200 patches: small batches
         with torch.no_grad():
             for i in tqdm(range(0, len(waves), bs), desc=f"classify {s['name']}", disable=None):
@@ -236,7 +238,8 @@ def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) cla
 def fad(e1, e2, eps=1e-6):
     """Frechet distance of two embedding sets, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does."""
     import scipy.linalg
-    mu1, s1, mu2, s2 = e1.mean(0), np.cov(e1, rowvar=False), e2.mean(0), np.cov(e2, rowvar=False)
+    cov = lambda e: np.atleast_2d(np.cov(e, rowvar=False))  # (D, D), also for D = 1 (np.cov gives a scalar)
+    mu1, s1, mu2, s2 = e1.mean(0), cov(e1), e2.mean(0), cov(e2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "singular matrix" warnings: handled by the offset below
         covmean = scipy.linalg.sqrtm(s1 @ s2)
@@ -278,6 +281,8 @@ def load_ast(args):  # AST classifier from local weights -> (feature extractor, 
         model = ASTForAudioClassification.from_pretrained(str(d), local_files_only=True).eval()
     except Exception as e:
         raise ValueError(f"cannot load an AST classifier from {d}: {first_line(e)}") from None
+    if model.config.num_labels < 2:  # no top-2, and entropy / log C is 0 / 0
+        raise ValueError(f"the classifier in {d} has {model.config.num_labels} class; the proxies need 2 or more")
     # AudioSet heads are multi-label (independent sigmoids); their outputs are normalized to sum 1
     return fe, model, args.activation == "sigmoid" or (args.activation == "auto" and (
         model.config.problem_type == "multi_label_classification" or model.config.num_labels == 527))
@@ -385,7 +390,7 @@ def read_run(d):  # train.py run folder -> (run, synth, recipe, delta, steps, ep
             row.update(steps=int(float(log[-1]["step"])), epochs=int(float(log[-1]["epoch"])))
         if val := [r for r in log if (r.get("val_align") or "").strip()]:
             row.update(val_align=float(val[-1]["val_align"]), val_unif=float(val[-1]["val_unif"]))
-    except (KeyError, TypeError, ValueError, csv.Error) as e:  # a UnicodeDecodeError too: save it as UTF-8 CSV
+    except (KeyError, TypeError, ValueError, OverflowError, csv.Error) as e:  # UnicodeDecodeError too; inf steps
         raise ValueError(f"{path} is not a train.py log.csv ({first_line(e)})") from None
     return row
 
@@ -469,6 +474,10 @@ def cmd_training(args, run):
     if not runs and not probes:
         raise ValueError("no probe result maps to a train.py run folder "
                          "(runs/NAME/encoder.pt -> runs/NAME/config.json)")
+    drawn = [r for r in runs.values() if np.isfinite(r["val_align"])] + probes  # baselines (no delta) are lines
+    if args.against == "steps" and (idle := [r["run"] for r in drawn if r["steps"] < 1 and np.isfinite(r["delta"])]):
+        raise ValueError(f"--against steps: run {idle[0]} has no training step (no log.csv rows) to place on the log "
+                         "axis; leave it out or use --against delta")
     order = lambda r: (r["synth"], r["recipe"], r["delta"], r["run"])
     rows = sorted(runs.values(), key=order)
     # a recipe column only where a run has one: runs of the paper's sampler give the same files as before
@@ -537,7 +546,7 @@ def cmd_report(args, run):
         raise ValueError("report: nothing to analyze; give --pairs, --set, --runs, --results and/or "
                          "--factors + --encoder")
     md = ["# Audio doppelgängers: analysis report", ""] + [line for s in sections for line in markdown(s)]
-    run.outputs["report.md"] = "\n".join(md).encode()
+    run.outputs["report.md"] = "\n".join(md).encode(errors="backslashreplace")
     print(f"report: {args.out / 'report.md'} ({len(sections)} sections)")
 
 
@@ -583,7 +592,7 @@ def write_csv(run, name, rows, cols, caption=None):  # -> the same rows as a rep
     w = csv.DictWriter(f, cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(map(fmt_row, rows))
-    run.outputs[name] = f.getvalue().encode()
+    run.outputs[name] = f.getvalue().encode(errors="backslashreplace")  # a file name not UTF-8
     return caption or name, cols, rows
 
 
@@ -791,11 +800,12 @@ def load_set(spec, max_files):  # -> dict(name, files, waves) for audio, or dict
     if path.suffix == ".npz":
         try:
             z = np.load(path, allow_pickle=False)
-            emb = np.asarray(z["embeddings"], dtype=np.float64)
+            emb = z["embeddings"]
         except Exception:
             raise ValueError(f"{path} is not a probe.py embedding cache (no readable 'embeddings' array)") from None
-        if emb.ndim != 2 or len(emb) == 0:
-            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings")
+        if emb.ndim != 2 or 0 in emb.shape or emb.dtype.kind not in "biuf":  # (N, 0): every FAD would be 0
+            raise ValueError(f"set {name}: {path} holds no (N, D) embeddings of real numbers ({emb.dtype} {emb.shape})")
+        emb = emb.astype(np.float64)
         if not np.isfinite(emb).all():
             raise ValueError(f"set {name}: {path} holds non-finite embeddings")
         try:
@@ -940,7 +950,7 @@ def read_audio(path, start=0, frames=-1):
     """An audio file (any rate and channels; frames from start, default all) as float32 mono at 16 kHz, (T,), or a
     ValueError naming it: undecodable, empty, or a non-finite sample (one NaN poisons every later step)."""
     try:
-        x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+        x, sr = sf.read(os.fsencode(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
     if len(x) == 0:

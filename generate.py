@@ -447,7 +447,7 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     p.add_argument("--batch-size", type=int, default=64, help="sounds synthesized per JAX call (default 64)")
-    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--sample-rate", type=number(int, 1, 2**31 - 1), default=16000)  # JAX's int32
     p.add_argument("--seconds", type=float, default=1.0)
     p.add_argument("--gallery", metavar="DIR", help="write a listening page DIR/index.html instead of pairs")
     p.add_argument("--factors", nargs="*", metavar="FACTOR", help="one-factor pairs, OUT/<factor>/ each: noise, gain, "
@@ -471,9 +471,13 @@ def check_args(args):
     if dup := next((n for n in names if names.count(n) > 1), None):  # two values, one name: the second overwrites
         raise ValueError(f"two --synth/--delta values would both write {dup}; give distinct values "
                          f"(deltas differ only if they differ within 6 significant digits)")
-    for flag in ("pairs", "batch_size", "sample_rate", "seconds", "benchmark_seconds"):
+    for flag in ("pairs", "batch_size", "seconds", "benchmark_seconds"):
         if not 0 < getattr(args, flag) < math.inf:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0 and finite, got {getattr(args, flag)}")
+    shortest = max(2 / CONTROL_RATE, 512 / args.sample_rate if args.gallery else 0)  # else synthax's shapes break
+    if args.seconds < shortest:
+        raise ValueError(f"--seconds {args.seconds:g} is too short: give at least {shortest:.4g} (2 synthax control "
+                         f"steps of 1/{CONTROL_RATE} s{', 512 samples for the gallery log-mel' * bool(args.gallery)})")
     if args.delta_group or args.keep:  # names checked against each synth before anything is written
         for synth in args.synth:
             PairSampler(synth, 0.0, 1, args.sample_rate, args.seconds, args.seed, args.delta_group, args.keep)
@@ -642,6 +646,8 @@ def main(argv=None):
         exit_interrupted(e, "nothing was written (the output folder is as it was)")
     except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line (fail folds it) + exit 2
         fail(e)
+    except jax.errors.JaxRuntimeError as e:  # e.g. out of memory: a batch of sounds too long or too many
+        fail(f"synthesis failed ({str(e).strip().splitlines()[0]}); lower --batch-size, --seconds or --sample-rate")
 
 
 if __name__ == "__main__":

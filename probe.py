@@ -183,8 +183,8 @@ def probe(args):
     out_path = args.out / "results.json"
     read_results(out_path)  # a foreign results.json stops the run before the long part
 
-    got = {path: task_embeddings(encoder, path, task, args) for path, encoder in encoders.items()}
-    got.update({str(folder): runner_embeddings(folder, task) for folder in dict.fromkeys(runs)})
+    runner = {str(folder): runner_embeddings(folder, task) for folder in dict.fromkeys(runs)}  # bad ones fail now
+    got = {path: task_embeddings(encoder, path, task, args) for path, encoder in encoders.items()} | runner
     ok = sorted(set.intersection(*(set(o) for o, _, _ in got.values())))  # every source is probed on these
     skipped = sorted(set().union(*(s for _, _, s in got.values())))
     if skipped:
@@ -221,6 +221,10 @@ def read_table(path, columns):
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
+            if "\0" in "".join(header):  # UTF-16 without a BOM reads as UTF-8 with a NUL beside each letter
+                raise ValueError(f"{path} is not UTF-8 text (NUL bytes: UTF-16?); save it as UTF-8 CSV")
+            if dup := next((c for c in header if header.count(c) > 1), None):  # csv would keep the last one only
+                raise ValueError(f"{path}: column {dup!r} appears {header.count(dup)} times in the header; rename one")
             if missing := [c for c in columns if c not in header]:
                 raise ValueError(f"{path} has no column {missing[0]!r} (columns: {', '.join(header)})")
             rows = list(reader)
@@ -237,11 +241,11 @@ def read_table(path, columns):
     return rows
 
 
-def to_int(value, where, what="fold"):
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{where}: {what} {value!r} is not an integer")
+def to_int(value, where, what="fold"):  # a fold is an int64, and seed + fold seeds its split: 0 <= fold < 2^63
+    with contextlib.suppress(ValueError):
+        if what != "fold" or 0 <= int(value) < 2**63:
+            return int(value)
+    raise ValueError(f"{where}: {what} {value!r} is not an integer{' in [0, 2^63)' * (what == 'fold')}")
 
 
 def multiclass_task(name, root, files, values, folds):
@@ -346,7 +350,8 @@ def load_hear(data_dir):
 
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
-        entries = read_json(path := data_dir / f"{split}.json", "HEAR split file")
+        if not (entries := read_json(path := data_dir / f"{split}.json", "HEAR split file")):
+            raise ValueError(f"{path} lists no clips")
         for name in sorted(entries):
             if not isinstance(entries[name], list):
                 raise ValueError(f"{path}: the labels of {name} are not a list")
@@ -414,8 +419,8 @@ def runner_embeddings(folder, task):
             e = np.load(path, allow_pickle=False)
         except Exception as e:
             raise ValueError(f"{path} is not a .npy embedding ({first_line(e)})")
-        if e.ndim != 1 or not np.isfinite(e).all() or (emb and e.shape != emb[0].shape):
-            raise ValueError(f"{path}: not a finite scene embedding of the others' size (shape {e.shape})")
+        if e.ndim != 1 or e.dtype.kind not in "biuf" or not np.isfinite(e).all() or (emb and e.shape != emb[0].shape):
+            raise ValueError(f"{path}: not a finite scene embedding of the others' size (shape {e.shape}, {e.dtype})")
         ok.append(i), emb.append(e.astype(np.float32))
     if not ok:
         raise ValueError(f"{folder} holds no embedding of {task['name']}'s clips (<split>/<file>.embedding.npy)")
@@ -632,7 +637,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", type=Path, help="embedding cache (default: <out>/embeddings/)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for embedding")
     p.add_argument("--batch-size", type=number(int, 1), default=32, help="clips per encoder call")
-    p.add_argument("--seed", type=number(int), default=0, help="seeds probe init, data order, validation, subsets")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
+                   help="seeds probe init, data order, validation, subsets")
     p.add_argument("--epochs", type=number(int, 1), default=100, help="max probe epochs per fold")
     p.add_argument("--patience", type=number(int), default=10, help="epochs without validation gain before stopping")
     p.add_argument("--lr", type=number(above=True), default=1e-3, help="Adam learning rate (paper: 1e-3)")
@@ -777,7 +783,7 @@ def read_audio(path, start=0, frames=-1):
     """An audio file (any rate and channels; frames from start, default all) as float32 mono at 16 kHz, (T,), or a
     ValueError naming it: undecodable, empty, or a non-finite sample (one NaN poisons every later step)."""
     try:
-        x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+        x, sr = sf.read(os.fsencode(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
     if len(x) == 0:

@@ -315,7 +315,7 @@ class RealAudio:
         self.info = []
         for f in files:  # every file's length now, so a broken one is refused before training starts
             try:
-                i = sf.info(f)
+                i = sf.info(os.fsencode(f))
             except Exception as e:
                 raise ValueError(f"unreadable audio file {f}: {first_line(e)}") from None
             if i.frames == 0:
@@ -538,6 +538,9 @@ class RunFolder:
 def check_args(args, given, run):
     """-> (args, ckpt): what argparse cannot check, before anything is made, on every rank, none waiting for another."""
     from generate import SYNTHS
+    if bad := [k for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE") if not os.environ.get(k, "0").isdigit()]:
+        raise ValueError(f"environment variable {bad[0]}={os.environ[bad[0]]!r} is not a whole number; torchrun sets "
+                         "it, a plain python train.py needs it unset")
     first = int(os.environ.get("RANK", 0)) == 0  # rank 0 owns the run folder
     check_path(args.resume or args.out, "--resume" if args.resume else "--out", "run folder")
     if args.resume and first:  # owned before it is read: no other process writes it meanwhile
@@ -855,7 +858,7 @@ def read_audio(path, start=0, frames=-1):
     """An audio file (any rate and channels; frames from start, default all) as float32 mono at 16 kHz, (T,), or a
     ValueError naming it: undecodable, empty, or a non-finite sample (one NaN poisons every later step)."""
     try:
-        x, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+        x, sr = sf.read(os.fsencode(path), start=start, frames=frames, dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read audio {path}: {first_line(e)}") from None
     if len(x) == 0:

@@ -95,6 +95,27 @@ def no_width(x):
     return x[:, :0]
 
 
+def ast(d, labels):
+    """A tiny AST classifier (random weights) in the save_pretrained layout, as analyze.py reads it."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+    torch.manual_seed(0)
+    cfg = ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, max_length=128,
+                    num_mel_bins=32, num_labels=labels, frequency_stride=16, time_stride=16)
+    ASTForAudioClassification(cfg).save_pretrained(d)
+    ASTFeatureExtractor(num_mel_bins=32, max_length=128, sampling_rate=SR).save_pretrained(d)
+    return d
+
+
+def one_d(x):
+    return x[:, :1]
+
+
+def results(t, run):
+    t.joinpath("r.json").write_text(json.dumps(dict(summary=[dict(encoder=str(run / "encoder.pt"), task="t",
+                                                                  metric="accuracy", mean=0.5, std=0.1, folds=2)])))
+    return t / "r.json"
+
+
 # each case: a function of a fresh folder t that builds the inputs and returns the arguments (without --out)
 CASES = {
     "audio truncated": lambda t: (clips(t / "a", 1), (t / "a" / "0.wav").write_bytes(
@@ -128,6 +149,15 @@ CASES = {
     "config.json not UTF-8": lambda t: ["training", "--runs", run_folder(t / "r", config='{"synth": "vé"}'.encode(
         "utf-16"))],
     "log.csv bad step": lambda t: ["training", "--runs", run_folder(t / "r", log=(LOG_HEAD + "x,0,1,1,1,1,,,1\n").encode())],
+    "log.csv step inf": lambda t: ["training", "--runs", run_folder(t / "r", log=(LOG_HEAD + "1e400,1,1,1,1,1,,,1\n")
+                                                                .encode())],
+    "--against steps with a run of no step": lambda t: ["training", "--runs", run_folder(t / "r"), "--results",
+                                                        results(t, t / "r"), "--against", "steps"],
+    "classifier of 1 class": lambda t: ["uncertainty", "--set", f"a={good(t)}", "--classifier-path", ast(t / "ast", 1)],
+    "embeddings (N, 0)": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.zeros((5, 0)))}",
+                                    "--set", f"b={cache(t / 'b.npz', np.zeros((5, 0)))}"],
+    "embeddings complex": lambda t: ["fad", "--set", f"a={cache(t / 'a.npz', np.ones((5, 3)) + 1j)}",
+                                     "--set", f"b={cache(t / 'b.npz', np.ones((5, 3)))}"],
     "log.csv latin-1": lambda t: ["training", "--runs", run_folder(t / "r", log=(LOG_HEAD + "1,0,1,1,1,1,,,1 é\n").encode(
         "latin-1"))],
     "encoder.pt empty": lambda t: (t.joinpath("e.pt").write_bytes(b""), ["fad", "--set", f"a={good(t)}", "--set",
@@ -151,7 +181,12 @@ CASES = {
         synth="voice", delta=0.25, factor="noise")).parent, "--encoder", nan_encoder(t / "e.pt")],
 }
 NEEDLES = {"encoder fails on a batch of 3": "on 3 clip(s) of 0.25 s fails: builtins.RuntimeError: batches of more",
-           "encoder output has width 0": "gives (2, 0), not (B, D) with D >= 1"}
+           "encoder output has width 0": "gives (2, 0), not (B, D) with D >= 1",
+           "log.csv step inf": "log.csv is not a train.py log.csv (cannot convert float infinity to integer)",
+           "--against steps with a run of no step": "--against steps: run r has no training step (no log.csv rows)",
+           "classifier of 1 class": "has 1 class; the proxies need 2 or more",  # was an IndexError traceback
+           "embeddings (N, 0)": "holds no (N, D) embeddings of real numbers (float64 (5, 0))",
+           "embeddings complex": "holds no (N, D) embeddings of real numbers (complex128 (5, 3))"}
 
 
 def snapshot(root):
@@ -202,6 +237,36 @@ def test_a_command_that_fails_late_leaves_an_existing_out_as_it_was(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_one_dimensional_embeddings_give_a_fad_and_a_pca(tmp_path):
+    """D = 1 (a 1-d cache or encoder) was numpy's "matmul: Input operand 0 does not have enough dimensions" in fad and
+    an IndexError in pairs' PCA: the FAD is the 1-d Frechet distance, the PCA's second axis 0."""
+    a, b = cache(tmp_path / "a.npz", np.array([[0.0], [2.0]])), cache(tmp_path / "b.npz", np.array([[1.0], [2], [3]]))
+    p = subprocess.run([sys.executable, str(SCRIPT), "fad", "--set", f"a={a}", "--set", f"b={b}", "--out",
+                        str(tmp_path / "fad")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and not p.stderr, p.stderr[-2000:]
+    row = next(r for r in (tmp_path / "fad" / "fad.csv").read_text().splitlines() if r.startswith("a,b,2,3,"))
+    assert float(row.split(",")[-1]) == pytest.approx((1 - 2) ** 2 + 2 + 1 - 2 * np.sqrt(2 * 1), rel=1e-5)
+    enc = scripted(tmp_path / "e.pt", one_d)
+    p = subprocess.run([sys.executable, str(SCRIPT), "pairs", "--pairs", str(pair_folder(tmp_path / "p", dict(
+        synth="voice", delta=0.1))), "--embedder", f"encoder:{enc}", "--out", str(tmp_path / "pairs")],
+        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and (tmp_path / "pairs" / "pairs_pca.png").is_file(), p.stderr[-2000:]
+
+
+def test_clips_shorter_than_the_classifiers_window_are_classified(tmp_path):
+    """A clip of 1 sample (and one of 2 at 8 kHz) was an AssertionError traceback in the AST feature extractor's
+    fbank ("choose a window size 400 that is [2, 1]"): clips are zero-padded to its 25-ms window."""
+    d = tmp_path / "a"
+    d.mkdir()
+    for i, (n, sr) in enumerate([(1, SR), (2, 8000), (SR // 4, SR)]):
+        sf.write(d / f"{i}.wav", noise(n, seed=i), sr)
+    p = subprocess.run([sys.executable, str(SCRIPT), "uncertainty", "--set", f"a={d}", "--classifier-path",
+                        str(ast(tmp_path / "ast", 5)), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and not p.stderr, p.stderr[-2000:]
+    assert len((tmp_path / "out" / "uncertainty.csv").read_text().splitlines()) == 4
+
+
 def test_training_on_runs_without_validation_writes_the_table(tmp_path):
     """runs/random alone (the README's baseline) has no validation row: the table, and no empty figure."""
     r = run_folder(tmp_path / "random", config=json.dumps(dict(synth="voice", delta=0.25, epochs=0, **PAPER_SAMPLER)),
@@ -228,6 +293,16 @@ def test_a_second_job_on_one_out_is_refused_while_the_first_writes(tmp_path):
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1 and f"in use by another analyze.py (pid {first.pid})" in lines[0]
     assert not out.exists() and not (tmp_path / ".out.lock").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_written_escaped(tmp_path):
+    """A Latin-1 é in a clip's name was "'utf-8' codec can't encode character '\\udce9'" (the clip skipped)."""
+    d = clips(tmp_path / "a", 2)
+    sf.write(bytes(d) + b"/caf\xe9.wav", noise(seed=5), SR)
+    p = subprocess.run([sys.executable, str(SCRIPT), "features", "--set", f"a={d}", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "skipped" not in p.stderr, p.stderr[-2000:]
+    assert "a,caf\\udce9.wav," in (tmp_path / "out" / "features.csv").read_text()
 
 
 def test_non_finite_clips_skipped_and_counted(tmp_path):

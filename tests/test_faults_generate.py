@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, run, run_here
 
 
 @pytest.mark.parametrize("flags", [["--pairs", "0"], ["--batch-size", "0"], ["--seconds", "inf"],
@@ -18,6 +18,36 @@ from conftest import ROOT, assert_one_line_error, run
 def test_bad_numbers_write_nothing(tmp_path, flags):
     p = run(ROOT / "generate.py", "--out", tmp_path / "pairs", *flags, check=False)
     assert_one_line_error(p)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--seconds", "0.002"], "--seconds 0.002 is too short: give at least 0.004167"),
+    (["--seconds", "1e-50"], "--seconds 1e-50 is too short"),
+    (["--gallery", "GALLERY", "--seconds", "0.01"], "512 samples for the gallery log-mel"),
+    (["--sample-rate", "3000000000"], "--sample-rate: '3000000000' is not a finite number in [1, 2147483647]")])
+def test_a_sound_synthax_cannot_shape_is_refused_before_any_work(tmp_path, flags, needle):
+    """synthax needs 2 control steps (1/480 s each), the gallery's log-mel 512 samples, JAX an int32 rate; these were
+    JAX's "xp and fp must be one-dimensional arrays of equal size" (0.002 s, 2 pairs) or a traceback."""
+    flags = [str(tmp_path / "gallery") if f == "GALLERY" else f for f in flags]
+    p = run_here(ROOT / "generate.py", "--pairs", "2", "--out", tmp_path / "o", *flags)
+    assert needle in assert_one_line_error(p)
+    assert os.listdir(tmp_path) == []
+
+
+def test_synthesis_out_of_memory_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """JAX's own errors (e.g. --seconds 1e7: RESOURCE_EXHAUSTED allocating 250 GB, simulated here) are one line."""
+    import jax
+    import generate
+
+    def oom(tmp, args):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 250181848256 bytes.\nmore")
+    monkeypatch.setattr(generate, "write_outputs", oom)
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--pairs", "1", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "generate.py: error: synthesis failed (RESOURCE_EXHAUSTED: Out of memory allocating 250181848256 bytes.); "
+        "lower --batch-size, --seconds or --sample-rate\n")
     assert os.listdir(tmp_path) == []
 
 

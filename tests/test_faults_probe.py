@@ -148,8 +148,33 @@ def _nonfinite_audio(tmp):
     return csv_args(root), "decodes"
 
 
+def _runner(tmp, make):
+    """heareval runner output for a HEAR task: <split>/<file>.embedding.npy, make(i) the array of clip i."""
+    for s in ["fold00", "fold01"]:
+        (tmp / "e" / s).mkdir(parents=True)
+        for i in range(4):
+            np.save(tmp / "e" / s / f"{i}.wav.embedding.npy", make(i))
+    return ["--task", "hear", "--data-dir", hear(tmp / "h"), "--embeddings", tmp / "e"]
+
+
+def _folds(tmp, *folds):
+    return csv_args(folder(tmp / "d", "aabb", meta=("file,kind,fold\n" + "".join(
+        f"{i}.wav,{'aabb'[i]},{k}\n" for i, k in enumerate(folds))).encode()))
+
+
 CASES = {
     "meta.csv latin-1": _latin1,
+    "meta.csv UTF-16 without BOM": lambda tmp: (csv_args(folder(tmp / "d", "aabb", meta="file,kind\n0.wav,a\n".encode(
+        "utf-16-le"))), "NUL bytes: UTF-16?"),
+    "meta.csv column twice": lambda tmp: (csv_args(folder(tmp / "d", "aabb", meta=b"file,kind,kind,fold\n0.wav,a,x,0\n")),
+                                          "column 'kind' appears 2 times in the header; rename one"),
+    "meta.csv fold -1": lambda tmp: (_folds(tmp, 0, -1, 0, -1), "fold '-1' is not an integer in [0, 2^63)"),
+    "meta.csv fold 10^30": lambda tmp: (_folds(tmp, 0, 10**30, 0, 10**30), f"fold '{10**30}' is not an integer in"),
+    "--seed 2^64": lambda tmp: (csv_args(folder(tmp / "d", "aabb"), "--seed", 2**64), "--seed"),
+    "hear runner embeddings of strings": lambda tmp: (_runner(tmp, lambda i: np.array(["a", "b"])),
+                                                      "not a finite scene embedding of the others' size (shape (2,), <U1"),
+    "hear split lists no clips": lambda tmp: (["--task", "hear", "--data-dir", hear(tmp / "h", split="{}")],
+                                              "fold01.json lists no clips"),
     "meta.csv binary": lambda tmp: (csv_args(folder(tmp / "d", "aabb", meta=b"file,kind\x00\n\x00\xff\x00")), "meta.csv"),
     "meta.csv empty": lambda tmp: (csv_args(folder(tmp / "d", "aabb", meta=b"")), "meta.csv"),
     "meta.csv short row": lambda tmp: (csv_args(folder(tmp / "d", "aabb", meta=b"file,kind,fold\n0.wav,a,0\n1.wav\n")),

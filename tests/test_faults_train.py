@@ -1,5 +1,6 @@
 """train.py under faults: bad flags and damaged files get one line and exit 2 with nothing touched,
 and a run killed (-9) at any point resumes to the same log, learning rates and weights."""
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,14 @@ TINY = ["--synth", "voice", "--batch-size", "4", "--sounds-per-epoch", "24", "--
 def test_bad_numbers_are_refused_before_any_folder_exists(tmp_path, flags, needle):
     p = run_here(ROOT / "train.py", "--out", tmp_path / "out", *flags)
     assert needle in assert_one_line_error(p) and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,value", [("RANK", ""), ("LOCAL_RANK", "x"), ("WORLD_SIZE", "2.0")])
+def test_a_malformed_torchrun_variable_is_refused_before_any_folder_exists(tmp_path, name, value):
+    """Was "invalid literal for int() with base 10: ''", naming neither the variable nor the fix."""
+    p = run_here(ROOT / "train.py", "--epochs", "0", "--out", tmp_path / "out", env={name: value})
+    assert f"environment variable {name}={value!r} is not a whole number" in assert_one_line_error(p)
     assert not (tmp_path / "out").exists()
 
 
@@ -224,10 +233,12 @@ def test_a_damaged_log_is_refused_by_name_and_nothing_is_rewritten(three_steps, 
 
 
 def test_a_folder_named_like_audio_is_a_folder_not_a_file(tmp_path):
+    """Also a file name that is not UTF-8 (a Latin-1 é), which soundfile could not encode back."""
     audio = tmp_path / "audio"
     (audio / "take1.wav").mkdir(parents=True)
-    for f in (audio / "fine.wav", audio / "take1.wav" / "inner.wav"):
-        sf.write(f, 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32), 16000)
+    latin1 = os.fsdecode(bytes(audio) + b"/caf\xe9.wav")
+    for f in (audio / "fine.wav", audio / "take1.wav" / "inner.wav", latin1):
+        sf.write(os.fsencode(f), 0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32), 16000)
     run(ROOT / "train.py", "--data", audio, "--positives", "jitter", "--batch-size", "2", "--epochs", "1",
         "--sounds-per-epoch", "4", "--out", tmp_path / "run")
     assert (tmp_path / "run" / "encoder.pt").is_file()

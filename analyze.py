@@ -856,30 +856,25 @@ def read_sweep(root, max_pairs):  # generate.py pair folders under root -> [dict
 # --- shared helpers: the same in every script that has them ---
 # Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
 
-def first_line(e):
-    """An error as one line: the first line of its message (its type's name if it has none), never cut."""
+def first_line(e):  # an error as one line: its message's first line (its type's name if it has none), never cut
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def fail(msg, code=2):
-    """The one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr."""
+def fail(msg, code=2):  # the one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr
     print(f"{os.path.basename(__file__)}: error: {' '.join(str(msg).split())}", file=sys.stderr)
     sys.exit(code)
 
 
-def interrupted(signum, frame):
-    """SIGTERM ends a run as Ctrl-C does: a KeyboardInterrupt, so every file on disk is left whole."""
+def interrupted(signum, frame):  # SIGTERM ends a run as Ctrl-C does (a KeyboardInterrupt): every file is left whole
     raise KeyboardInterrupt(signum)
 
 
-def exit_interrupted(e, note=""):
-    """The exit on Ctrl-C (130) or SIGTERM (143): 128 + the signal's number, as a shell reports it."""
+def exit_interrupted(e, note=""):  # the exit on Ctrl-C (130) or SIGTERM (143): 128 + signal number, as a shell says
     print(f"{os.path.basename(__file__)}: interrupted{'; ' + note if note else ''}", file=sys.stderr)
     sys.exit(128 + (e.args[0] if e.args else signal.SIGINT))
 
 
-def number(kind=float, low=0, high=math.inf, above=False, below=False):
-    """An argparse type: a finite number in [low, high] (above: > low, below: < high)."""
+def number(kind=float, low=0, high=math.inf, above=False, below=False):  # argparse type: finite, in [low, high]
     def check(text):
         x = kind(text)
         if not (math.isfinite(x) and (low < x if above else low <= x) and (x < high if below else x <= high)):
@@ -908,8 +903,7 @@ def check_path(path, flag, kind="folder", must_exist=False):
         raise ValueError(f"{flag} {path} is a {'folder' if is_dir else 'file'}, not a {kind}")
 
 
-def check_writable(path, flag):
-    """An output path this user can create: its nearest existing ancestor is writable (found now, not after work)."""
+def check_writable(path, flag):  # an output path this user can create: its nearest existing ancestor is writable
     ancestor = next(d for d in [Path(path).absolute(), *Path(path).absolute().parents] if d.exists())
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path} is not writable by this user ({ancestor}: permission denied)")
@@ -935,8 +929,7 @@ def atomic_write(path, data):
                 d.rmdir()
 
 
-def read_json(path, what):
-    """A JSON object (dict) from a file the project wrote, a UTF-8 BOM allowed, or one ValueError naming it."""
+def read_json(path, what):  # a JSON object (dict) from a file the project wrote, a UTF-8 BOM allowed
     try:
         obj = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -1011,8 +1004,7 @@ class FolderLock:
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
 
-    def release(self):
-        """Remove the lock file (while still holding it, so no one takes a file about to vanish) and let go."""
+    def release(self):  # remove the lock file while still holding it (no one takes a file about to vanish), let go
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):

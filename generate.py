@@ -101,8 +101,7 @@ class Doppelgangers:
         self._pair = jax.jit(self._make_pair)
         self._render = jax.jit(self.render)
 
-    def unflatten(self, theta):
-        """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
+    def unflatten(self, theta):  # (B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)
         parts = jnp.split(theta, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
         leaves = [p.reshape((theta.shape[0],) + s) for p, s in zip(parts, self.shapes)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
@@ -110,8 +109,7 @@ class Doppelgangers:
     def render(self, theta, noise_key):
         return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
 
-    def perturb(self, key, delta):
-        """-> theta, theta_a, theta_b, each (B, m); delta is a scalar or one per column, (m,)."""
+    def perturb(self, key, delta):  # -> theta, theta_a, theta_b, each (B, m); delta: a scalar or one per column, (m,)
         k_theta, k_z = jax.random.split(key, 4)[:2]
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
@@ -251,8 +249,7 @@ class PairSampler(Doppelgangers):
             column[cols] = value * scale
         return column.astype(np.float32)
 
-    def recipe(self):
-        """What differs from the paper's single delta, e.g. 'keep pitch, vco_1=0.1' ('' for nothing)."""
+    def recipe(self):  # what differs from the paper's single delta, e.g. 'keep pitch, vco_1=0.1' ('' for nothing)
         parts = ["noise curve"] * self.noise_curve + [f"keep {k}" for k in self.keep]
         parts += [f"{n}={v:g}" for n, v in self.delta_group.items()]
         if self.delta_schedule is not None:
@@ -294,8 +291,7 @@ class PairSampler(Doppelgangers):
         return ["doppelganger", "negative", "noise", "gain", "shift", *self.groups]
 
 
-def log_mel_png(path, audio, sample_rate):
-    """The training frontend's view of a sound (VGGish log-mel), drawn for a person."""
+def log_mel_png(path, audio, sample_rate):  # the training frontend's view of a sound (VGGish log-mel), for a person
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -387,8 +383,7 @@ def write_wav(path, audio, sample_rate):
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def output_folder(path, flag):
-    """--out / --gallery checked before any work; a link to a folder is followed, so that the link keeps working."""
+def output_folder(path, flag):  # checked before any work; a link to a folder is followed, so the link keeps working
     check_path(path, flag)
     path = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     # the old folder is moved aside and removed only after the new one is written: every part must allow it
@@ -398,8 +393,7 @@ def output_folder(path, flag):
     return path
 
 
-def move_into_place(tmp, out):
-    """tmp becomes out; an old out is renamed aside and removed only once the new one is in place: never neither."""
+def move_into_place(tmp, out):  # an old out is renamed aside, removed only once tmp is in its place: never neither
     if not os.path.isdir(out):
         return os.replace(tmp, out)
     old = tmp + "-old"
@@ -463,8 +457,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args):
-    """The values and flag combinations argparse does not check, before any work (ValueError: one line)."""
+def check_args(args):  # the values and flag combinations argparse does not check, before any work (ValueError)
     if unknown := [s for s in args.synth if s not in SYNTHS]:
         raise ValueError(f"unknown synth {unknown[0]!r} (choose from {', '.join(SYNTHS)})")
     names = [f"{s}/delta_{d:g}" for s in args.synth for d in args.delta]  # the folders (and gallery files) written

@@ -175,9 +175,8 @@ class PairSampler(Doppelgangers):
         self.curves = self.dropped_curves() if self.noise_curve else []  # read when _pair is first traced
 
     def dropped_curves(self):
-        """synthax 0.2.2 applies a curve only if no entry is 1, so Voice's mixer level [1, 1, 0.025] is dropped whole:
-        the noise level is linear in theta, not theta^40, and most random Voice sounds noise-like (the paper's data; no
-        other synth has one). -> [(columns, curve, symmetric)] of the entries other than 1, to apply to theta."""
+        """synthax 0.2.2 drops a curve with an entry 1, so Voice's mixer level [1, 1, 0.025] (no other synth has one)
+        is unused: noise is linear in theta, not theta^40, and most random Voices sound noisy (the paper's data)."""
         curves, modules = [], self.synth.bind(self.params).modules
         for name, cols in self.columns.items():
             spec = getattr(modules.get(name.split(".")[0]), name.split(".")[1], None)
@@ -261,9 +260,8 @@ class PairSampler(Doppelgangers):
             return super().sample(step, rank, stream)
 
     def factor_pair(self, factor, step, stream=FACTOR_STREAM):
-        """-> (audio_a, audio_b) differing in ONE factor: 'noise' (same theta, two noise draws), a synthax module (only
-        its parameters perturbed by delta, same noise), 'gain' (b is a 0-20 dB quieter copy of a), 'shift' (b is a
-        delayed by 50-250 ms), 'doppelganger' (the training pair) and 'negative' (independent theta and noise)."""
+        """-> (audio_a, audio_b) differing in ONE factor: 'noise' (same theta), a synthax module (its parameters alone
+        perturbed), 'gain' (b: a 0-20 dB quieter), 'shift' (b: a 50-250 ms later), 'doppelganger' and 'negative'."""
         k_theta, k_z, k_na, k_nb, k_x = jax.random.split(self.key(step, 0, stream), 5)
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)

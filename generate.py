@@ -198,9 +198,8 @@ class PairSampler(Doppelgangers):
         return super().render(theta, noise_key)
 
     def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
-        """Which delta each column of theta gets (default self.delta); ValueError names the valid choices. delta_group:
-        "NAME=VALUE"s as --delta-group takes (a parameter's beats its module's); keep: KEEP names, delta 0, beating all;
-        delta_schedule: (start, steps), stream 0 ramps from start to self.delta at step steps - 1, columns alike."""
+        """Which delta each column of theta gets (default self.delta). delta_group: "NAME=VALUE"s as --delta-group takes
+        (a parameter's beats its module's); keep: KEEP names, delta 0, beating all; delta_schedule: see delta_at."""
         delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
@@ -234,7 +233,7 @@ class PairSampler(Doppelgangers):
 
     def delta_at(self, step=0, stream=0):
         """The delta of batch (step, stream): a float32 scalar while no column has its own (the paper's sampler, bit
-        for bit), else one per column, (m,). Only stream 0 (training) follows delta_schedule."""
+        for bit), else one per column, (m,). Only stream 0 (training) follows delta_schedule, every column alike."""
         delta = self.delta
         if self.delta_schedule is not None and stream == 0:
             start, steps = self.delta_schedule

@@ -327,7 +327,8 @@ def write_gallery(out, args):
                 rows.append(f"<tr><th>pair {i}</th>{''.join(cells)}</tr>")
             sections.append(f"<h2>{html.escape(synth)}, &delta; = {delta:g}{recipe}</h2>\n"
                             f"<table><tr><th></th><th>a</th><th>b</th></tr>{''.join(rows)}</table>")
-    page = f"""<!doctype html>
+    with open(os.path.join(out, "index.html"), "w") as f:
+        f.write(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Audio doppelgängers</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px;text-align:center}} img{{width:240px}}</style>
 </head><body>
@@ -344,9 +345,7 @@ window.addEventListener("load", () => {{
 }});
 </script>
 </body></html>
-"""
-    with open(os.path.join(out, "index.html"), "w") as f:
-        f.write(page)
+""")
 
 
 def benchmark(args):
@@ -629,9 +628,8 @@ class FolderLock:
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        run(args)
+        run(parse_args(argv))
     except KeyboardInterrupt as e:  # the temporary folder is gone (run removes it), the output folder untouched
         exit_interrupted(e, "nothing was written (the output folder is as it was)")
     except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line (fail folds it) + exit 2

@@ -289,20 +289,18 @@ class PairSampler(Doppelgangers):
 
 
 def log_mel_png(path, audio, sample_rate):  # the training frontend's view of a sound (VGGish log-mel), for a person
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
     import torchaudio
+    from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
     mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=512, win_length=400, hop_length=160,
                                                f_min=125, f_max=7500, n_mels=64, power=1.0, mel_scale="htk")
     spec = torch.log(mel(torch.from_numpy(audio)) + 0.01).numpy()
-    fig, ax = plt.subplots(figsize=(3, 1.6), dpi=80)
+    fig = Figure(figsize=(3, 1.6), dpi=80)
+    ax = fig.subplots()
     ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_gallery(out, args):

@@ -140,8 +140,7 @@ class Doppelgangers:
 
 # === 2. beyond the paper ===
 FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
-# --keep SET: MODULE.PARAM patterns held equal within a pair (delta 0). A note is each keyboard's midi_f0 plus each
-# oscillator's tuning; pitch-mod adds vibrato/FM depth (vco_*.mod_depth, ±96 semitones), not LFO rates or mod_matrix.
+# --keep: a note is midi_f0 plus tuning; pitch-mod adds vibrato/FM depth (±96 semitones), not LFO rates or mod_matrix
 KEEP = {"pitch": ("*.midi_f0", "*.tuning"), "pitch-mod": ("*.midi_f0", "*.tuning", "vco_*.mod_depth")}
 
 

@@ -157,8 +157,7 @@ def synthesis_device(local_rank=0, devices=None):
 
 
 class PairSampler(Doppelgangers):
-    """The paper's sampler plus recipes (set_recipe), one-factor pairs (factor_pair), a JAX device (None: default; see
-    synthesis_device) and, with noise_curve, the synth's level curves as its authors meant them (see dropped_curves)."""
+    """Doppelgangers plus recipes, one-factor pairs, a JAX device (synthesis_device), noise_curve (dropped_curves)."""
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
                  delta_schedule=None, device=None, noise_curve=False):

@@ -101,8 +101,7 @@ class Doppelgangers:
         self._pair = jax.jit(self._make_pair)
         self._render = jax.jit(self.render)
 
-    def unflatten(self, theta):
-        """(B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)."""
+    def unflatten(self, theta):  # (B, m) -> synthax parameter tree, leaf by leaf (never ravel across the batch)
         parts = jnp.split(theta, np.cumsum(self.sizes)[:-1].tolist(), axis=1)
         leaves = [p.reshape((theta.shape[0],) + s) for p, s in zip(parts, self.shapes)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
@@ -110,8 +109,7 @@ class Doppelgangers:
     def render(self, theta, noise_key):
         return self.synth.apply(self.unflatten(theta), rngs={"noise": noise_key})
 
-    def perturb(self, key, delta):
-        """-> theta, theta_a, theta_b, each (B, m); delta is a scalar or one per column, (m,)."""
+    def perturb(self, key, delta):  # -> theta, theta_a, theta_b, each (B, m); delta: a scalar or one per column, (m,)
         k_theta, k_z = jax.random.split(key, 4)[:2]
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
@@ -142,8 +140,7 @@ class Doppelgangers:
 
 # === 2. beyond the paper ===
 FACTOR_STREAM = 2  # key space of the one-factor pairs (train.py draws streams 0 and 1)
-# --keep SET: MODULE.PARAM patterns held equal within a pair (delta 0). A note is each keyboard's midi_f0 plus each
-# oscillator's tuning; pitch-mod adds vibrato/FM depth (vco_*.mod_depth, ±96 semitones), not LFO rates or mod_matrix.
+# --keep: a note is midi_f0 plus tuning; pitch-mod adds vibrato/FM depth (±96 semitones), not LFO rates or mod_matrix
 KEEP = {"pitch": ("*.midi_f0", "*.tuning"), "pitch-mod": ("*.midi_f0", "*.tuning", "vco_*.mod_depth")}
 
 
@@ -160,8 +157,7 @@ def synthesis_device(local_rank=0, devices=None):
 
 
 class PairSampler(Doppelgangers):
-    """The paper's sampler plus recipes (set_recipe), one-factor pairs (factor_pair), a JAX device (None: default; see
-    synthesis_device) and, with noise_curve, the synth's level curves as its authors meant them (see dropped_curves)."""
+    """Doppelgangers plus recipes, one-factor pairs, a JAX device (synthesis_device), noise_curve (dropped_curves)."""
 
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
                  delta_schedule=None, device=None, noise_curve=False):
@@ -177,9 +173,8 @@ class PairSampler(Doppelgangers):
         self.curves = self.dropped_curves() if self.noise_curve else []  # read when _pair is first traced
 
     def dropped_curves(self):
-        """synthax 0.2.2 applies a curve only if no entry is 1, so Voice's mixer level [1, 1, 0.025] is dropped whole:
-        the noise level is linear in theta, not theta^40, and most random Voice sounds noise-like (the paper's data; no
-        other synth has one). -> [(columns, curve, symmetric)] of the entries other than 1, to apply to theta."""
+        """synthax 0.2.2 drops a curve with an entry 1, so Voice's mixer level [1, 1, 0.025] (no other synth has one)
+        is unused: noise is linear in theta, not theta^40, and most random Voices sound noisy (the paper's data)."""
         curves, modules = [], self.synth.bind(self.params).modules
         for name, cols in self.columns.items():
             spec = getattr(modules.get(name.split(".")[0]), name.split(".")[1], None)
@@ -201,9 +196,8 @@ class PairSampler(Doppelgangers):
         return super().render(theta, noise_key)
 
     def set_recipe(self, delta_group=None, keep=None, delta_schedule=None):
-        """Which delta each column of theta gets (default self.delta); ValueError names the valid choices. delta_group:
-        "NAME=VALUE"s as --delta-group takes (a parameter's beats its module's); keep: KEEP names, delta 0, beating all;
-        delta_schedule: (start, steps), stream 0 ramps from start to self.delta at step steps - 1, columns alike."""
+        """Which delta each column of theta gets (default self.delta). delta_group: "NAME=VALUE"s as --delta-group takes
+        (a parameter's beats its module's); keep: KEEP names, delta 0, beating all; delta_schedule: see delta_at."""
         delta_group, keep = ([x] if isinstance(x, str) else list(x or []) for x in (delta_group, keep))
         self.delta_group, self.keep = {}, keep
         for spec in delta_group:
@@ -237,7 +231,7 @@ class PairSampler(Doppelgangers):
 
     def delta_at(self, step=0, stream=0):
         """The delta of batch (step, stream): a float32 scalar while no column has its own (the paper's sampler, bit
-        for bit), else one per column, (m,). Only stream 0 (training) follows delta_schedule."""
+        for bit), else one per column, (m,). Only stream 0 (training) follows delta_schedule, every column alike."""
         delta = self.delta
         if self.delta_schedule is not None and stream == 0:
             start, steps = self.delta_schedule
@@ -251,8 +245,7 @@ class PairSampler(Doppelgangers):
             column[cols] = value * scale
         return column.astype(np.float32)
 
-    def recipe(self):
-        """What differs from the paper's single delta, e.g. 'keep pitch, vco_1=0.1' ('' for nothing)."""
+    def recipe(self):  # what differs from the paper's single delta, e.g. 'keep pitch, vco_1=0.1' ('' for nothing)
         parts = ["noise curve"] * self.noise_curve + [f"keep {k}" for k in self.keep]
         parts += [f"{n}={v:g}" for n, v in self.delta_group.items()]
         if self.delta_schedule is not None:
@@ -264,9 +257,8 @@ class PairSampler(Doppelgangers):
             return super().sample(step, rank, stream)
 
     def factor_pair(self, factor, step, stream=FACTOR_STREAM):
-        """-> (audio_a, audio_b) differing in ONE factor: 'noise' (same theta, two noise draws), a synthax module (only
-        its parameters perturbed by delta, same noise), 'gain' (b is a 0-20 dB quieter copy of a), 'shift' (b is a
-        delayed by 50-250 ms), 'doppelganger' (the training pair) and 'negative' (independent theta and noise)."""
+        """-> (audio_a, audio_b) differing in ONE factor: 'noise' (same theta), a synthax module (its parameters alone
+        perturbed), 'gain' (b: a 0-20 dB quieter), 'shift' (b: a 50-250 ms later), 'doppelganger' and 'negative'."""
         k_theta, k_z, k_na, k_nb, k_x = jax.random.split(self.key(step, 0, stream), 5)
         B, m = self.batch_size, self.m
         theta = jax.random.uniform(k_theta, (B, m), minval=EPS, maxval=1.0)
@@ -294,22 +286,19 @@ class PairSampler(Doppelgangers):
         return ["doppelganger", "negative", "noise", "gain", "shift", *self.groups]
 
 
-def log_mel_png(path, audio, sample_rate):
-    """The training frontend's view of a sound (VGGish log-mel), drawn for a person."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def log_mel_png(path, audio, sample_rate):  # the training frontend's view of a sound (VGGish log-mel), for a person
     import torch
     import torchaudio
+    from matplotlib.figure import Figure  # not pyplot: no backend to choose, no global figure to close
     mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=512, win_length=400, hop_length=160,
                                                f_min=125, f_max=7500, n_mels=64, power=1.0, mel_scale="htk")
     spec = torch.log(mel(torch.from_numpy(audio)) + 0.01).numpy()
-    fig, ax = plt.subplots(figsize=(3, 1.6), dpi=80)
+    fig = Figure(figsize=(3, 1.6), dpi=80)
+    ax = fig.subplots()
     ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
     ax.set_axis_off()
     fig.subplots_adjust(0, 0, 1, 1)
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_gallery(out, args):
@@ -334,7 +323,8 @@ def write_gallery(out, args):
                 rows.append(f"<tr><th>pair {i}</th>{''.join(cells)}</tr>")
             sections.append(f"<h2>{html.escape(synth)}, &delta; = {delta:g}{recipe}</h2>\n"
                             f"<table><tr><th></th><th>a</th><th>b</th></tr>{''.join(rows)}</table>")
-    page = f"""<!doctype html>
+    with open(os.path.join(out, "index.html"), "w") as f:
+        f.write(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Audio doppelgängers</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px;text-align:center}} img{{width:240px}}</style>
 </head><body>
@@ -351,9 +341,7 @@ window.addEventListener("load", () => {{
 }});
 </script>
 </body></html>
-"""
-    with open(os.path.join(out, "index.html"), "w") as f:
-        f.write(page)
+""")
 
 
 def benchmark(args):
@@ -387,8 +375,7 @@ def write_wav(path, audio, sample_rate):
         raise OSError(e.errno, e.strerror, path) from None
 
 
-def output_folder(path, flag):
-    """--out / --gallery checked before any work; a link to a folder is followed, so that the link keeps working."""
+def output_folder(path, flag):  # checked before any work; a link to a folder is followed, so the link keeps working
     check_path(path, flag)
     path = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
     # the old folder is moved aside and removed only after the new one is written: every part must allow it
@@ -398,8 +385,7 @@ def output_folder(path, flag):
     return path
 
 
-def move_into_place(tmp, out):
-    """tmp becomes out; an old out is renamed aside and removed only once the new one is in place: never neither."""
+def move_into_place(tmp, out):  # an old out is renamed aside, removed only once tmp is in its place: never neither
     if not os.path.isdir(out):
         return os.replace(tmp, out)
     old = tmp + "-old"
@@ -463,8 +449,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args):
-    """The values and flag combinations argparse does not check, before any work (ValueError: one line)."""
+def check_args(args):  # the values and flag combinations argparse does not check, before any work (ValueError)
     if unknown := [s for s in args.synth if s not in SYNTHS]:
         raise ValueError(f"unknown synth {unknown[0]!r} (choose from {', '.join(SYNTHS)})")
     names = [f"{s}/delta_{d:g}" for s in args.synth for d in args.delta]  # the folders (and gallery files) written
@@ -634,9 +619,8 @@ class FolderLock:
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        run(args)
+        run(parse_args(argv))
     except KeyboardInterrupt as e:  # the temporary folder is gone (run removes it), the output folder untouched
         exit_interrupted(e, "nothing was written (the output folder is as it was)")
     except (ValueError, OSError) as e:  # the only place an exception becomes one stderr line (fail folds it) + exit 2

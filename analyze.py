@@ -79,11 +79,8 @@ def get_embedder(spec, args):  # -> a function from a float32 (B, T) 16 kHz batc
             encode(enc, torch.zeros(2, SAMPLE_RATE), path)  # a bad encoder fails now, before any audio is read
         return lambda x: encode(enc, x, path)
     mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
-
-    def fn(x):
-        m = mfcc(torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1]))))  # very short clips
-        return torch.cat([m.mean(-1), m.std(-1)], 1)
-    return fn
+    stats = lambda m: torch.cat([m.mean(-1), m.std(-1)], 1)
+    return lambda x: stats(mfcc(torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))))  # very short clips
 
 
 def embed(waves, fn, batch_size, desc="embed"):  # (N, D); a batch holds clips of one length: one tensor, nothing padded

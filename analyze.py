@@ -102,9 +102,7 @@ def embed(waves, fn, batch_size, desc="embed"):  # (N, D); a batch holds clips o
 
 
 # pairs (Fig. 1)
-def pair_similarity(groups, fn, embedder, batch_size):
-    """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
-    unit-norm embeddings a, b."""
+def pair_similarity(groups, fn, embedder, batch_size):  # -> positive/negative cosine rows; groups gain unit-norm a, b
     emb = embed([w for g in groups for w in g["wa"] + g["wb"]], fn, batch_size)
     if embedder == "mfcc":  # z-scored over the whole sweep before cosine: see cmd_pairs
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
@@ -125,8 +123,7 @@ def pair_similarity(groups, fn, embedder, batch_size):
 
 def plot_pair_pca(groups, pca_pairs):  # PCA fitted per synth over all its deltas, so the panels of a row share axes
     synths, deltas = sorted({g["synth"] for g in groups}), sorted({g["delta"] for g in groups})
-    fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)), squeeze=False)
     for i, sy in enumerate(synths):
         gs = {g["delta"]: g for g in groups if g["synth"] == sy}
         allx = np.concatenate([np.concatenate([g["a"], g["b"]]) for g in gs.values()])
@@ -192,17 +189,14 @@ def clip_features(x, E):  # per-clip features: the median over non-silent frames
             continue
         vals["inharmonicity"].append(E["inharmonicity"](hf, hm))  # 1.0 when no harmonic has energy
         if hm.sum() > 0:
-            # Essentia counts array index 0 (the fundamental, harmonic 1) as "even"; a zero-energy
-            # slot in front puts harmonic k at index k, so the ratio is odd/even harmonic energy.
+            # Essentia counts index 0 (harmonic 1) as "even": a zero slot in front makes the ratio odd/even energy
             r = E["odd_even"](np.r_[0.0, hf].astype(np.float32), np.r_[0.0, hm].astype(np.float32))
             vals["odd_even_ratio"].append(float(np.clip(r, *OE_CLIP)))
     return {f: float(np.median(v)) if v else float("nan") for f, v in vals.items()}
 
 
 # uncertainty (Fig. 2B)
-def uncertainty_proxies(p):
-    """Causal-uncertainty proxies of class probabilities p (N, C), rows normalized to sum 1:
-    H_cu = max probability, H_p = entropy / log C, S_conf = top-1 minus top-2 probability."""
+def uncertainty_proxies(p):  # class probabilities (N, C) -> H_cu (max), H_p (entropy / log C), S_conf (top-1 - top-2)
     p = np.asarray(p, np.float64)
     p = p / p.sum(1, keepdims=True)
     top = -np.sort(-p, 1)
@@ -232,8 +226,7 @@ def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) cla
 
 
 # fad (Table 2)
-def fad(e1, e2, eps=1e-6):
-    """Frechet distance of two embedding sets, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does."""
+def fad(e1, e2, eps=1e-6):  # Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does
     import scipy.linalg
     cov = lambda e: np.atleast_2d(np.cov(e, rowvar=False))  # (D, D), also for D = 1 (np.cov gives a scalar)
     mu1, s1, mu2, s2 = e1.mean(0), cov(e1), e2.mean(0), cov(e2)
@@ -445,9 +438,7 @@ def by_synth(ax, rows, key, err=None, series=None, x="delta"):
         ax.set_xlabel("training steps")
 
 
-def legend_below(fig, axes):
-    """One legend for the figure, under its panels (laid out first, so the legend goes below where they end):
-    recipe names are long, and a legend in each panel hid the data."""
+def legend_below(fig, axes):  # one legend under the laid-out panels: recipe names are long, legends in panels hid data
     fig.tight_layout()
     seen = {}
     for h, l in (hl for ax in axes for hl in zip(*ax.get_legend_handles_labels())):
@@ -611,15 +602,13 @@ def delta_axis(ax, deltas):
     ax.set_xlabel("δ")
 
 
-def violins(run, name, rows, names, titles, log, shape, size, title):
-    """A panel per key of titles, one violin of rows[key] per set in it; the log key in log10, floored at 1e-6
-    (S_conf spans decades and can be 0) -> the figure's file name."""
+def violins(run, name, rows, names, titles, log, shape, size, title):  # a panel per titles key, a violin per set
     fig, axes = plt.subplots(*shape, figsize=size)
     for ax, (key, panel) in zip(axes.flat, titles.items()):
         for i, n in enumerate(names):
             v = np.array([r[key] for r in rows if r["set"] == n], float)
             v = v[np.isfinite(v)]
-            if key == log:
+            if key == log:  # S_conf spans decades and can be 0
                 v = np.log10(np.maximum(v, 1e-6))
             if len(np.unique(v)) >= 2:
                 for b in ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)["bodies"]:

@@ -338,9 +338,7 @@ def cmd_invariance(args, run):
 
 
 # training (Fig. 5, Fig. 3)
-def recipe(cfg, path):
-    """How a run drew its pairs besides one delta (train.py --noise-curve, --keep, --delta-group, --delta-schedule),
-    e.g. 'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler (all null or false in config.json)."""
+def recipe(cfg, path):  # pair drawing beyond delta, e.g. 'keep pitch, ramp from 0.05'; '' for the paper's sampler
     try:
         keep, groups, start = cfg["keep"] or [], cfg["delta_group"] or [], cfg["delta_schedule"]
         if not (isinstance(keep, list) and isinstance(groups, list)):
@@ -412,10 +410,8 @@ def label(r, x="delta"):  # against steps, runs of one recipe at two deltas are 
     return f"{how}, δ = {r['delta']:g}" if x == "steps" and np.isfinite(r["delta"]) else how
 
 
-def by_synth(ax, rows, key, err=None, series=None, x="delta"):
-    """One line per synth and recipe (and delta, when x is "steps"); runs that share (synth, recipe, delta, x), e.g.
-    seeds, are averaged. series: the labels of the whole figure, so that a line has one color in every panel."""
-    series = series or sorted({label(r, x) for r in rows})
+def by_synth(ax, rows, key, err=None, series=None, x="delta"):  # a line per label; seeds (same label and x) averaged
+    series = series or sorted({label(r, x) for r in rows})  # the figure's labels: one color per line in every panel
     for sy in sorted({label(r, x) for r in rows}):
         i = series.index(sy)
         rs = [r for r in rows if label(r, x) == sy and np.isfinite(r[key])]
@@ -746,15 +742,13 @@ def cmd_fad(args, run):
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 
 
-def read_clips(groups, what, unit="clip"):
-    """Each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves). A group with
-    an unreadable clip is skipped and counted (one bad file in 1000 should not stop a figure); none left is an error."""
+def read_clips(groups, what, unit="clip"):  # groups of files (a clip, a pair) -> (indices of those read, waves)
     kept, waves, refused = [], [], []
     for i, files in enumerate(tqdm(groups, desc=f"read {what}", disable=None)):
         try:
             waves.append([read_audio(f) for f in files])
             kept.append(i)
-        except ValueError as e:
+        except ValueError as e:  # skipped and counted: one bad file in 1000 should not stop a figure
             refused.append(first_line(e))
     if not kept:
         raise ValueError(f"{what}: no {unit} can be read ({refused[0]})")

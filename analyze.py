@@ -757,10 +757,8 @@ def read_clips(groups, what, unit="clip"):  # groups of files (a clip, a pair) -
     return kept, waves
 
 
-def subset(n, max_files):  # a fixed seeded subset (in original order), so runs and sets are comparable
-    if not max_files or n <= max_files:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
+def subset(n, max_files):  # a fixed seeded subset (in original order; 0 = all), so runs and sets are comparable
+    return np.sort(np.random.default_rng(0).permutation(n)[:max_files or None])
 
 
 def parse_set(spec):

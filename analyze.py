@@ -50,8 +50,7 @@ from tqdm import tqdm
 # torch, torchaudio, essentia, transformers: imported where used, as each takes seconds and bad input fails at once
 
 # === 1. the paper ===
-# Fig. 1: pairs drift apart as δ grows; Fig. 2A, 2B: spectral features and a classifier's uncertainty of synthetic
-# and real sets; Table 2: FAD. Part 3 reads the sets and draws the figures; part 2 loads the CLAP and AST weights.
+# Fig. 1 (pairs vs δ), 2A (features), 2B (uncertainty), Table 2 (FAD); part 2 loads CLAP/AST, part 3 reads and draws.
 SAMPLE_RATE = 16000
 FRAME, HOP = 2048, 512  # spectral features: 128 ms frames at 16 kHz
 SILENCE = 1e-8          # frame mean power below this (after level normalization) is skipped

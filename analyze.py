@@ -538,19 +538,15 @@ def cmd_report(args, run):
 Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
 
 
-class Run:
-    """One run's state, owned by main(): its outputs, held in memory until the command has succeeded, the lock on
-    --out, and the sets it read (report reads each once). A failed command leaves --out as it was."""
+class Run:  # main()'s state: the outputs, held in memory until the command succeeds; the lock on --out; the sets read
 
     def __init__(self, out):
-        self.out, self.outputs, self.load_set = out, {}, functools.lru_cache(maxsize=None)(load_set)
+        self.out, self.outputs, self.load_set = out, {}, functools.cache(load_set)  # report reads each set once
         self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed again, innermost first, on failure
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock = FolderLock(out, beside=True)  # one job per --out: beside it, as --out may not exist yet
 
-    def commit(self):
-        """Every output at once: written into a hidden folder in --out, then renamed into place (a rename does not
-        fill a disk), so that a failure leaves the files that were there byte-identical and adds none."""
+    def commit(self):  # every output at once: written into a hidden folder in --out, then renamed into place
         tmp = self.out / f".analyze-{os.getpid()}"
         try:
             for name, data in self.outputs.items():
@@ -558,7 +554,7 @@ class Run:
                     atomic_write(tmp / name, data)
                 except OSError as e:  # named as the file the user asked for
                     raise OSError(e.errno, e.strerror, str(self.out / name)) from None
-            for name in self.outputs:
+            for name in self.outputs:  # a rename does not fill a disk: a failure leaves --out as it was
                 os.replace(tmp / name, self.out / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

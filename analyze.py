@@ -50,8 +50,7 @@ from tqdm import tqdm
 # torch, torchaudio, essentia, transformers: imported where used, as each takes seconds and bad input fails at once
 
 # === 1. the paper ===
-# Fig. 1: pairs drift apart as δ grows; Fig. 2A, 2B: spectral features and a classifier's uncertainty of synthetic
-# and real sets; Table 2: FAD. Part 3 reads the sets and draws the figures; part 2 loads the CLAP and AST weights.
+# Fig. 1 (pairs vs δ), 2A (features), 2B (uncertainty), Table 2 (FAD); part 2 loads CLAP/AST, part 3 reads and draws.
 SAMPLE_RATE = 16000
 FRAME, HOP = 2048, 512  # spectral features: 128 ms frames at 16 kHz
 SILENCE = 1e-8          # frame mean power below this (after level normalization) is skipped
@@ -79,11 +78,8 @@ def get_embedder(spec, args):  # -> a function from a float32 (B, T) 16 kHz batc
             encode(enc, torch.zeros(2, SAMPLE_RATE), path)  # a bad encoder fails now, before any audio is read
         return lambda x: encode(enc, x, path)
     mfcc = torchaudio.transforms.MFCC(SAMPLE_RATE, n_mfcc=20, melkwargs=dict(n_fft=512, hop_length=160, n_mels=64))
-
-    def fn(x):
-        m = mfcc(torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1]))))  # very short clips
-        return torch.cat([m.mean(-1), m.std(-1)], 1)
-    return fn
+    stats = lambda m: torch.cat([m.mean(-1), m.std(-1)], 1)
+    return lambda x: stats(mfcc(torch.nn.functional.pad(x, (0, max(0, 1024 - x.shape[1])))))  # very short clips
 
 
 def embed(waves, fn, batch_size, desc="embed"):  # (N, D); a batch holds clips of one length: one tensor, nothing padded
@@ -105,9 +101,7 @@ def embed(waves, fn, batch_size, desc="embed"):  # (N, D); a batch holds clips o
 
 
 # pairs (Fig. 1)
-def pair_similarity(groups, fn, embedder, batch_size):
-    """Cosine similarity of each group's positive pairs and of random negatives -> rows; each group gains its
-    unit-norm embeddings a, b."""
+def pair_similarity(groups, fn, embedder, batch_size):  # -> positive/negative cosine rows; groups gain unit-norm a, b
     emb = embed([w for g in groups for w in g["wa"] + g["wb"]], fn, batch_size)
     if embedder == "mfcc":  # z-scored over the whole sweep before cosine: see cmd_pairs
         emb = (emb - emb.mean(0)) / (emb.std(0) + 1e-8)
@@ -128,8 +122,7 @@ def pair_similarity(groups, fn, embedder, batch_size):
 
 def plot_pair_pca(groups, pca_pairs):  # PCA fitted per synth over all its deltas, so the panels of a row share axes
     synths, deltas = sorted({g["synth"] for g in groups}), sorted({g["delta"] for g in groups})
-    fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(synths), len(deltas), figsize=(2.6 * len(deltas), 2.6 * len(synths)), squeeze=False)
     for i, sy in enumerate(synths):
         gs = {g["delta"]: g for g in groups if g["synth"] == sy}
         allx = np.concatenate([np.concatenate([g["a"], g["b"]]) for g in gs.values()])
@@ -195,17 +188,14 @@ def clip_features(x, E):  # per-clip features: the median over non-silent frames
             continue
         vals["inharmonicity"].append(E["inharmonicity"](hf, hm))  # 1.0 when no harmonic has energy
         if hm.sum() > 0:
-            # Essentia counts array index 0 (the fundamental, harmonic 1) as "even"; a zero-energy
-            # slot in front puts harmonic k at index k, so the ratio is odd/even harmonic energy.
+            # Essentia counts index 0 (harmonic 1) as "even": a zero slot in front makes the ratio odd/even energy
             r = E["odd_even"](np.r_[0.0, hf].astype(np.float32), np.r_[0.0, hm].astype(np.float32))
             vals["odd_even_ratio"].append(float(np.clip(r, *OE_CLIP)))
     return {f: float(np.median(v)) if v else float("nan") for f, v in vals.items()}
 
 
 # uncertainty (Fig. 2B)
-def uncertainty_proxies(p):
-    """Causal-uncertainty proxies of class probabilities p (N, C), rows normalized to sum 1:
-    H_cu = max probability, H_p = entropy / log C, S_conf = top-1 minus top-2 probability."""
+def uncertainty_proxies(p):  # class probabilities (N, C) -> H_cu (max), H_p (entropy / log C), S_conf (top-1 - top-2)
     p = np.asarray(p, np.float64)
     p = p / p.sum(1, keepdims=True)
     top = -np.sort(-p, 1)
@@ -235,8 +225,7 @@ def classify(sets, fe, model, sigmoid, batch_size):  # AST (part 2 loads it) cla
 
 
 # fad (Table 2)
-def fad(e1, e2, eps=1e-6):
-    """Frechet distance of two embedding sets, ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does."""
+def fad(e1, e2, eps=1e-6):  # Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), as FAD/FID code does
     import scipy.linalg
     cov = lambda e: np.atleast_2d(np.cov(e, rowvar=False))  # (D, D), also for D = 1 (np.cov gives a scalar)
     mu1, s1, mu2, s2 = e1.mean(0), cov(e1), e2.mean(0), cov(e2)
@@ -348,9 +337,7 @@ def cmd_invariance(args, run):
 
 
 # training (Fig. 5, Fig. 3)
-def recipe(cfg, path):
-    """How a run drew its pairs besides one delta (train.py --noise-curve, --keep, --delta-group, --delta-schedule),
-    e.g. 'keep pitch, vco_1=0.1, ramp from 0.05'; '' for the paper's sampler (all null or false in config.json)."""
+def recipe(cfg, path):  # pair drawing beyond delta, e.g. 'keep pitch, ramp from 0.05'; '' for the paper's sampler
     try:
         keep, groups, start = cfg["keep"] or [], cfg["delta_group"] or [], cfg["delta_schedule"]
         if not (isinstance(keep, list) and isinstance(groups, list)):
@@ -422,10 +409,8 @@ def label(r, x="delta"):  # against steps, runs of one recipe at two deltas are 
     return f"{how}, δ = {r['delta']:g}" if x == "steps" and np.isfinite(r["delta"]) else how
 
 
-def by_synth(ax, rows, key, err=None, series=None, x="delta"):
-    """One line per synth and recipe (and delta, when x is "steps"); runs that share (synth, recipe, delta, x), e.g.
-    seeds, are averaged. series: the labels of the whole figure, so that a line has one color in every panel."""
-    series = series or sorted({label(r, x) for r in rows})
+def by_synth(ax, rows, key, err=None, series=None, x="delta"):  # a line per label; seeds (same label and x) averaged
+    series = series or sorted({label(r, x) for r in rows})  # the figure's labels: one color per line in every panel
     for sy in sorted({label(r, x) for r in rows}):
         i = series.index(sy)
         rs = [r for r in rows if label(r, x) == sy and np.isfinite(r[key])]
@@ -448,9 +433,7 @@ def by_synth(ax, rows, key, err=None, series=None, x="delta"):
         ax.set_xlabel("training steps")
 
 
-def legend_below(fig, axes):
-    """One legend for the figure, under its panels (laid out first, so the legend goes below where they end):
-    recipe names are long, and a legend in each panel hid the data."""
+def legend_below(fig, axes):  # one legend under the laid-out panels: recipe names are long, legends in panels hid data
     fig.tight_layout()
     seen = {}
     for h, l in (hl for ax in axes for hl in zip(*ax.get_legend_handles_labels())):
@@ -555,19 +538,15 @@ def cmd_report(args, run):
 Section = collections.namedtuple("Section", "title figures tables")  # for report.md; tables: (caption, cols, rows)
 
 
-class Run:
-    """One run's state, owned by main(): its outputs, held in memory until the command has succeeded, the lock on
-    --out, and the sets it read (report reads each once). A failed command leaves --out as it was."""
+class Run:  # main()'s state: the outputs, held in memory until the command succeeds; the lock on --out; the sets read
 
     def __init__(self, out):
-        self.out, self.outputs, self.load_set = out, {}, functools.lru_cache(maxsize=None)(load_set)
+        self.out, self.outputs, self.load_set = out, {}, functools.cache(load_set)  # report reads each set once
         self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed again, innermost first, on failure
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.lock = FolderLock(out, beside=True)  # one job per --out: beside it, as --out may not exist yet
 
-    def commit(self):
-        """Every output at once: written into a hidden folder in --out, then renamed into place (a rename does not
-        fill a disk), so that a failure leaves the files that were there byte-identical and adds none."""
+    def commit(self):  # every output at once: written into a hidden folder in --out, then renamed into place
         tmp = self.out / f".analyze-{os.getpid()}"
         try:
             for name, data in self.outputs.items():
@@ -575,7 +554,7 @@ class Run:
                     atomic_write(tmp / name, data)
                 except OSError as e:  # named as the file the user asked for
                     raise OSError(e.errno, e.strerror, str(self.out / name)) from None
-            for name in self.outputs:
+            for name in self.outputs:  # a rename does not fill a disk: a failure leaves --out as it was
                 os.replace(tmp / name, self.out / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -614,15 +593,13 @@ def delta_axis(ax, deltas):
     ax.set_xlabel("δ")
 
 
-def violins(run, name, rows, names, titles, log, shape, size, title):
-    """A panel per key of titles, one violin of rows[key] per set in it; the log key in log10, floored at 1e-6
-    (S_conf spans decades and can be 0) -> the figure's file name."""
+def violins(run, name, rows, names, titles, log, shape, size, title):  # a panel per titles key, a violin per set
     fig, axes = plt.subplots(*shape, figsize=size)
     for ax, (key, panel) in zip(axes.flat, titles.items()):
         for i, n in enumerate(names):
             v = np.array([r[key] for r in rows if r["set"] == n], float)
             v = v[np.isfinite(v)]
-            if key == log:
+            if key == log:  # S_conf spans decades and can be 0
                 v = np.log10(np.maximum(v, 1e-6))
             if len(np.unique(v)) >= 2:
                 for b in ax.violinplot(v, positions=[i], showmedians=True, widths=0.8)["bodies"]:
@@ -760,15 +737,13 @@ def cmd_fad(args, run):
 AUDIO_EXT = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 
 
-def read_clips(groups, what, unit="clip"):
-    """Each group of files (a clip, or a pair's two clips) -> (indices of the groups read, their waves). A group with
-    an unreadable clip is skipped and counted (one bad file in 1000 should not stop a figure); none left is an error."""
+def read_clips(groups, what, unit="clip"):  # groups of files (a clip, a pair) -> (indices of those read, waves)
     kept, waves, refused = [], [], []
     for i, files in enumerate(tqdm(groups, desc=f"read {what}", disable=None)):
         try:
             waves.append([read_audio(f) for f in files])
             kept.append(i)
-        except ValueError as e:
+        except ValueError as e:  # skipped and counted: one bad file in 1000 should not stop a figure
             refused.append(first_line(e))
     if not kept:
         raise ValueError(f"{what}: no {unit} can be read ({refused[0]})")
@@ -777,10 +752,8 @@ def read_clips(groups, what, unit="clip"):
     return kept, waves
 
 
-def subset(n, max_files):  # a fixed seeded subset (in original order), so runs and sets are comparable
-    if not max_files or n <= max_files:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).permutation(n)[:max_files])
+def subset(n, max_files):  # a fixed seeded subset (in original order; 0 = all), so runs and sets are comparable
+    return np.sort(np.random.default_rng(0).permutation(n)[:max_files or None])
 
 
 def parse_set(spec):

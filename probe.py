@@ -100,8 +100,7 @@ def embed(encoder, path, task, args):
     return np.stack([out[i] for i in ok]).astype(np.float32), ok, bad
 
 
-def score(y_true, logits, multilabel):
-    """Accuracy, or macro average precision over the classes with a positive clip (NaN if none has)."""
+def score(y_true, logits, multilabel):  # accuracy, or macro AP over the classes with a positive clip (NaN if none has)
     if not multilabel:
         return float((logits.argmax(1) == y_true).mean())
     keep = y_true.sum(0) > 0
@@ -215,8 +214,7 @@ def load_task(args):
     return load_csv(args.data_dir, args.label, args.fold_column, args.seed)
 
 
-def read_table(path, columns):
-    """Rows of a CSV as dicts; UTF-8, with or without the BOM that spreadsheets write."""
+def read_table(path, columns):  # a CSV's rows as dicts; UTF-8, with or without the BOM that spreadsheets write
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -264,8 +262,7 @@ def multiclass_task(name, root, files, values, folds):
                 test_folds=sorted(set(folds)), valid_fold=None)
 
 
-def load_esc50(data_dir, download=True):
-    """ESC-50: meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav."""
+def load_esc50(data_dir, download=True):  # meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav
     data_dir = Path(data_dir)
     if not (path := data_dir / "meta" / "esc50.csv").is_file():
         if data_dir.exists() and any(data_dir.iterdir()):
@@ -278,8 +275,7 @@ def load_esc50(data_dir, download=True):
                            [r["category"] for r in rows], [to_int(r["fold"], path) for r in rows])
 
 
-def download_esc50(data_dir):
-    """Official archive -> data_dir, checked (zip CRCs, meta file) and moved into place in one rename."""
+def download_esc50(data_dir):  # the official archive, checked (zip CRCs, meta file), moved into place in one rename
     import tempfile
     import urllib.request
     import zipfile
@@ -306,8 +302,7 @@ def download_esc50(data_dir):
         os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)  # onto a missing or an empty folder only
 
 
-def load_us8k(data_dir):
-    """UrbanSound8K: metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/."""
+def load_us8k(data_dir):  # metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/
     data_dir = Path(data_dir)
     if not (path := data_dir / "metadata" / "UrbanSound8K.csv").is_file():
         raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); unpack it there from {US8K_URL}")
@@ -396,8 +391,7 @@ def select(task, idx):
                 test_folds=[k for k in task["test_folds"] if (folds == k).any()])
 
 
-def subsample(task, max_per_class, seed):
-    """At most max_per_class clips per class, taken round-robin over the folds (seeded)."""
+def subsample(task, max_per_class, seed):  # at most max_per_class clips per class, round-robin over the folds (seeded)
     rng = np.random.default_rng(seed)
     y, keep = task["labels"].argmax(1) if task["multilabel"] else task["labels"], []  # multilabel: by first label
     for c in np.unique(y):
@@ -407,8 +401,7 @@ def subsample(task, max_per_class, seed):
     return select(task, np.sort(keep))
 
 
-def runner_embeddings(folder, task):
-    """The scene embeddings heareval's runner wrote (<folder>/<split>/<file>.embedding.npy), as task_embeddings."""
+def runner_embeddings(folder, task):  # as task_embeddings, from heareval runner's <folder>/<split>/<file>.embedding.npy
     ok, emb, missing = [], [], []
     for i, f in enumerate(task["files"]):
         path = Path(folder) / f"{f.removeprefix(task['prefix'])}.embedding.npy"
@@ -428,9 +421,7 @@ def runner_embeddings(folder, task):
 
 
 # HEAR 2021 API (runner command in the docstring): load_model and the two functions below, as hearvalidator checks
-class HearModel(torch.nn.Module):
-    """An exported encoder with the attributes of the HEAR API; .to(device) moves its weights."""
-
+class HearModel(torch.nn.Module):  # an exported encoder with the HEAR API's attributes; .to(device) moves its weights
     def __init__(self, encoder, dim, hop_ms):
         super().__init__()
         self.encoder, self.hop_ms, self.sample_rate = encoder, float(hop_ms), SAMPLE_RATE
@@ -444,8 +435,7 @@ class HearModel(torch.nn.Module):
         return f"HearModel(sample_rate={self.sample_rate}, dim={self.scene_embedding_size}, hop_ms={self.hop_ms})"
 
 
-def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
-    """HEAR: the exported encoder as a torch.nn.Module; hop_ms is the runner's --model-options '{"hop_ms": 25}'."""
+def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):  # hop_ms: the runner's --model-options '{"hop_ms": 25}'
     if not model_file_path:
         raise ValueError("load_model needs the path of an exported encoder (runs/NAME/encoder.pt)")
     if not 0 < float(hop_ms) <= 1000:
@@ -461,8 +451,7 @@ def hear_audio(audio, model):
 
 
 @torch.no_grad()
-def get_scene_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (n_sounds, D), the encoder's own embedding of each whole clip (as probed)."""
+def get_scene_embeddings(audio, model):  # (n_sounds, n_samples) -> (n_sounds, D): each whole clip, as probed
     audio = hear_audio(audio, model)
     per_call = max(1, WINDOWS_PER_CALL // max(1, round(audio.shape[1] / SAMPLE_RATE)))
     return torch.cat([model.encoder(a) for a in audio.split(per_call)]).float()
@@ -487,8 +476,7 @@ def get_timestamp_embeddings(audio, model):
 
 
 # === 3. plumbing ===
-def read_encoder(path):
-    """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
+def read_encoder(path):  # (encoder, D): encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch
     try:
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
@@ -589,8 +577,7 @@ def read_results(path):
     return results
 
 
-def encoder_paths(args, runs):
-    """--encoder's paths, each once; with no --encoder and no runner embeddings, every trained run here."""
+def encoder_paths(args, runs):  # --encoder's paths, each once; with neither it nor runner embeddings, every run here
     if args.encoder is not None or runs:
         return list(dict.fromkeys(args.encoder or []))
     if not (paths := sorted(map(str, Path("runs").glob("*/encoder.pt")))):

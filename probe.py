@@ -500,9 +500,8 @@ def load_encoder(path, device):
 
 
 def check_classes(task, drop_rare=False):
-    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it cannot be both
-    trained on and tested; dropped if asked), a left-out fold that leaves too few training clips or shares no class
-    with them. Returns the task and the indices of the clips kept."""
+    """Stop where a score would mean nothing: fewer than 2 classes, a single-clip class (it cannot be both trained on
+    and tested; dropped if asked), a left-out fold leaving too few training clips or sharing no class with them."""
     y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
     counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
     rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
@@ -531,8 +530,7 @@ def check_classes(task, drop_rare=False):
 
 
 def task_embeddings(encoder, encoder_path, task, args):
-    """(indices of the clips that decode, their embeddings, the clips that do not), from the cache when encoder and
-    clips are unchanged: one file per (encoder, clip list), so every label of a folder reuses it."""
+    """(indices of the clips that decode, their embeddings, the others), cached until the encoder or clips change."""
     p, root = Path(encoder_path).resolve(), task["root"].resolve()
     where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
     clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
@@ -588,8 +586,7 @@ def encoder_paths(args, runs):  # --encoder's paths, each once; with neither it 
 
 
 def merge_results(path, rows, summary, skipped):
-    """results.json with rows and summary in place of those of the same encoder and task, re-read and merged under a
-    flock since other probes may write meanwhile. Not the shared FolderLock, which refuses a second job: this waits."""
+    """Re-read and merged under a flock: other probes may write meanwhile (FolderLock would refuse them; this waits)."""
     same = lambda r: (r["encoder"], r["task"]) == (summary["encoder"], summary["task"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
@@ -639,8 +636,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """What argparse cannot check, before any read or write: a broken or looping link, a file for a folder (or the
-    reverse), an unwritable --out, a missing csv or hear --data-dir (esc50 downloads, us8k says where to get it)."""
+    """What argparse cannot check, before any read or write (esc50 downloads a missing --data-dir, us8k says where)."""
     if args.task == "csv" and not args.label:
         raise ValueError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:

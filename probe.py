@@ -107,8 +107,7 @@ def score(y_true, logits, multilabel):  # accuracy, or macro AP over the classes
     return float(average_precision_score(y_true[:, keep], logits[:, keep], average="macro")) if keep.any() else math.nan
 
 
-def train_probe(x, y, train, valid, task, seed, args):
-    """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss) -> best model, epoch."""
+def train_probe(x, y, train, valid, task, seed, args):  # early stopping on the validation score (ties: lower loss)
     torch.manual_seed(seed)
     model = torch.nn.Linear(x.shape[1], len(task["classes"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -134,8 +133,7 @@ def train_probe(x, y, train, valid, task, seed, args):
     return model, best_epoch
 
 
-def cv_splits(task, valid_frac, seed):
-    """(fold, train, valid, test) indices per test fold; valid is valid_fold or a stratified valid_frac of the rest."""
+def cv_splits(task, valid_frac, seed):  # (fold, train, valid, test) per test fold; valid: valid_fold or stratified
     folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
@@ -363,8 +361,7 @@ def load_hear(data_dir):
                 test_folds=list(range(len(splits))) or [0], valid_fold=valid_fold, prefix=prefix, runner=runner)
 
 
-def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
-    """meta.csv: `file` (relative to data_dir), label, fold column (default `fold`, else a seeded stratified split)."""
+def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):  # meta.csv; no fold column: seeded stratified folds
     data_dir = Path(data_dir)
     rows = read_table(path := data_dir / "meta.csv", ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
@@ -458,9 +455,8 @@ def get_scene_embeddings(audio, model):  # (n_sounds, n_samples) -> (n_sounds, D
 
 
 @torch.no_grad()
-def get_timestamp_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds, n_frames) in ms).
-    Frame k: the 1-s window centred on k * hop_ms (zero-padded), for every k * hop_ms in the clip (0.3 s: 7 frames)."""
+def get_timestamp_embeddings(audio, model):  # -> (n_sounds, n_frames, D), timestamps (n_sounds, n_frames) in ms
+    """Frame k: the zero-padded 1-s window centred on k * hop_ms, for each k * hop_ms in the clip (0.3 s: 7 frames)."""
     audio = hear_audio(audio, model)
     n_sounds, n_samples = audio.shape
     hop = model.hop_ms * SAMPLE_RATE / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift

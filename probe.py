@@ -246,10 +246,9 @@ def to_int(value, where, what="fold"):  # a fold is an int64, and seed + fold se
 
 def multiclass_task(name, root, files, values, folds):
     def key(v):  # numeric labels (digits, MIDI pitches) in numeric order, others alphabetically
-        try:
+        with contextlib.suppress(ValueError):
             return (0, float(v), v)
-        except ValueError:
-            return (1, 0.0, v)
+        return (1, 0.0, v)
     if len(set(files)) < len(files):  # the embedding cache holds one row per clip: a second row would be dropped
         dup = next(f for f, n in collections.Counter(files).items() if n > 1)
         raise ValueError(f"{name}: {dup} is listed {files.count(dup)} times; give every clip one row")

@@ -260,7 +260,6 @@ def multiclass_task(name, root, files, values, folds):
 
 
 def load_esc50(data_dir, download=True):  # meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav
-    data_dir = Path(data_dir)
     if not (path := data_dir / "meta" / "esc50.csv").is_file():
         if data_dir.exists() and any(data_dir.iterdir()):
             raise ValueError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
@@ -300,7 +299,6 @@ def download_esc50(data_dir):  # the official archive, checked (zip CRCs, meta f
 
 
 def load_us8k(data_dir):  # metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/
-    data_dir = Path(data_dir)
     if not (path := data_dir / "metadata" / "UrbanSound8K.csv").is_file():
         raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); unpack it there from {US8K_URL}")
     rows = read_table(path, ["slice_file_name", "fold", "class"])
@@ -311,7 +309,6 @@ def load_us8k(data_dir):  # metadata/UrbanSound8K.csv (slice_file_name, ..., fol
 def load_hear(data_dir):
     """HEAR scene task: task_metadata.json, labelvocabulary.csv (idx,label), <split>.json
     ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
-    data_dir = Path(data_dir)
     meta = read_json(data_dir / "task_metadata.json", "HEAR task's metadata")  # missing: not a HEAR task folder
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
@@ -361,7 +358,6 @@ def load_hear(data_dir):
 
 
 def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):  # meta.csv; no fold column: seeded stratified folds
-    data_dir = Path(data_dir)
     rows = read_table(path := data_dir / "meta.csv", ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
     if "" in values:

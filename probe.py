@@ -306,9 +306,7 @@ def load_us8k(data_dir):  # metadata/UrbanSound8K.csv (slice_file_name, ..., fol
                            [r["class"] for r in rows], [to_int(r["fold"], path) for r in rows])
 
 
-def load_hear(data_dir):
-    """HEAR scene task: task_metadata.json, labelvocabulary.csv (idx,label), <split>.json
-    ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
+def load_hear(data_dir):  # a HEAR scene task: <split>.json ({filename: [labels]}), audio in <rate>/<split>/<filename>
     meta = read_json(data_dir / "task_metadata.json", "HEAR task's metadata")  # missing: not a HEAR task folder
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
@@ -412,8 +410,7 @@ def runner_embeddings(folder, task):  # as task_embeddings, from heareval runner
     return ok, np.stack(emb), missing
 
 
-# HEAR 2021 API (runner command in the docstring): load_model and the two functions below, as hearvalidator checks
-class HearModel(torch.nn.Module):  # an exported encoder with the HEAR API's attributes; .to(device) moves its weights
+class HearModel(torch.nn.Module):  # HEAR API (module docstring), as hearvalidator checks; .to(device) moves the encoder
     def __init__(self, encoder, dim, hop_ms):
         super().__init__()
         self.encoder, self.hop_ms, self.sample_rate = encoder, float(hop_ms), SAMPLE_RATE

@@ -334,7 +334,6 @@ def load_hear(data_dir):  # a HEAR scene task: <split>.json ({filename: [labels]
     if not rates and not runner:
         raise ValueError(f"{data_dir}: no audio folder such as 16000/, nor the runner's <split>/*.embedding.npy")
     prefix = "" if runner else ("16000/" if SAMPLE_RATE in rates else f"{rates[-1]}/")
-
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
         if not (entries := read_json(path := data_dir / f"{split}.json", "HEAR split file")):

@@ -100,16 +100,14 @@ def embed(encoder, path, task, args):
     return np.stack([out[i] for i in ok]).astype(np.float32), ok, bad
 
 
-def score(y_true, logits, multilabel):
-    """Accuracy, or macro average precision over the classes with a positive clip (NaN if none has)."""
+def score(y_true, logits, multilabel):  # accuracy, or macro AP over the classes with a positive clip (NaN if none has)
     if not multilabel:
         return float((logits.argmax(1) == y_true).mean())
     keep = y_true.sum(0) > 0
     return float(average_precision_score(y_true[:, keep], logits[:, keep], average="macro")) if keep.any() else math.nan
 
 
-def train_probe(x, y, train, valid, task, seed, args):
-    """Linear layer, Adam, early stopping on the validation score (ties: lower validation loss) -> best model, epoch."""
+def train_probe(x, y, train, valid, task, seed, args):  # early stopping on the validation score (ties: lower loss)
     torch.manual_seed(seed)
     model = torch.nn.Linear(x.shape[1], len(task["classes"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -135,8 +133,7 @@ def train_probe(x, y, train, valid, task, seed, args):
     return model, best_epoch
 
 
-def cv_splits(task, valid_frac, seed):
-    """(fold, train, valid, test) indices per test fold; valid is valid_fold or a stratified valid_frac of the rest."""
+def cv_splits(task, valid_frac, seed):  # (fold, train, valid, test) per test fold; valid: valid_fold or stratified
     folds, y = task["folds"], task["labels"].argmax(1) if task["multilabel"] else task["labels"]
     for k in task["test_folds"]:
         test = np.flatnonzero(folds == k)
@@ -215,8 +212,7 @@ def load_task(args):
     return load_csv(args.data_dir, args.label, args.fold_column, args.seed)
 
 
-def read_table(path, columns):
-    """Rows of a CSV as dicts; UTF-8, with or without the BOM that spreadsheets write."""
+def read_table(path, columns):  # a CSV's rows as dicts; UTF-8, with or without the BOM that spreadsheets write
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -250,10 +246,9 @@ def to_int(value, where, what="fold"):  # a fold is an int64, and seed + fold se
 
 def multiclass_task(name, root, files, values, folds):
     def key(v):  # numeric labels (digits, MIDI pitches) in numeric order, others alphabetically
-        try:
+        with contextlib.suppress(ValueError):
             return (0, float(v), v)
-        except ValueError:
-            return (1, 0.0, v)
+        return (1, 0.0, v)
     if len(set(files)) < len(files):  # the embedding cache holds one row per clip: a second row would be dropped
         dup = next(f for f, n in collections.Counter(files).items() if n > 1)
         raise ValueError(f"{name}: {dup} is listed {files.count(dup)} times; give every clip one row")
@@ -264,9 +259,7 @@ def multiclass_task(name, root, files, values, folds):
                 test_folds=sorted(set(folds)), valid_fold=None)
 
 
-def load_esc50(data_dir, download=True):
-    """ESC-50: meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav."""
-    data_dir = Path(data_dir)
+def load_esc50(data_dir, download=True):  # meta/esc50.csv (filename, fold 1-5, target, category, ...), audio/*.wav
     if not (path := data_dir / "meta" / "esc50.csv").is_file():
         if data_dir.exists() and any(data_dir.iterdir()):
             raise ValueError(f"no meta/esc50.csv in {data_dir}; point --data-dir at the unpacked {ESC50_URL}")
@@ -278,8 +271,7 @@ def load_esc50(data_dir, download=True):
                            [r["category"] for r in rows], [to_int(r["fold"], path) for r in rows])
 
 
-def download_esc50(data_dir):
-    """Official archive -> data_dir, checked (zip CRCs, meta file) and moved into place in one rename."""
+def download_esc50(data_dir):  # the official archive, checked (zip CRCs, meta file), moved into place in one rename
     import tempfile
     import urllib.request
     import zipfile
@@ -306,9 +298,7 @@ def download_esc50(data_dir):
         os.replace(Path(tmp) / "unpacked" / "ESC-50-master", data_dir)  # onto a missing or an empty folder only
 
 
-def load_us8k(data_dir):
-    """UrbanSound8K: metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/."""
-    data_dir = Path(data_dir)
+def load_us8k(data_dir):  # metadata/UrbanSound8K.csv (slice_file_name, ..., fold 1-10, classID, class), audio/foldK/
     if not (path := data_dir / "metadata" / "UrbanSound8K.csv").is_file():
         raise ValueError(f"no UrbanSound8K at {data_dir} (metadata/UrbanSound8K.csv); unpack it there from {US8K_URL}")
     rows = read_table(path, ["slice_file_name", "fold", "class"])
@@ -316,10 +306,7 @@ def load_us8k(data_dir):
                            [r["class"] for r in rows], [to_int(r["fold"], path) for r in rows])
 
 
-def load_hear(data_dir):
-    """HEAR scene task: task_metadata.json, labelvocabulary.csv (idx,label), <split>.json
-    ({filename: [labels]}) for fold00.. or train/valid/test, audio in <rate>/<split>/<filename>."""
-    data_dir = Path(data_dir)
+def load_hear(data_dir):  # a HEAR scene task: <split>.json ({filename: [labels]}), audio in <rate>/<split>/<filename>
     meta = read_json(data_dir / "task_metadata.json", "HEAR task's metadata")  # missing: not a HEAR task folder
     kind = meta.get("prediction_type", "multiclass")
     if meta.get("embedding_type", "scene") != "scene":
@@ -347,7 +334,6 @@ def load_hear(data_dir):
     if not rates and not runner:
         raise ValueError(f"{data_dir}: no audio folder such as 16000/, nor the runner's <split>/*.embedding.npy")
     prefix = "" if runner else ("16000/" if SAMPLE_RATE in rates else f"{rates[-1]}/")
-
     files, labels, folds = [], [], []
     for split, fold in fold_of.items():
         if not (entries := read_json(path := data_dir / f"{split}.json", "HEAR split file")):
@@ -368,9 +354,7 @@ def load_hear(data_dir):
                 test_folds=list(range(len(splits))) or [0], valid_fold=valid_fold, prefix=prefix, runner=runner)
 
 
-def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):
-    """meta.csv: `file` (relative to data_dir), label, fold column (default `fold`, else a seeded stratified split)."""
-    data_dir = Path(data_dir)
+def load_csv(data_dir, label, fold_column=None, seed=0, n_folds=5):  # meta.csv; no fold column: seeded stratified folds
     rows = read_table(path := data_dir / "meta.csv", ["file", label] + ([fold_column] if fold_column else []))
     values = [r[label] for r in rows]
     if "" in values:
@@ -396,8 +380,7 @@ def select(task, idx):
                 test_folds=[k for k in task["test_folds"] if (folds == k).any()])
 
 
-def subsample(task, max_per_class, seed):
-    """At most max_per_class clips per class, taken round-robin over the folds (seeded)."""
+def subsample(task, max_per_class, seed):  # at most max_per_class clips per class, round-robin over the folds (seeded)
     rng = np.random.default_rng(seed)
     y, keep = task["labels"].argmax(1) if task["multilabel"] else task["labels"], []  # multilabel: by first label
     for c in np.unique(y):
@@ -407,8 +390,7 @@ def subsample(task, max_per_class, seed):
     return select(task, np.sort(keep))
 
 
-def runner_embeddings(folder, task):
-    """The scene embeddings heareval's runner wrote (<folder>/<split>/<file>.embedding.npy), as task_embeddings."""
+def runner_embeddings(folder, task):  # as task_embeddings, from heareval runner's <folder>/<split>/<file>.embedding.npy
     ok, emb, missing = [], [], []
     for i, f in enumerate(task["files"]):
         path = Path(folder) / f"{f.removeprefix(task['prefix'])}.embedding.npy"
@@ -427,10 +409,7 @@ def runner_embeddings(folder, task):
     return ok, np.stack(emb), missing
 
 
-# HEAR 2021 API (runner command in the docstring): load_model and the two functions below, as hearvalidator checks
-class HearModel(torch.nn.Module):
-    """An exported encoder with the attributes of the HEAR API; .to(device) moves its weights."""
-
+class HearModel(torch.nn.Module):  # HEAR API (module docstring), as hearvalidator checks; .to(device) moves the encoder
     def __init__(self, encoder, dim, hop_ms):
         super().__init__()
         self.encoder, self.hop_ms, self.sample_rate = encoder, float(hop_ms), SAMPLE_RATE
@@ -444,8 +423,7 @@ class HearModel(torch.nn.Module):
         return f"HearModel(sample_rate={self.sample_rate}, dim={self.scene_embedding_size}, hop_ms={self.hop_ms})"
 
 
-def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):
-    """HEAR: the exported encoder as a torch.nn.Module; hop_ms is the runner's --model-options '{"hop_ms": 25}'."""
+def load_model(model_file_path="", hop_ms=HEAR_HOP_MS):  # hop_ms: the runner's --model-options '{"hop_ms": 25}'
     if not model_file_path:
         raise ValueError("load_model needs the path of an exported encoder (runs/NAME/encoder.pt)")
     if not 0 < float(hop_ms) <= 1000:
@@ -461,17 +439,15 @@ def hear_audio(audio, model):
 
 
 @torch.no_grad()
-def get_scene_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (n_sounds, D), the encoder's own embedding of each whole clip (as probed)."""
+def get_scene_embeddings(audio, model):  # (n_sounds, n_samples) -> (n_sounds, D): each whole clip, as probed
     audio = hear_audio(audio, model)
     per_call = max(1, WINDOWS_PER_CALL // max(1, round(audio.shape[1] / SAMPLE_RATE)))
     return torch.cat([model.encoder(a) for a in audio.split(per_call)]).float()
 
 
 @torch.no_grad()
-def get_timestamp_embeddings(audio, model):
-    """HEAR: (n_sounds, n_samples) -> (embeddings (n_sounds, n_frames, D), timestamps (n_sounds, n_frames) in ms).
-    Frame k: the 1-s window centred on k * hop_ms (zero-padded), for every k * hop_ms in the clip (0.3 s: 7 frames)."""
+def get_timestamp_embeddings(audio, model):  # -> (n_sounds, n_frames, D), timestamps (n_sounds, n_frames) in ms
+    """Frame k: the zero-padded 1-s window centred on k * hop_ms, for each k * hop_ms in the clip (0.3 s: 7 frames)."""
     audio = hear_audio(audio, model)
     n_sounds, n_samples = audio.shape
     hop = model.hop_ms * SAMPLE_RATE / 1000  # in samples, maybe fractional: each start is rounded on its own, no drift
@@ -487,8 +463,7 @@ def get_timestamp_embeddings(audio, model):
 
 
 # === 3. plumbing ===
-def read_encoder(path):
-    """(encoder, D): train.py's encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch."""
+def read_encoder(path):  # (encoder, D): encoder.pt on the CPU, checked: (B, T) -> (B, D) for a 1-s and a 0.5-s batch
     try:
         encoder = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
@@ -512,9 +487,8 @@ def load_encoder(path, device):
 
 
 def check_classes(task, drop_rare=False):
-    """Stop where a score would mean nothing: fewer than 2 classes, a class with a single clip (it cannot be both
-    trained on and tested; dropped if asked), a left-out fold that leaves too few training clips or shares no class
-    with them. Returns the task and the indices of the clips kept."""
+    """Stop where a score would mean nothing: fewer than 2 classes, a single-clip class (it cannot be both trained on
+    and tested; dropped if asked), a left-out fold leaving too few training clips or sharing no class with them."""
     y, keep, name = task["labels"], np.arange(len(task["files"])), task["name"]
     counts = y.sum(0) if task["multilabel"] else np.bincount(y, minlength=len(task["classes"]))
     rare = [] if task["multilabel"] else [c for c, n in zip(task["classes"], counts) if n == 1]
@@ -543,8 +517,7 @@ def check_classes(task, drop_rare=False):
 
 
 def task_embeddings(encoder, encoder_path, task, args):
-    """(indices of the clips that decode, their embeddings, the clips that do not), from the cache when encoder and
-    clips are unchanged: one file per (encoder, clip list), so every label of a folder reuses it."""
+    """(indices of the clips that decode, their embeddings, the others), cached until the encoder or clips change."""
     p, root = Path(encoder_path).resolve(), task["root"].resolve()
     where = hashlib.sha1(str(p).encode()).hexdigest()[:8]  # two runs/*/encoder.pt differ by folder
     clips = hashlib.sha1(json.dumps([str(root), task["files"]]).encode()).hexdigest()[:8]
@@ -589,8 +562,7 @@ def read_results(path):
     return results
 
 
-def encoder_paths(args, runs):
-    """--encoder's paths, each once; with no --encoder and no runner embeddings, every trained run here."""
+def encoder_paths(args, runs):  # --encoder's paths, each once; with neither it nor runner embeddings, every run here
     if args.encoder is not None or runs:
         return list(dict.fromkeys(args.encoder or []))
     if not (paths := sorted(map(str, Path("runs").glob("*/encoder.pt")))):
@@ -601,8 +573,7 @@ def encoder_paths(args, runs):
 
 
 def merge_results(path, rows, summary, skipped):
-    """results.json with rows and summary in place of those of the same encoder and task, re-read and merged under a
-    flock since other probes may write meanwhile. Not the shared FolderLock, which refuses a second job: this waits."""
+    """Re-read and merged under a flock: other probes may write meanwhile (FolderLock would refuse them; this waits)."""
     same = lambda r: (r["encoder"], r["task"]) == (summary["encoder"], summary["task"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
@@ -652,8 +623,7 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """What argparse cannot check, before any read or write: a broken or looping link, a file for a folder (or the
-    reverse), an unwritable --out, a missing csv or hear --data-dir (esc50 downloads, us8k says where to get it)."""
+    """What argparse cannot check, before any read or write (esc50 downloads a missing --data-dir, us8k says where)."""
     if args.task == "csv" and not args.label:
         raise ValueError("--task csv needs --label COLUMN")
     if args.task in ("hear", "csv") and args.data_dir is None:

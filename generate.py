@@ -428,13 +428,13 @@ def parse_args(argv=None):
     p.add_argument("--synth", nargs="+", default=["voice"], help=f"one or more of {', '.join(SYNTHS)} (default voice)")
     p.add_argument("--delta", nargs="+", type=number(high=MAX_DELTA), default=[0.25],
                    help=f"perturbation size(s) in [0, {MAX_DELTA}] (default 0.25)")
-    p.add_argument("--pairs", type=int, default=1000, help="pairs per (synth, delta) (default 1000)")
+    p.add_argument("--pairs", type=number(int, 1), default=1000, help="pairs per (synth, delta) (default 1000)")
     p.add_argument("--out", help="output folder; must be empty or absent unless --force")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="sounds synthesized per JAX call (default 64)")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="sounds synthesized per JAX call (default 64)")
     p.add_argument("--sample-rate", type=number(int, 1, 2**31 - 1), default=16000)  # JAX's int32
-    p.add_argument("--seconds", type=float, default=1.0)
+    p.add_argument("--seconds", type=number(above=True), default=1.0)
     p.add_argument("--gallery", metavar="DIR", help="write a listening page DIR/index.html instead of pairs")
     p.add_argument("--factors", nargs="*", metavar="FACTOR", help="one-factor pairs, OUT/<factor>/ each: noise, gain, "
                    "shift, each synthax module (perturbed by delta), doppelganger, negative; none = all (analyze.py)")
@@ -445,7 +445,7 @@ def parse_args(argv=None):
     p.add_argument("--noise-curve", action="store_true", help="apply the synth's level curves per element, as its "
                    "authors meant (synthax 0.2.2 drops Voice's noise-level curve: the paper's data have it dropped)")
     p.add_argument("--benchmark", action="store_true", help="print compile time and sounds/s per synth")
-    p.add_argument("--benchmark-seconds", type=float, default=10.0)
+    p.add_argument("--benchmark-seconds", type=number(above=True), default=10.0)
     return p.parse_args(argv)
 
 
@@ -456,9 +456,6 @@ def check_args(args):  # the values and flag combinations argparse does not chec
     if dup := next((n for n in names if names.count(n) > 1), None):  # two values, one name: the second overwrites
         raise ValueError(f"two --synth/--delta values would both write {dup}; give distinct values "
                          f"(deltas differ only if they differ within 6 significant digits)")
-    for flag in ("pairs", "batch_size", "seconds", "benchmark_seconds"):
-        if not 0 < getattr(args, flag) < math.inf:
-            raise ValueError(f"--{flag.replace('_', '-')} must be > 0 and finite, got {getattr(args, flag)}")
     shortest = max(2 / CONTROL_RATE, 512 / args.sample_rate if args.gallery else 0)  # else synthax's shapes break
     if args.seconds < shortest:
         raise ValueError(f"--seconds {args.seconds:g} is too short: give at least {shortest:.4g} (2 synthax control "

@@ -951,9 +951,8 @@ def encode(encoder, x, path):
 
 
 class FolderLock:
-    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a
-    folder not made yet or replaced whole) holding the owner's pid. The OS drops an flock when its process dies, so
-    a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
+    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a folder
+    not made yet or replaced whole) holding its pid. The OS drops it when the job dies: a kill -9 blocks no one."""
 
     def __init__(self, folder, beside=False):
         parent, name = os.path.split(os.path.abspath(folder))

@@ -578,9 +578,8 @@ def check_path(path, flag, kind="folder", must_exist=False):
 
 
 class FolderLock:
-    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a
-    folder not made yet or replaced whole) holding the owner's pid. The OS drops an flock when its process dies, so
-    a kill -9 never blocks the next job; a second job gets a ValueError naming the live one's pid."""
+    """One job owns an output folder while it writes: an flock on FOLDER/.lock (beside: PARENT/.NAME.lock, for a folder
+    not made yet or replaced whole) holding its pid. The OS drops it when the job dies: a kill -9 blocks no one."""
 
     def __init__(self, folder, beside=False):
         parent, name = os.path.split(os.path.abspath(folder))

@@ -514,9 +514,9 @@ class RunFolder:
     path, lock, made, new = None, None, False, False  # set by own() and check_args()
 
     def own(self, folder, create):
-        if not create and not os.path.isdir(folder):
-            raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
-        if create and not os.path.isdir(folder):
+        if not os.path.isdir(folder):
+            if not create:
+                raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
             try:
                 os.makedirs(folder)
             except OSError as e:
@@ -527,8 +527,7 @@ class RunFolder:
     def abandon(self):  # a new run failed before its first checkpoint: its files, its lock and a folder made for it go
         if self.new and not os.path.exists(os.path.join(self.path, "checkpoint.pt")):
             for f in RUN_FILES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.path, f))
+                Path(self.path, f).unlink(missing_ok=True)
             self.lock.release()
             with contextlib.suppress(OSError):
                 if self.made:

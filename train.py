@@ -241,8 +241,7 @@ def make_source(args, ckpt, steps_per_epoch):  # -> (synthetic pairs or real aud
                        noise_curve=args.noise_curve), augment, schedule
 
 
-def choose_precision(amp, device):
-    """-> "bf16", "fp16" or "fp32"; auto: fp16 on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores)."""
+def choose_precision(amp, device):  # auto: fp16 on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores)
     if amp != "auto":
         return "fp32" if amp == "off" else amp
     return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
@@ -303,8 +302,7 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, dev
     print(f"default precision here (--amp {args.amp}): {precision}; peak memory {peak_memory_mb():.0f} MB")
 
 
-class RealAudio:
-    """The real-audio baselines: a folder of audio files; a pair is two views of random 1-s crops of one file."""
+class RealAudio:  # the real-audio baselines: a folder of audio files; a pair is two views of random 1-s crops of a file
     EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
     def __init__(self, root, positives, batch_size, seed):
@@ -397,9 +395,7 @@ def make_transforms(ir_dir=None, seed=0, p=0.5):
     from torch_audiomentations.utils.io import Audio
     from torch_audiomentations.utils.object_dict import ObjectDict
 
-    class InMemoryImpulseResponse(ApplyImpulseResponse):
-        """ApplyImpulseResponse fed with tensors: its Audio() loader takes {"samples", "sample_rate"} dicts."""
-
+    class InMemoryImpulseResponse(ApplyImpulseResponse):  # fed tensors: its Audio() loader takes sample dicts
         def __init__(self, irs, sample_rate, p=0.5):
             BaseWaveformTransform.__init__(self, p=p, sample_rate=sample_rate, output_type="dict")  # skip path scan
             # unit energy, so reverb roughly preserves loudness whatever the source level of the IR
@@ -508,9 +504,7 @@ def parse_args(argv=None):  # -> (args, the flags given)
     return args, set(vars(p.parse_args(argv)))
 
 
-class RunFolder:
-    """Run state, made by main() and passed down: rank 0's lock on the run folder, and whether the run is new."""
-
+class RunFolder:  # run state that main() makes and passes down: rank 0's lock on the run folder, whether it is new
     path, lock, made, new = None, None, False, False  # set by own() and check_args()
 
     def own(self, folder, create):

@@ -151,15 +151,14 @@ def learning_rate(epoch, args):  # the paper's step schedule, a pure function of
 
 
 def train_one_epoch(model, embed_pair, optimizer, scaler, batches, epoch, steps_per_epoch, args, log_row, save):
-    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks).
-    scaler: fp16's gradient scaler; in fp32 and bf16 it is disabled, and the step is plain SGD."""
+    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks)."""
     model.train()
     last_save = time.time()
     for s, a, b in batches:
         e_a, e_b = embed_pair(a, b)
         loss, align, unif = contrastive_loss(e_a, e_b, args.align_alpha, args.unif_t, args.align_w, args.unif_w)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # fp16's gradient scaler; disabled in fp32 and bf16: the step is plain SGD
         last = all_mean(loss, align, unif)
         if not math.isfinite(last[0]):
             kept = os.path.exists(os.path.join(args.out, "checkpoint.pt"))
@@ -348,9 +347,8 @@ class RealAudio:  # the real-audio baselines: a folder of audio files; a pair is
         return torch.stack(a).numpy(), torch.stack(b).numpy()
 
 
-# The paper's augmentations (App. B), each p = 0.5: high-pass, low-pass, pitch, shift, reverb, by torch-audiomentations
-# (imported only when asked for) in batches of <= 100. Its IR loader needs the removed torchaudio.info; its PitchShift
-# reaches only +-0.41 semitones at 16 kHz: soundfile reads the IRs, and pitch_shift draws uniformly in +-2 semitones.
+# The paper's augmentations (App. B) by torch-audiomentations. Its IR loader needs the removed torchaudio.info; its
+# PitchShift reaches only +-0.41 semitones at 16 kHz: soundfile reads the IRs, pitch_shift draws uniformly in +-2.
 def load_irs(ir_dir):
     check_path(ir_dir, "--ir-dir", must_exist=True)
     exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode

@@ -187,8 +187,7 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
     return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
 
 
-def export_encoder(state_dict, path, config):
-    """TorchScript file with the config inside: one torch.jit.load call, no import of this script."""
+def export_encoder(state_dict, path, config):  # TorchScript with the config inside: loads with torch.jit.load alone
     enc = Encoder()
     enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
     if config["readout"] == "pool":  # the 512-d pooled layer; "fc" keeps the trained head on top of it
@@ -246,8 +245,7 @@ def choose_precision(amp, device):  # auto: fp16 on CUDA GPUs without native bf1
     return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
 
 
-def native_bf16(device):
-    """bf16 pays only on Ampere+ GPUs and CPUs with AMX or AVX512-BF16 (~1.5x fp32); emulated on AVX2: ~40x slower."""
+def native_bf16(device):  # bf16 pays on Ampere+ GPUs, AMX / AVX512-BF16 CPUs (~1.5x fp32); emulated on AVX2 ~40x slower
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("amx_tile", "avx512_bf16"))

@@ -256,8 +256,7 @@ def peak_memory_mb():
 
 
 def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, device):
-    """Training speed per precision: the same batches pre-generated, then synthesized on the fly, beside the
-    perfect-overlap bound 1 / (1/train + 1/synthesis), the best a pipeline can do where both share the CPU."""
+    """Sounds/s per precision: pre-generated, on the fly, and the perfect overlap bound where both share the CPU."""
     n, sounds = args.benchmark_steps, 2 * args.batch_size
     scalers = {p: torch.amp.GradScaler(device.type, enabled=p == "fp16") for p in ("fp32", "bf16", "fp16")}
 

@@ -151,15 +151,14 @@ def learning_rate(epoch, args):  # the paper's step schedule, a pure function of
 
 
 def train_one_epoch(model, embed_pair, optimizer, scaler, batches, epoch, steps_per_epoch, args, log_row, save):
-    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks).
-    scaler: fp16's gradient scaler; in fp32 and bf16 it is disabled, and the step is plain SGD."""
+    """SGD over one epoch's batches (all, or up to --max-steps) -> (step, the last step's losses on all ranks)."""
     model.train()
     last_save = time.time()
     for s, a, b in batches:
         e_a, e_b = embed_pair(a, b)
         loss, align, unif = contrastive_loss(e_a, e_b, args.align_alpha, args.unif_t, args.align_w, args.unif_w)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # fp16's gradient scaler; disabled in fp32 and bf16: the step is plain SGD
         last = all_mean(loss, align, unif)
         if not math.isfinite(last[0]):
             kept = os.path.exists(os.path.join(args.out, "checkpoint.pt"))
@@ -188,8 +187,7 @@ def validate(model, embed_pair, source, val_steps, rank, augment, args):
     return all_mean(torch.stack(va).mean(), torch.stack(vu).mean())
 
 
-def export_encoder(state_dict, path, config):
-    """TorchScript file with the config inside: one torch.jit.load call, no import of this script."""
+def export_encoder(state_dict, path, config):  # TorchScript with the config inside: loads with torch.jit.load alone
     enc = Encoder()
     enc.load_state_dict(state_dict)  # SyncBatchNorm and BatchNorm share their state-dict keys
     if config["readout"] == "pool":  # the 512-d pooled layer; "fc" keeps the trained head on top of it
@@ -241,15 +239,13 @@ def make_source(args, ckpt, steps_per_epoch):  # -> (synthetic pairs or real aud
                        noise_curve=args.noise_curve), augment, schedule
 
 
-def choose_precision(amp, device):
-    """-> "bf16", "fp16" or "fp32"; auto: fp16 on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores)."""
+def choose_precision(amp, device):  # auto: fp16 on CUDA GPUs without native bf16 (Volta, Turing: fp16 tensor cores)
     if amp != "auto":
         return "fp32" if amp == "off" else amp
     return "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
 
 
-def native_bf16(device):
-    """bf16 pays only on Ampere+ GPUs and CPUs with AMX or AVX512-BF16 (~1.5x fp32); emulated on AVX2: ~40x slower."""
+def native_bf16(device):  # bf16 pays on Ampere+ GPUs, AMX / AVX512-BF16 CPUs (~1.5x fp32); emulated on AVX2 ~40x slower
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return any(getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)() for isa in ("amx_tile", "avx512_bf16"))
@@ -260,8 +256,7 @@ def peak_memory_mb():
 
 
 def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, device):
-    """Training speed per precision: the same batches pre-generated, then synthesized on the fly, beside the
-    perfect-overlap bound 1 / (1/train + 1/synthesis), the best a pipeline can do where both share the CPU."""
+    """Sounds/s per precision: pre-generated, on the fly, and the perfect overlap bound where both share the CPU."""
     n, sounds = args.benchmark_steps, 2 * args.batch_size
     scalers = {p: torch.amp.GradScaler(device.type, enabled=p == "fp16") for p in ("fp32", "bf16", "fp16")}
 
@@ -303,8 +298,7 @@ def benchmark(args, source, embed_pair, optimizer, rank, augment, precision, dev
     print(f"default precision here (--amp {args.amp}): {precision}; peak memory {peak_memory_mb():.0f} MB")
 
 
-class RealAudio:
-    """The real-audio baselines: a folder of audio files; a pair is two views of random 1-s crops of one file."""
+class RealAudio:  # the real-audio baselines: a folder of audio files; a pair is two views of random 1-s crops of a file
     EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
     def __init__(self, root, positives, batch_size, seed):
@@ -350,9 +344,8 @@ class RealAudio:
         return torch.stack(a).numpy(), torch.stack(b).numpy()
 
 
-# The paper's augmentations (App. B), each p = 0.5: high-pass, low-pass, pitch, shift, reverb, by torch-audiomentations
-# (imported only when asked for) in batches of <= 100. Its IR loader needs the removed torchaudio.info; its PitchShift
-# reaches only +-0.41 semitones at 16 kHz: soundfile reads the IRs, and pitch_shift draws uniformly in +-2 semitones.
+# The paper's augmentations (App. B) by torch-audiomentations. Its IR loader needs the removed torchaudio.info; its
+# PitchShift reaches only +-0.41 semitones at 16 kHz: soundfile reads the IRs, pitch_shift draws uniformly in +-2.
 def load_irs(ir_dir):
     check_path(ir_dir, "--ir-dir", must_exist=True)
     exts = {"." + f.lower() for f in sf.available_formats()}  # what soundfile can decode
@@ -397,9 +390,7 @@ def make_transforms(ir_dir=None, seed=0, p=0.5):
     from torch_audiomentations.utils.io import Audio
     from torch_audiomentations.utils.object_dict import ObjectDict
 
-    class InMemoryImpulseResponse(ApplyImpulseResponse):
-        """ApplyImpulseResponse fed with tensors: its Audio() loader takes {"samples", "sample_rate"} dicts."""
-
+    class InMemoryImpulseResponse(ApplyImpulseResponse):  # fed tensors: its Audio() loader takes sample dicts
         def __init__(self, irs, sample_rate, p=0.5):
             BaseWaveformTransform.__init__(self, p=p, sample_rate=sample_rate, output_type="dict")  # skip path scan
             # unit energy, so reverb roughly preserves loudness whatever the source level of the IR
@@ -508,15 +499,13 @@ def parse_args(argv=None):  # -> (args, the flags given)
     return args, set(vars(p.parse_args(argv)))
 
 
-class RunFolder:
-    """Run state, made by main() and passed down: rank 0's lock on the run folder, and whether the run is new."""
-
+class RunFolder:  # run state that main() makes and passes down: rank 0's lock on the run folder, whether it is new
     path, lock, made, new = None, None, False, False  # set by own() and check_args()
 
     def own(self, folder, create):
-        if not create and not os.path.isdir(folder):
-            raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
-        if create and not os.path.isdir(folder):
+        if not os.path.isdir(folder):
+            if not create:
+                raise ValueError(f"no checkpoint to resume at {os.path.join(folder, 'checkpoint.pt')}")
             try:
                 os.makedirs(folder)
             except OSError as e:
@@ -527,8 +516,7 @@ class RunFolder:
     def abandon(self):  # a new run failed before its first checkpoint: its files, its lock and a folder made for it go
         if self.new and not os.path.exists(os.path.join(self.path, "checkpoint.pt")):
             for f in RUN_FILES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.path, f))
+                Path(self.path, f).unlink(missing_ok=True)
             self.lock.release()
             with contextlib.suppress(OSError):
                 if self.made:

@@ -499,8 +499,6 @@ def run(args):
     if args.benchmark:
         return benchmark(args)
     out = output_folder(args.gallery or args.out, "--gallery" if args.gallery else "--out")
-    if os.path.isdir(out) and os.listdir(out) and not args.force:
-        raise ValueError(f"{out} is not empty (use --force to replace it)")
     parent, tmp = os.path.dirname(out), None
     try:
         os.makedirs(parent, exist_ok=True)
@@ -508,7 +506,7 @@ def run(args):
         raise OSError(f"cannot write to {parent}: {e.strerror}") from None
     lock = FolderLock(out, beside=True)  # one job per output: a second would replace the first one's pairs unasked
     try:
-        if os.path.isdir(out) and os.listdir(out) and not args.force:  # again, now that it is ours
+        if os.path.isdir(out) and os.listdir(out) and not args.force:  # checked once it is ours: no job fills it now
             raise ValueError(f"{out} is not empty (use --force to replace it)")
         try:  # built in a temporary sibling folder, moved into place at the end: an interrupted run harms nothing
             tmp = tempfile.mkdtemp(prefix=".generate-", dir=parent)

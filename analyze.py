@@ -539,7 +539,6 @@ Section = collections.namedtuple("Section", "title figures tables")  # for repor
 
 
 class Run:  # main()'s state: the outputs, held in memory until the command succeeds; the lock on --out; the sets read
-
     def __init__(self, out):
         self.out, self.outputs, self.load_set = out, {}, functools.cache(load_set)  # report reads each set once
         self.made = [d for d in [out, *out.parents] if not d.exists()]  # removed again, innermost first, on failure
@@ -828,7 +827,6 @@ def read_sweep(root, max_pairs):  # generate.py pair folders under root -> [dict
 
 # --- shared helpers: the same in every script that has them ---
 # Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
-
 def first_line(e):  # an error as one line: its message's first line (its type's name if it has none), never cut
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 

@@ -47,7 +47,6 @@ from synthax.modules.oscillators import Noise
 # Algorithm 1 despite three faults of synthax 0.2.2: synth.init's normalized values are not U(0,1) (uniform in the
 # human range, then curved), so theta is sampled here; AudioMixer's normalize_if_clipping divides the batch by sound
 # 0's peak; Noise renders one buffer for every sound, and noise shared by a pair is a shortcut the encoder would learn.
-
 EPS = 1e-6  # lower clip bound: synthax's curve mapping takes log2 of the normalized value
 MAX_DELTA = 1.0  # beyond it most of theta_i sits on a clip bound, whatever delta is
 SYNTHS = ("voice", "voicefm", "parametric")
@@ -59,9 +58,7 @@ def normalize_if_clipping(signal):  # each sound by its own peak, and only if it
     return jnp.where(peak > 1.0, signal / jnp.maximum(peak, 1e-12), signal)
 
 
-class FreshNoise(Noise):
-    """White noise drawn per call from the 'noise' rng stream: one buffer per sound (Noise's fixed one goes unused)."""
-
+class FreshNoise(Noise):  # white noise per call from the 'noise' rng stream: one buffer per sound (Noise's unused)
     def __call__(self):
         key = self.make_rng("noise")
         return jax.random.uniform(key, (self.batch_size, int(self.buffer_size)), minval=-1.0, maxval=1.0)
@@ -156,9 +153,7 @@ def synthesis_device(local_rank=0, devices=None):
     return gpus[local_rank % len(gpus)] if gpus else jax.devices("cpu")[0]
 
 
-class PairSampler(Doppelgangers):
-    """Doppelgangers plus recipes, one-factor pairs, a JAX device (synthesis_device), noise_curve (dropped_curves)."""
-
+class PairSampler(Doppelgangers):  # + recipes, one-factor pairs, a JAX device (synthesis_device), dropped_curves
     def __init__(self, synth, delta, batch_size, sample_rate=16000, seconds=1.0, seed=0, delta_group=None, keep=None,
                  delta_schedule=None, device=None, noise_curve=False):
         leave_the_gpu_to_torch()  # before the first JAX array
@@ -531,7 +526,6 @@ def run(args):
 
 # --- shared helpers: the same in every script that has them ---
 # Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
-
 def fail(msg, code=2):  # the one exit on an error, argparse's too: 'SCRIPT: error: msg' as one line on stderr
     print(f"{os.path.basename(__file__)}: error: {' '.join(str(msg).split())}", file=sys.stderr)
     sys.exit(code)

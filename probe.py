@@ -658,7 +658,6 @@ def main(argv=None):
 
 # --- shared helpers: the same in every script that has them ---
 # Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
-
 def first_line(e):  # an error as one line: its message's first line (its type's name if it has none), never cut
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 

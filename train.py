@@ -60,15 +60,12 @@ import torchvision
 
 # === 1. the paper ===
 # A log-mel frontend + ResNet18, Wang & Isola's (2020) loss over the global batch, SGD with a step lr schedule.
-
 SAMPLE_RATE = 16000
 N_FRAMES, N_MELS = 96, 64  # VGGish input: 0.96 s of 10-ms frames x 64 mel bands
 TRAIN, VAL = 0, 1  # data streams: key spaces of the training batches and of the held-out ones
 
 
-class LogMel(nn.Module):
-    """VGGish log-mel: 25 ms periodic Hann window, 10 ms hop, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01)."""
-
+class LogMel(nn.Module):  # VGGish: 25 ms periodic Hann, 10 ms hop, 64 HTK mel bands 125-7500 Hz, log(mel + 0.01)
     def __init__(self):
         super().__init__()
         self.mel = torchaudio.transforms.MelSpectrogram(
@@ -200,7 +197,6 @@ def export_encoder(state_dict, path, config):  # TorchScript with the config ins
 # === 2. beyond the paper ===
 # The batches, drawn in a thread: a source's batch(step, rank, stream) is a pure function of its arguments and the
 # seed, so ranks never share batches and a resumed run sees the same stream. bf16, --benchmark, real-audio baselines.
-
 def prefetch(source, steps, rank, stream, augment=None, depth=3):
     """Draws batches in a background thread (a forked DataLoader worker deadlocks once JAX has run). On a CPU
     JAX fills the step's serial gaps: on the fly runs at 0.97-1.0 of the bound 1 / (1/train + 1/synthesis)."""
@@ -433,7 +429,6 @@ def make_augment(ir_dir=None, seed=0):
 
 
 # === 3. plumbing ===
-
 RUN_FILES = ("config.json", "log.csv", "checkpoint.pt", "encoder.pt")
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "align", "unif", "val_align", "val_unif", "sounds_per_s"]
 
@@ -769,7 +764,6 @@ def main(argv=None):
 
 # --- shared helpers: the same in every script that has them ---
 # Each raises ValueError (bad input, one line) or OSError naming the file; main() alone turns either into fail().
-
 def first_line(e):  # an error as one line: its message's first line (its type's name if it has none), never cut
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
